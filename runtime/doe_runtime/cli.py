@@ -1,0 +1,125 @@
+"""``doe-runtime``: list, inspect and query expert bundles from a shell.
+
+    doe-runtime list artifacts/
+    doe-runtime inspect artifacts/snli
+    doe-runtime predict artifacts/ --task bbc-news "Shares rose after ..."
+    doe-runtime predict artifacts/ --task snli --pair "A man plays." "Someone plays music."
+    doe-runtime predict artifacts/ --task snli --input requests.jsonl
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from .bundle import BundleError, discover, read_manifest, verify_files
+from .router import DEVICES, DeviceError, InputError, Router, UnknownTaskError
+
+
+def _read_jsonl(path: str) -> list:
+    """Each line: a string, a [text_a, text_b] list, or an object with text / text_a + text_b."""
+    handle = sys.stdin if path == "-" else open(path, encoding="utf-8")
+    items = []
+    with handle:
+        for number, line in enumerate(handle, 1):
+            if not line.strip():
+                continue
+            try:
+                value = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise InputError(f"{path}:{number}: not valid JSON ({exc})") from None
+            if isinstance(value, dict):
+                if "text_a" in value and "text_b" in value:
+                    value = (value["text_a"], value["text_b"])
+                elif "text" in value:
+                    value = value["text"]
+                else:
+                    raise InputError(
+                        f"{path}:{number}: an object needs 'text' or 'text_a' and 'text_b', found keys {sorted(value)}"
+                    )
+            elif isinstance(value, list):
+                value = tuple(value)
+            items.append(value)
+    return items
+
+
+def _summary(folder: Path, manifest: dict) -> dict:
+    arch = manifest.get("architecture", {})
+    pruning = manifest.get("pruning", {})
+    return {
+        "task": manifest["task"]["name"],
+        "input": manifest["task"]["input"],
+        "labels": manifest["task"]["labels"],
+        "metric": manifest["task"].get("metric"),
+        "base_model": manifest.get("base_model", {}).get("name"),
+        "ffn_widths": arch.get("ffn_widths"),
+        "pruning": {k: pruning.get(k) for k in ("method", "rate", "layer_types", "budget") if k in pruning},
+        "params": {k: pruning.get(k) for k in ("params_before", "params_after") if k in pruning},
+        "quality": manifest.get("quality"),
+        "validation": manifest.get("validation"),
+        "path": str(folder),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="doe-runtime", description="Serve DoE expert bundles with onnxruntime.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p_list = sub.add_parser("list", help="list the bundles under a folder")
+    p_list.add_argument("root", help="folder holding <task>/manifest.json bundles")
+
+    p_inspect = sub.add_parser("inspect", help="show a bundle's manifest summary and verify its files")
+    p_inspect.add_argument("bundle", help="one bundle folder, e.g. artifacts/snli")
+    p_inspect.add_argument("--full", action="store_true", help="print the whole manifest")
+
+    p_pred = sub.add_parser("predict", help="predict labels; prints one JSON line per input")
+    p_pred.add_argument("root", help="folder holding the bundles")
+    p_pred.add_argument("--task", required=True, help="task name (see `doe-runtime list ROOT`)")
+    p_pred.add_argument("texts", nargs="*", help="texts for a single-text task")
+    p_pred.add_argument("--pair", nargs=2, action="append", metavar=("TEXT_A", "TEXT_B"), help="one pair; repeatable")
+    p_pred.add_argument("--input", help="JSON-lines file of inputs ('-' for stdin)")
+    p_pred.add_argument("--device", choices=DEVICES, default="auto")
+    p_pred.add_argument("--batch-size", type=int, default=32)
+
+    # Texts may come before or after the options (argparse alone would refuse texts after --task).
+    args, extra = parser.parse_known_args(argv)
+    if extra and (args.command != "predict" or any(item.startswith("-") for item in extra)):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if args.command == "predict":
+        args.texts = list(args.texts) + extra
+    try:
+        if args.command == "list":
+            for task, folder in discover(args.root).items():
+                manifest = read_manifest(folder)
+                quality = manifest.get("quality", {})
+                print(
+                    f"{task}\t{manifest['task']['input']}\t{len(manifest['task']['labels'])} labels\t"
+                    f"{quality.get('metric', '?')} dense={quality.get('dense')} expert={quality.get('expert')}"
+                )
+        elif args.command == "inspect":
+            folder = Path(args.bundle)
+            manifest = read_manifest(folder)
+            verify_files(folder, manifest)
+            print(json.dumps(manifest if args.full else _summary(folder, manifest), indent=2))
+            print("files verified: sha256 of model and tokenizer match the manifest", file=sys.stderr)
+        else:
+            items: list = list(args.texts)
+            if args.pair:
+                items += [tuple(pair) for pair in args.pair]
+            if args.input:
+                items += _read_jsonl(args.input)
+            router = Router(args.root, device=args.device, batch_size=args.batch_size)
+            predictions = router.predict(args.task, items)
+            for prediction in predictions:
+                print(json.dumps(prediction.to_dict()))
+            print(f"task {args.task}: {len(predictions)} predictions on {router.provider(args.task)}", file=sys.stderr)
+    except (BundleError, UnknownTaskError, InputError, DeviceError, ValueError, OSError) as exc:
+        print(f"doe-runtime: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,294 @@
+"""Serve per-task ONNX experts: one onnxruntime session per task, created on first use.
+
+``Router(root)`` finds the bundles under ``root`` (see :mod:`doe_runtime.bundle`), and
+``predict(task, inputs)`` tokenizes with the bundle's own ``tokenizer.json``, pads to the longest
+item of each batch, runs the task's session and returns labels with probabilities in the
+caller's order. At most ``max_resident`` sessions are kept; the least recently used is dropped.
+"""
+
+from __future__ import annotations
+
+import collections
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from .bundle import BundleError, check_task_name, discover, read_manifest, verify_files
+
+DEVICES = ("auto", "cpu", "cuda")
+CPU = "CPUExecutionProvider"
+CUDA = "CUDAExecutionProvider"
+
+
+class UnknownTaskError(LookupError):
+    """The router has no bundle for the requested task."""
+
+    def __str__(self) -> str:  # LookupError would quote the message
+        return str(self.args[0])
+
+
+class InputError(TypeError):
+    """The inputs given to ``predict`` do not fit the task."""
+
+
+class DeviceError(RuntimeError):
+    """``device='cuda'`` was demanded but the session did not get the CUDA provider."""
+
+
+@dataclass(frozen=True)
+class Prediction:
+    label: str
+    label_id: int
+    probabilities: dict[str, float]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"label": self.label, "label_id": self.label_id, "probabilities": self.probabilities}
+
+
+class Expert:
+    """One loaded bundle: tokenizer + onnxruntime session + manifest."""
+
+    def __init__(self, folder: Path, device: str, session_options: Any = None):
+        import onnxruntime as ort
+        from tokenizers import Tokenizer
+
+        self.folder = folder
+        self.manifest = read_manifest(folder)
+        model_path, tokenizer_path = verify_files(folder, self.manifest)
+        self.task = self.manifest["task"]["name"]
+        self.labels = list(self.manifest["task"]["labels"])
+        self.pair = self.manifest["task"]["input"] == "pair"
+
+        tok_spec = self.manifest["tokenizer"]
+        try:
+            tokenizer = Tokenizer.from_file(str(tokenizer_path))
+        except Exception as exc:  # tokenizers raises a bare Exception on malformed files
+            raise BundleError(f"{tokenizer_path}: cannot be read as a tokenizers file ({exc})") from exc
+        self.tokenizer = configure_tokenizer(tokenizer, tok_spec["max_length"], tok_spec["pad_id"], tok_spec.get("pad_token", "[PAD]"))
+
+        available = ort.get_available_providers()
+        if device == "cpu":
+            providers = [CPU]
+        elif CUDA in available:
+            providers = [CUDA, CPU]
+        elif device == "cuda":
+            raise DeviceError(
+                f"task {self.task!r}: device='cuda' demanded but this onnxruntime has no CUDA provider "
+                f"(available: {available}); install doe-runtime[gpu] instead of [cpu], or use device='auto'"
+            )
+        else:
+            providers = [CPU]
+        try:
+            self.session = ort.InferenceSession(str(model_path), sess_options=session_options, providers=providers)
+        except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph types
+            raise BundleError(f"{model_path}: onnxruntime cannot load this model ({exc}); re-export the bundle") from exc
+        self.provider = self.session.get_providers()[0]
+        if device == "cuda" and self.provider != CUDA:
+            raise DeviceError(
+                f"task {self.task!r}: device='cuda' demanded but the session got {self.session.get_providers()} "
+                "(CUDA libraries missing or no GPU visible); use device='auto' to fall back to CPU"
+            )
+        self._check_io()
+
+    def _check_io(self) -> None:
+        spec = self.manifest["onnx"]
+        want_in = [item["name"] for item in spec["inputs"]]
+        want_out = [item["name"] for item in spec["outputs"]]
+        got_in = [item.name for item in self.session.get_inputs()]
+        got_out = [item.name for item in self.session.get_outputs()]
+        if got_in != want_in or got_out != want_out:
+            raise BundleError(
+                f"{self.folder}: model inputs/outputs {got_in} -> {got_out} do not match the manifest's "
+                f"{want_in} -> {want_out}; re-export the bundle"
+            )
+        self.input_names = got_in
+        self.output_name = want_out[0]
+
+    def check_inputs(self, inputs: Sequence[Any]) -> list:
+        if isinstance(inputs, (str, bytes)) or not isinstance(inputs, Sequence):
+            raise InputError(
+                f"task {self.task!r}: inputs must be a list of "
+                f"{'(text_a, text_b) pairs' if self.pair else 'strings'}, got {type(inputs).__name__}; "
+                "wrap a single input in a list"
+            )
+        items = []
+        for index, item in enumerate(inputs):
+            if self.pair:
+                if (
+                    not isinstance(item, (tuple, list))
+                    or len(item) != 2
+                    or not all(isinstance(part, str) for part in item)
+                ):
+                    raise InputError(
+                        f"task {self.task!r} takes text pairs: inputs[{index}] must be a (str, str) pair, "
+                        f"got {_describe(item)}"
+                    )
+                items.append((item[0], item[1]))
+            else:
+                if not isinstance(item, str):
+                    hint = " (this task takes single texts, not pairs)" if isinstance(item, (tuple, list)) else ""
+                    raise InputError(
+                        f"task {self.task!r} takes single texts: inputs[{index}] must be str, "
+                        f"got {_describe(item)}{hint}"
+                    )
+                items.append(item)
+        return items
+
+    def encode(self, items: list) -> dict[str, np.ndarray]:
+        ids, mask = encode_batch(self.tokenizer, items)
+        feeds = {"input_ids": ids, "attention_mask": mask}
+        return {name: feeds[name] for name in self.input_names}
+
+    def logits(self, items: list) -> np.ndarray:
+        return self.session.run([self.output_name], self.encode(items))[0]
+
+
+def configure_tokenizer(tokenizer: Any, max_length: int, pad_id: int, pad_token: str) -> Any:
+    """Truncate each item to ``max_length`` tokens (pairs: longest first) and pad to the batch's longest.
+
+    The export side tokenizes through this same function, so training, validation and serving
+    see identical ids.
+    """
+    tokenizer.enable_truncation(max_length=max_length, strategy="longest_first")
+    tokenizer.enable_padding(direction="right", pad_id=pad_id, pad_token=pad_token)
+    return tokenizer
+
+
+def encode_batch(tokenizer: Any, items: list) -> tuple[np.ndarray, np.ndarray]:
+    """Texts or (text_a, text_b) pairs -> (input_ids, attention_mask), both [B, T] int64."""
+    encodings = tokenizer.encode_batch(items)
+    ids = np.asarray([enc.ids for enc in encodings], dtype=np.int64)
+    mask = np.asarray([enc.attention_mask for enc in encodings], dtype=np.int64)
+    return ids, mask
+
+
+def _describe(item: Any) -> str:
+    text = repr(item)
+    if len(text) > 60:
+        text = text[:57] + "..."
+    return f"{type(item).__name__} {text}"
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = logits - logits.max(axis=-1, keepdims=True)
+    exp = np.exp(shifted)
+    return exp / exp.sum(axis=-1, keepdims=True)
+
+
+class Router:
+    """Route requests to per-task experts.
+
+    ``device``: ``"cpu"``, ``"cuda"`` (error unless the session really gets CUDA) or ``"auto"``
+    (CUDA when the session gets it, else CPU). ``max_resident``: sessions kept loaded at once.
+    ``batch_size``: items per ``session.run``. ``intra_op_threads``: onnxruntime threads per
+    session (``None``: onnxruntime's default).
+    """
+
+    def __init__(
+        self,
+        root: str | Path,
+        device: str = "auto",
+        max_resident: int = 4,
+        batch_size: int = 32,
+        intra_op_threads: int | None = None,
+    ):
+        if device not in DEVICES:
+            raise ValueError(f"device must be one of {list(DEVICES)}, got {device!r}")
+        if not isinstance(max_resident, int) or max_resident < 1:
+            raise ValueError(f"max_resident must be an int >= 1, got {max_resident!r}")
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+        self.root = Path(root)
+        self.device = device
+        self.max_resident = max_resident
+        self.batch_size = batch_size
+        self.intra_op_threads = intra_op_threads
+        self._bundles = discover(self.root)
+        self._resident: collections.OrderedDict[str, Expert] = collections.OrderedDict()
+        self._lock = threading.Lock()
+        self._loading: dict[str, threading.Lock] = {}
+
+    @property
+    def tasks(self) -> list[str]:
+        return sorted(self._bundles)
+
+    def refresh(self) -> list[str]:
+        """Rescan the root for bundles added since start; return the task names."""
+        found = discover(self.root)
+        with self._lock:
+            self._bundles = found
+        return self.tasks
+
+    def manifest(self, task: str) -> dict:
+        return read_manifest(self._folder(task))
+
+    def resident(self) -> list[str]:
+        with self._lock:
+            return list(self._resident)
+
+    def provider(self, task: str) -> str:
+        """The execution provider the task's session really got (loads it if needed)."""
+        return self._expert(task).provider
+
+    def _folder(self, task: str) -> Path:
+        check_task_name(task)
+        folder = self._bundles.get(task)
+        if folder is None:
+            self.refresh()
+            folder = self._bundles.get(task)
+        if folder is None:
+            known = ", ".join(self.tasks) or "none"
+            raise UnknownTaskError(f"unknown task {task!r} under {self.root}; known tasks: {known}")
+        return folder
+
+    def _session_options(self) -> Any:
+        if self.intra_op_threads is None:
+            return None
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = self.intra_op_threads
+        options.inter_op_num_threads = 1
+        return options
+
+    def _expert(self, task: str) -> Expert:
+        folder = self._folder(task)
+        with self._lock:
+            expert = self._resident.get(task)
+            if expert is not None:
+                self._resident.move_to_end(task)
+                return expert
+            load_lock = self._loading.setdefault(task, threading.Lock())
+        with load_lock:  # one load per task at a time; others wait for it
+            with self._lock:
+                expert = self._resident.get(task)
+                if expert is not None:
+                    return expert
+            expert = Expert(folder, self.device, self._session_options())
+            with self._lock:
+                self._resident[task] = expert
+                self._resident.move_to_end(task)
+                while len(self._resident) > self.max_resident:
+                    self._resident.popitem(last=False)
+        return expert
+
+    def predict(self, task: str, inputs: Sequence[Any]) -> list[Prediction]:
+        """Labels and probabilities for ``inputs`` (texts, or (text_a, text_b) pairs), in order."""
+        expert = self._expert(task)
+        items = expert.check_inputs(inputs)
+        results: list[Prediction] = []
+        for start in range(0, len(items), self.batch_size):
+            probs = softmax(expert.logits(items[start : start + self.batch_size]).astype(np.float64))
+            for row in probs:
+                best = int(row.argmax())
+                results.append(
+                    Prediction(
+                        label=expert.labels[best],
+                        label_id=best,
+                        probabilities={label: float(p) for label, p in zip(expert.labels, row)},
+                    )
+                )
+        return results

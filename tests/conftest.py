@@ -1,0 +1,116 @@
+"""Shared fixtures: tiny random models built from configs (odd sizes), the packaged MiniLM
+tokenizer, generated task data, and tiny bundles built through the real pipeline."""
+
+from __future__ import annotations
+
+import copy
+import os
+import random
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a stray hub call fails in ms instead of retrying
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+import pytest  # noqa: E402
+
+TINY = dict(hidden_size=24, num_hidden_layers=2, num_attention_heads=3, intermediate_size=37, vocab_size=30522,
+            max_position_embeddings=160)
+
+
+def tiny_config(family: str):
+    """A tiny random config per family; vocab matches the packaged MiniLM tokenizer."""
+    from transformers import (BertConfig, DistilBertConfig, ElectraConfig, LlamaConfig, MPNetConfig,
+                              RobertaConfig, XLMRobertaConfig)
+
+    if family == "bert":
+        return BertConfig(**TINY)
+    if family == "roberta":
+        return RobertaConfig(**TINY, pad_token_id=0, bos_token_id=101, eos_token_id=102)
+    if family == "xlm-roberta":
+        return XLMRobertaConfig(**TINY, pad_token_id=0, bos_token_id=101, eos_token_id=102)
+    if family == "electra":
+        return ElectraConfig(**{**TINY, "embedding_size": 24})
+    if family == "mpnet":
+        return MPNetConfig(**TINY, pad_token_id=0)
+    if family == "distilbert":
+        return DistilBertConfig(vocab_size=30522, dim=24, n_layers=2, n_heads=3, hidden_dim=37,
+                                max_position_embeddings=160, pad_token_id=0)
+    if family == "llama":
+        return LlamaConfig(vocab_size=30522, hidden_size=24, intermediate_size=37, num_hidden_layers=2,
+                           num_attention_heads=3, num_key_value_heads=3, max_position_embeddings=160,
+                           pad_token_id=0)
+    raise KeyError(family)
+
+
+FAMILIES = ("bert", "roberta", "xlm-roberta", "electra", "mpnet", "distilbert", "llama")
+
+
+@pytest.fixture(scope="session")
+def hf_tokenizer():
+    from transformers import AutoTokenizer
+
+    from doe_export.loading import packaged_minilm_dir
+
+    return AutoTokenizer.from_pretrained(packaged_minilm_dir())
+
+
+@pytest.fixture(scope="session")
+def _tiny_backbones():
+    import torch
+    from transformers import AutoModel
+
+    built = {}
+    for family in FAMILIES:
+        torch.manual_seed(0)
+        built[family] = AutoModel.from_config(tiny_config(family)).eval()
+    return built
+
+
+@pytest.fixture
+def tiny_backbone(_tiny_backbones):
+    """Factory: a fresh deep copy per call (pruning mutates the model)."""
+    return lambda family="bert": copy.deepcopy(_tiny_backbones[family])
+
+
+WORDS = ("good bad great awful fine poor movie plot actor scene music long short funny dull bright dark "
+         "story ending start middle cast film").split()
+
+
+def synthetic_task(name="toy", kind="single", n_train=48, n_test=24, seed=0):
+    """Generated task data: label 1 iff the text contains 'good' or 'great' (learnable, tiny)."""
+    from doe_export.tasks import Split, TaskData
+
+    rng = random.Random(seed)
+
+    def make(n):
+        inputs, labels = [], []
+        for i in range(n):
+            words = [rng.choice(WORDS) for _ in range(rng.randint(2, 12))]
+            label = i % 2
+            words = [w for w in words if w not in ("good", "great")]
+            if label:
+                words.insert(rng.randint(0, len(words)), rng.choice(["good", "great"]))
+            text = " ".join(words)
+            inputs.append((text, " ".join(rng.sample(WORDS, 3))) if kind == "pair" else text)
+            labels.append(label)
+        return inputs, labels
+
+    train = Split("generated train", *make(n_train))
+    dev = Split("generated dev", *make(8))
+    test = Split("generated test", *make(n_test))
+    return TaskData(name, kind, ["no", "yes"], "accuracy", train, dev, test, "generated in tests")
+
+
+@pytest.fixture(scope="session")
+def tiny_bundles(tmp_path_factory, _tiny_backbones, hf_tokenizer):
+    """Two bundles (single-text and pair task) built by the real pipeline from a tiny BERT."""
+    from doe_export.loading import LoadedModel
+    from doe_export.pipeline import BuildConfig, build_task
+
+    root = tmp_path_factory.mktemp("bundles")
+    config = BuildConfig(out_dir=str(root), epochs=1, recovery_epochs=1, calib_examples=16, max_length=32,
+                         prompt_length=4, batch_size=8, progress=False, lr=5e-2)
+    results = {}
+    for name, kind in (("toy-single", "single"), ("toy-pair", "pair")):
+        loaded = LoadedModel(copy.deepcopy(_tiny_backbones["bert"]), hf_tokenizer, "tiny-bert", "config", None)
+        results[name] = build_task(config, loaded, synthetic_task(name, kind))
+    return root, results

@@ -1,0 +1,59 @@
+"""`doe build` from the command line: a local model folder + a user task from CSV, and the
+errors that must stop a build before any training starts."""
+
+import json
+
+import pytest
+
+from doe_export.cli import main
+from doe_runtime import Router
+
+from .conftest import synthetic_task
+
+
+def test_help_documents_every_flag(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["build", "--help"])
+    assert info.value.code == 0
+    text = capsys.readouterr().out
+    for flag in ("--model", "--tasks", "--data-dir", "--adapt", "--rate", "--scorer", "--budget", "--max-train",
+                 "--max-length", "--seed", "--out", "--recovery-epochs", "--round-to", "--user-task"):
+        assert flag in text
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--tasks", "nope"], "unknown task 'nope'"),
+        (["--rate", "1.5"], "pruning rate must be in [0, 1)"),
+        (["--tasks", "Bad Name"], "invalid task name"),
+        (["--scorer", "psychic"], "unknown scorer 'psychic'; available: doe"),
+        (["--tasks", "sst2", "--data-dir", "/nonexistent/glue"], "/nonexistent/glue/SST-2: no such folder"),
+    ],
+)
+def test_bad_input_stops_before_training(args, message, capsys):
+    assert main(["build", "--no-progress", *args]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_build_user_task_with_local_model_folder(tmp_path, tiny_backbone, hf_tokenizer, capsys):
+    model_dir = tmp_path / "tiny-model"
+    tiny_backbone("bert").save_pretrained(model_dir)
+    hf_tokenizer.save_pretrained(model_dir)
+    data = synthetic_task(n_train=60)
+    csv_path = tmp_path / "reviews.csv"
+    rows = ["review,verdict"] + [f"{text},{'yes' if y else 'no'}" for text, y in zip(data.train.inputs, data.train.labels)]
+    csv_path.write_text("\n".join(rows) + "\n")
+    out = tmp_path / "artifacts"
+    code = main([
+        "build", "--model", str(model_dir), "--tasks", "reviews", "--out", str(out), "--no-progress",
+        "--user-task", f"name=reviews,train={csv_path},text=review,label=verdict",
+        "--epochs", "1", "--recovery-epochs", "0", "--calib-examples", "8", "--max-length", "24",
+        "--prompt-length", "2", "--rate", "0.5", "--round-to", "4", "--json", str(tmp_path / "r.json"),
+    ])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert "reviews" in captured.out and "FFN widths" in captured.out
+    results = json.loads((tmp_path / "r.json").read_text())
+    assert results[0]["ffn_widths"] == [20, 20]  # round(37 * 0.5) = 18 -> rounded up to a multiple of 4
+    assert Router(out, device="cpu").predict("reviews", ["good movie"])[0].label in ("no", "yes")

@@ -1,0 +1,132 @@
+"""Pruning is exact (equals zeroing the removed neurons), budgets count right, and the DoE
+score equals activation x gradient computed by hand."""
+
+import pytest
+import torch
+
+from doe_export import attribution, prune
+from doe_export.loading import fast_tokenizer
+from doe_export.taskmodel import TaskModel
+
+from .conftest import synthetic_task
+
+
+def _model(tiny_backbone, family="bert", prompt=3):
+    torch.manual_seed(1)
+    return TaskModel(tiny_backbone(family), num_labels=2, prompt_length=prompt).eval()
+
+
+def _masked_forward(model, keep, ids, mask, replace=None):
+    """Dense forward with every removed neuron's activation zeroed (or set to ``replace``)."""
+    handles = []
+    for index, layer in enumerate(model.spec.layer_list(model.backbone)):
+        width = model.spec.down_linear(layer).in_features
+        removed = torch.ones(width, dtype=torch.bool)
+        removed[keep[index]] = False
+
+        def hook(module, args, removed=removed, index=index):
+            act = args[0].clone()
+            act[..., removed] = 0.0 if replace is None else replace[index][removed]
+            return (act,)
+
+        handles.append(model.spec.down_linear(layer).register_forward_pre_hook(hook))
+    try:
+        with torch.no_grad():
+            return model(ids, mask)
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@pytest.mark.parametrize("family", ["bert", "distilbert", "llama"])
+def test_physical_pruning_equals_masking(family, tiny_backbone):
+    model = _model(tiny_backbone, family)
+    ids = torch.tensor([[101, 2204, 3185, 2003, 102, 0], [101, 6659, 102, 0, 0, 0]])
+    mask = (ids != 0).long()
+    generator = torch.Generator().manual_seed(3)
+    scores = [torch.rand(37, generator=generator) for _ in range(2)]
+    keep = prune.select_neurons(scores, prune.PruneConfig(rate=0.5))
+    expected = _masked_forward(model, keep, ids, mask)
+    dense = model(ids, mask).detach()
+    prune.prune_ffn(model, keep)
+    with torch.no_grad():
+        got = model(ids, mask)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(dense, got, atol=1e-4)  # pruning did change the function
+
+
+def test_fold_bias_equals_mean_replacement(tiny_backbone):
+    model = _model(tiny_backbone)
+    ids = torch.tensor([[101, 2204, 3185, 102]])
+    mask = torch.ones_like(ids)
+    generator = torch.Generator().manual_seed(4)
+    scores = [torch.rand(37, generator=generator) for _ in range(2)]
+    means = [torch.rand(37, generator=generator) for _ in range(2)]
+    keep = prune.select_neurons(scores, prune.PruneConfig(rate=0.7))
+    expected = _masked_forward(model, keep, ids, mask, replace=means)
+    prune.prune_ffn(model, keep, mean_activation=means)
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids, mask), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_budgets_and_rounding():
+    scores = [torch.arange(100, dtype=torch.float32), torch.arange(100, dtype=torch.float32) + 1000]
+    keep = prune.select_neurons(scores, prune.PruneConfig(rate=0.65))
+    assert [len(k) for k in keep] == [35, 35]
+    assert keep[0].tolist() == list(range(65, 100))  # the highest scores survive
+    rounded = prune.select_neurons(scores, prune.PruneConfig(rate=0.65, round_to=8))
+    assert [len(k) for k in rounded] == [40, 40]
+    glob = prune.select_neurons(scores, prune.PruneConfig(rate=0.5, budget="global"))
+    assert [len(k) for k in glob] == [1, 100]  # min_keep keeps one neuron in the low layer
+    with pytest.raises(ValueError, match="pruning rate"):
+        prune.select_neurons(scores, prune.PruneConfig(rate=1.0))
+    with pytest.raises(ValueError, match="budget"):
+        prune.select_neurons(scores, prune.PruneConfig(budget="nope"))
+
+
+def test_selection_is_deterministic_with_ties():
+    scores = [torch.ones(10)]
+    first = prune.select_neurons(scores, prune.PruneConfig(rate=0.5))
+    assert first[0].tolist() == [0, 1, 2, 3, 4]
+
+
+@pytest.mark.parametrize("agg", ["mean", "max"])
+def test_doe_score_matches_hand_computation(agg, tiny_backbone, hf_tokenizer):
+    model = _model(tiny_backbone)
+    tokenizer = fast_tokenizer(hf_tokenizer, 16)
+    data = synthetic_task(n_train=6)
+    batches = list(attribution.calibration_batches(tokenizer, data.train, 6, 3, seed=0))
+    scores = attribution.DoEScorer(agg).score(model, batches, progress=False)
+
+    # by hand: one example at a time, retain_grad on the down-projection inputs
+    totals = [torch.zeros(37, dtype=torch.float64) for _ in range(2)]
+    for ids, mask, labels in batches:
+        for row in range(ids.shape[0]):
+            length = int(mask[row].sum())
+            one_ids, one_mask = ids[row : row + 1, :length], mask[row : row + 1, :length]
+            acts = []
+            handles = [
+                model.spec.down_linear(layer).register_forward_pre_hook(
+                    lambda m, a: acts.append(a[0]) or a[0].retain_grad()
+                )
+                for layer in model.spec.layer_list(model.backbone)
+            ]
+            model.prompt.requires_grad_(True)
+            logp = torch.log_softmax(model(one_ids, one_mask), -1)[0, labels[row]]
+            logp.backward()
+            model.prompt.requires_grad_(False)
+            for handle in handles:
+                handle.remove()
+            for index, act in enumerate(acts):
+                product = (act * act.grad)[0].double()  # [P+T, I], no padding here
+                totals[index] += product.mean(0) if agg == "mean" else product.max(0).values
+    for index in range(2):
+        torch.testing.assert_close(scores.importance[index].double(), (totals[index] / 6).abs(), atol=1e-5, rtol=1e-4)
+    assert scores.examples == 6
+
+
+def test_calibration_larger_than_split_is_refused(hf_tokenizer):
+    tokenizer = fast_tokenizer(hf_tokenizer, 16)
+    data = synthetic_task(n_train=10)
+    with pytest.raises(ValueError, match="calibration needs 20 examples"):
+        list(attribution.calibration_batches(tokenizer, data.train, 20, 4, 0))

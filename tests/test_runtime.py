@@ -1,0 +1,253 @@
+"""doe_runtime on bundles built by the real pipeline: predictions, the bundle contract, and a
+clear error (with nothing lost) for every kind of bad input."""
+
+import json
+import shutil
+import subprocess
+import sys
+import threading
+
+import numpy as np
+import pytest
+
+from doe_export import export
+from doe_runtime import BundleError, InputError, Router, UnknownTaskError
+from doe_runtime.bundle import discover, read_manifest
+from doe_runtime.cli import main as runtime_cli
+
+
+@pytest.fixture
+def bundles(tiny_bundles, tmp_path):
+    """A private copy of the session's bundles, so tests may damage them."""
+    root, results = tiny_bundles
+    copy = tmp_path / "artifacts"
+    shutil.copytree(root, copy)
+    return copy, results
+
+
+def test_import_is_lean():
+    code = "import sys, doe_runtime; print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+def test_predict_single_and_pair(bundles):
+    root, results = bundles
+    router = Router(root, device="cpu")
+    assert router.tasks == ["toy-pair", "toy-single"]
+    preds = router.predict("toy-single", ["good movie", "dull plot", "great film"])
+    assert len(preds) == 3
+    for pred in preds:
+        assert pred.label in ("no", "yes")
+        assert abs(sum(pred.probabilities.values()) - 1.0) < 1e-6
+        assert pred.probabilities[pred.label] == max(pred.probabilities.values())
+    pair = router.predict("toy-pair", [("a man plays", "someone plays music")])
+    assert pair[0].label in ("no", "yes")
+    assert router.provider("toy-single") == "CPUExecutionProvider"
+    assert router.predict("toy-single", []) == []
+
+
+def test_manifest_records_the_contract(bundles):
+    root, results = bundles
+    manifest = read_manifest(root / "toy-single")
+    assert manifest["schema_version"] == 1
+    assert manifest["task"] == {"name": "toy-single", "input": "single", "labels": ["no", "yes"], "metric": "accuracy"}
+    assert [i["name"] for i in manifest["onnx"]["inputs"]] == ["input_ids", "attention_mask"]
+    assert manifest["onnx"]["opset"] >= 18
+    assert manifest["validation"]["max_abs_diff"] <= 1e-4 and manifest["validation"]["label_agreement"] == 1.0
+    assert len(manifest["validation"]["shapes"]) >= 2
+    assert manifest["quality"]["size"] == 24 and manifest["quality"]["split"] == "generated test"
+    assert manifest["architecture"]["ffn_widths"] == [13, 13]  # round(37 * 0.35)
+    assert manifest["pruning"]["rate"] == 0.65 and manifest["pruning"]["params_after"] < manifest["pruning"]["params_before"]
+    assert manifest["versions"]["torch"].startswith("2.13")
+    assert results["toy-single"].expert_onnx == manifest["quality"]["expert_onnx"]
+
+
+def test_router_equals_bare_session_without_padding(bundles):
+    """Router (batched, padded) gives the logits of a bare session run one item at a time."""
+    import onnxruntime as ort
+    from tokenizers import Tokenizer
+
+    root, _ = bundles
+    router = Router(root, device="cpu", batch_size=2)
+    texts = ["good", "a long dull story with a dark ending and bad music", "great cast", "poor"]
+    preds = router.predict("toy-single", texts)
+    manifest = read_manifest(root / "toy-single")
+    tok = Tokenizer.from_file(str(root / "toy-single" / "tokenizer.json"))
+    session = ort.InferenceSession(str(root / "toy-single" / "model.onnx"), providers=["CPUExecutionProvider"])
+    for text, pred in zip(texts, preds):  # one at a time: no padding at all
+        ids = np.array([tok.encode(text).ids[: manifest["tokenizer"]["max_length"]]], dtype=np.int64)
+        logits = session.run(None, {"input_ids": ids, "attention_mask": np.ones_like(ids)})[0][0]
+        probs = np.exp(logits - logits.max()) / np.exp(logits - logits.max()).sum()
+        assert pred.label_id == int(np.argmax(logits))
+        np.testing.assert_allclose(list(pred.probabilities.values()), probs, atol=1e-5)
+
+
+def test_truncates_to_manifest_max_length(bundles):
+    root, _ = bundles
+    router = Router(root, device="cpu")
+    expert = router._expert("toy-single")
+    feeds = expert.encode(["word " * 500, "short"])
+    assert feeds["input_ids"].shape == (2, 32)
+    assert feeds["attention_mask"][1].sum() < 32  # padded to the longest, not beyond
+    assert len(router.predict("toy-single", ["x" * 100_000])) == 1
+
+
+def test_unknown_task_lists_known(bundles):
+    root, _ = bundles
+    router = Router(root, device="cpu")
+    with pytest.raises(UnknownTaskError, match="unknown task 'nope'.*known tasks: toy-pair, toy-single"):
+        router.predict("nope", ["x"])
+    with pytest.raises(ValueError, match="invalid task name"):
+        router.predict("../toy-single", ["x"])
+    with pytest.raises(ValueError, match="invalid task name"):
+        router.predict("Toy", ["x"])
+
+
+def test_wrong_input_shapes_are_named(bundles):
+    root, _ = bundles
+    router = Router(root, device="cpu")
+    with pytest.raises(InputError, match=r"takes text pairs: inputs\[0\]"):
+        router.predict("toy-pair", ["single text"])
+    with pytest.raises(InputError, match=r"takes single texts: inputs\[1\].*not pairs"):
+        router.predict("toy-single", ["ok", ("a", "b")])
+    with pytest.raises(InputError, match=r"inputs\[0\] must be str, got int"):
+        router.predict("toy-single", [5])
+    with pytest.raises(InputError, match="wrap a single input in a list"):
+        router.predict("toy-single", "bare string")
+    with pytest.raises(InputError, match=r"inputs\[0\] must be a \(str, str\) pair"):
+        router.predict("toy-pair", [("a", 3)])
+
+
+def test_tampered_model_or_tokenizer_is_named(bundles):
+    root, _ = bundles
+    with open(root / "toy-single" / "model.onnx", "ab") as handle:
+        handle.write(b"\0")
+    (root / "toy-pair" / "tokenizer.json").write_text("{}")
+    router = Router(root, device="cpu")
+    with pytest.raises(BundleError, match=r"toy-single/model.onnx: sha256 mismatch"):
+        router.predict("toy-single", ["x"])
+    with pytest.raises(BundleError, match=r"toy-pair/tokenizer.json: sha256 mismatch"):
+        router.predict("toy-pair", [("a", "b")])
+
+
+def _edit_manifest(folder, change):
+    path = folder / "manifest.json"
+    manifest = json.loads(path.read_text())
+    change(manifest)
+    path.write_text(json.dumps(manifest))
+
+
+def test_unknown_schema_and_escaping_paths_are_refused(bundles):
+    root, _ = bundles
+    _edit_manifest(root / "toy-single", lambda m: m.update(schema_version=99))
+    with pytest.raises(BundleError, match=r"unknown schema_version 99.*reads schema versions \[1\]"):
+        Router(root, device="cpu").predict("toy-single", ["x"])
+    _edit_manifest(root / "toy-pair", lambda m: m["onnx"].update(file="../toy-single/model.onnx"))
+    with pytest.raises(BundleError, match="leaves the bundle folder"):
+        Router(root, device="cpu").predict("toy-pair", [("a", "b")])
+    _edit_manifest(root / "toy-pair", lambda m: m["onnx"].update(file="/etc/passwd"))
+    with pytest.raises(BundleError, match="is absolute"):
+        read_manifest(root / "toy-pair")
+
+
+def test_interrupted_export_keeps_previous_bundle(bundles):
+    root, _ = bundles
+    before = (root / "toy-single" / "model.onnx").read_bytes()
+    manifest = read_manifest(root / "toy-single")
+
+    def fill(folder):
+        (folder / "model.onnx").write_bytes(b"half a model")
+        raise KeyboardInterrupt  # the user pressed Ctrl-C half-way
+
+    with pytest.raises(KeyboardInterrupt):
+        export.write_bundle(root, "toy-single", fill, manifest)
+    assert (root / "toy-single" / "model.onnx").read_bytes() == before
+    assert [p.name for p in root.iterdir() if p.name.startswith(".")] == []  # temp folder cleaned
+    assert Router(root, device="cpu").predict("toy-single", ["good"])[0].label in ("no", "yes")
+
+
+def test_folder_without_manifest_is_ignored_and_orphan_restored(bundles):
+    root, _ = bundles
+    (root / "half").mkdir()
+    (root / "half" / "model.onnx").write_bytes(b"x")
+    assert "half" not in discover(root)
+    # a writer killed between its two renames leaves the old bundle in .<task>.previous
+    (root / "toy-single").rename(root / ".toy-single.previous")
+    manifest = json.loads((root / ".toy-single.previous" / "manifest.json").read_text())
+
+    def fill(folder):
+        raise RuntimeError("export failed")
+
+    with pytest.raises(RuntimeError):
+        export.write_bundle(root, "toy-single", fill, manifest)
+    assert read_manifest(root / "toy-single")["task"]["name"] == "toy-single"
+    assert not (root / ".toy-single.previous").exists()
+
+
+def test_lru_keeps_at_most_max_resident(bundles):
+    root, _ = bundles
+    router = Router(root, device="cpu", max_resident=1)
+    router.predict("toy-single", ["x"])
+    router.predict("toy-pair", [("a", "b")])
+    assert router.resident() == ["toy-pair"]
+    router.predict("toy-single", ["x"])
+    assert router.resident() == ["toy-single"]
+
+
+def test_predict_is_thread_safe(bundles):
+    root, _ = bundles
+    router = Router(root, device="cpu", max_resident=1)
+    texts = ["good film", "bad plot", "great music", "dull"] * 4
+    expected = [p.label for p in Router(root, device="cpu").predict("toy-single", texts)]
+    errors, outputs = [], []
+
+    def worker(index):
+        try:
+            for _ in range(5):
+                if index % 2:
+                    router.predict("toy-pair", [("a", "b")])  # forces evictions between threads
+                outputs.append([p.label for p in router.predict("toy-single", texts)])
+        except Exception as exc:  # collected and asserted below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    assert len(outputs) == 30 and all(out == expected for out in outputs)
+
+
+def test_cuda_demanded_without_cuda_is_an_error(bundles):
+    import onnxruntime as ort
+
+    from doe_runtime import DeviceError
+
+    root, _ = bundles
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        pytest.skip("this machine has the CUDA provider; the error path cannot happen here")
+    with pytest.raises(DeviceError, match="device='cuda' demanded"):
+        Router(root, device="cuda").predict("toy-single", ["x"])
+    with pytest.raises(ValueError, match="device must be one of"):
+        Router(root, device="tpu")
+
+
+def test_cli_predict_inspect_list(bundles, capsys, tmp_path):
+    root, _ = bundles
+    assert runtime_cli(["predict", str(root), "--task", "toy-single", "good film", "bad plot"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 2 and json.loads(lines[0])["label"] in ("no", "yes")
+    requests = tmp_path / "req.jsonl"
+    requests.write_text('{"text_a": "a", "text_b": "b"}\n["c", "d"]\n')
+    assert runtime_cli(["predict", str(root), "--task", "toy-pair", "--input", str(requests),
+                        "--pair", "e", "f"]) == 0
+    assert len(capsys.readouterr().out.strip().splitlines()) == 3
+    assert runtime_cli(["inspect", str(root / "toy-pair")]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["task"] == "toy-pair" and summary["ffn_widths"] == [13, 13]
+    assert runtime_cli(["list", str(root)]) == 0
+    assert "toy-single" in capsys.readouterr().out
+    assert runtime_cli(["predict", str(root), "--task", "toy-pair", "lonely text"]) == 2
+    assert "takes text pairs" in capsys.readouterr().err
