@@ -58,7 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--recovery-epochs", type=int, default=1, help="re-tuning epochs after pruning (0: none)")
     b.add_argument("--lr", type=float, default=None, help="learning rate (default 1e-2 prompt, 8e-5 finetune)")
     b.add_argument("--batch-size", type=int, default=16)
-    b.add_argument("--scorer", default="doe", help="neuron scorer plug-in")
+    b.add_argument("--scorer", default="doe",
+                   help="neuron scorer plug-in: doe (the paper), random, activation, gradient, magnitude, taylor, skill")
     b.add_argument("--token-agg", choices=("mean", "max"), default="mean", help="aggregation over tokens")
     b.add_argument("--rate", type=float, default=0.65, help="share of FFN neurons removed")
     b.add_argument("--budget", choices=("per-layer", "global"), default="per-layer",

@@ -73,7 +73,7 @@ class BuildConfig:
         if self.calib_examples < 1:
             raise ValueError(f"calib_examples must be >= 1, got {self.calib_examples}")
         prune.PruneConfig(self.rate, self.budget, self.round_to, self.fold_bias).check()
-        attribution.make_scorer(self.scorer, token_agg=self.token_agg)
+        attribution.make_scorer(self.scorer, token_agg=self.token_agg, seed=self.seed)
         return self
 
 
@@ -166,12 +166,15 @@ def build_task(config: BuildConfig, loaded: LoadedModel, data: TaskData, return_
     log(f"[{task}] dense {config.adapt}-adapted model: {data.metric} {dense:.4f} on {len(test)} test examples "
         f"({adapt_record['seconds']:.0f}s)")
 
-    scorer = attribution.make_scorer(config.scorer, token_agg=config.token_agg)
+    scorer = attribution.make_scorer(config.scorer, token_agg=config.token_agg, seed=config.seed)
     with timer.stage("attribute"):
-        batches = attribution.calibration_batches(tokenizer, train, config.calib_examples, config.batch_size,
-                                                  config.seed)
-        total = (config.calib_examples + config.batch_size - 1) // config.batch_size
-        scores = scorer.score(model, batches, total=total, progress=config.progress)
+        stats = None
+        if scorer.needs_data or config.fold_bias:
+            batches = attribution.calibration_batches(tokenizer, train, config.calib_examples, config.batch_size,
+                                                      config.seed)
+            total = (config.calib_examples + config.batch_size - 1) // config.batch_size
+            stats = attribution.collect_stats(model, batches, total=total, progress=config.progress)
+        scores = scorer.score(model, stats)
     prune_cfg = prune.PruneConfig(config.rate, config.budget, config.round_to, config.fold_bias)
     with timer.stage("prune"):
         keep = prune.select_neurons(scores.importance, prune_cfg)

@@ -22,8 +22,9 @@ def test_family_prunes_and_exports(family, tiny_backbone, hf_tokenizer, tmp_path
     assert model.ffn_widths() == [37, 37]
     assert model.pooling == ("last" if family == "llama" else "mean")
 
-    scorer = attribution.DoEScorer("mean")
-    scores = scorer.score(model, attribution.calibration_batches(tokenizer, data.train, 16, 8, 0), progress=False)
+    stats = attribution.collect_stats(model, attribution.calibration_batches(tokenizer, data.train, 16, 8, 0),
+                                      progress=False)
+    scores = attribution.DoEScorer("mean").score(model, stats)
     assert [len(s) for s in scores.importance] == [37, 37]
     assert all(bool((s >= 0).all()) and float(s.sum()) > 0 for s in scores.importance)
 

@@ -27,7 +27,7 @@ def test_help_documents_every_flag(capsys):
         (["--tasks", "nope"], "unknown task 'nope'"),
         (["--rate", "1.5"], "pruning rate must be in [0, 1)"),
         (["--tasks", "Bad Name"], "invalid task name"),
-        (["--scorer", "psychic"], "unknown scorer 'psychic'; available: doe"),
+        (["--scorer", "psychic"], "unknown scorer 'psychic'; available: activation, doe, gradient, magnitude, random, skill, taylor"),
         (["--tasks", "sst2", "--data-dir", "/nonexistent/glue"], "/nonexistent/glue/SST-2: no such folder"),
     ],
 )

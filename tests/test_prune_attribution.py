@@ -96,7 +96,8 @@ def test_doe_score_matches_hand_computation(agg, tiny_backbone, hf_tokenizer):
     tokenizer = fast_tokenizer(hf_tokenizer, 16)
     data = synthetic_task(n_train=6)
     batches = list(attribution.calibration_batches(tokenizer, data.train, 6, 3, seed=0))
-    scores = attribution.DoEScorer(agg).score(model, batches, progress=False)
+    stats = attribution.collect_stats(model, batches, progress=False)
+    scores = attribution.DoEScorer(agg).score(model, stats)
 
     # by hand: one example at a time, retain_grad on the down-projection inputs
     totals = [torch.zeros(37, dtype=torch.float64) for _ in range(2)]
@@ -130,3 +131,72 @@ def test_calibration_larger_than_split_is_refused(hf_tokenizer):
     data = synthetic_task(n_train=10)
     with pytest.raises(ValueError, match="calibration needs 20 examples"):
         list(attribution.calibration_batches(tokenizer, data.train, 20, 4, 0))
+
+
+def _stats(model, hf_tokenizer, n=12):
+    tokenizer = fast_tokenizer(hf_tokenizer, 16)
+    data = synthetic_task(n_train=n)
+    return attribution.collect_stats(model, attribution.calibration_batches(tokenizer, data.train, n, 4, 0),
+                                     progress=False)
+
+
+@pytest.mark.parametrize("family", ["bert", "llama"])
+def test_dead_neuron_scores_zero_for_every_data_and_weight_scorer(family, tiny_backbone, hf_tokenizer):
+    """A neuron with zero weights in and out contributes nothing: every principled score is 0 for it."""
+    model = _model(tiny_backbone, family)
+    layer = model.spec.layer_list(model.backbone)[1]
+    with torch.no_grad():
+        for linear in model.spec.up_linears(layer):
+            linear.weight[5].zero_()
+            if linear.bias is not None:
+                linear.bias[5] = 0.0
+        model.spec.down_linear(layer).weight[:, 5].zero_()
+    flags = [p.requires_grad for p in model.parameters()]
+    stats = _stats(model, hf_tokenizer)
+    assert [p.requires_grad for p in model.parameters()] == flags  # collect_stats restores what it changed
+    assert all(p.grad is None for p in model.backbone.parameters())
+    for name in ("doe", "activation", "gradient", "magnitude", "taylor"):
+        importance = attribution.make_scorer(name).score(model, stats).importance
+        assert float(importance[1][5]) == pytest.approx(0.0, abs=1e-12), name
+        assert float(importance[1].max()) > 0, name
+        assert [len(t) for t in importance] == [37, 37]
+
+
+def test_random_scorer_is_seeded_and_data_free(tiny_backbone):
+    model = _model(tiny_backbone)
+    a = attribution.make_scorer("random", seed=1).score(model, None).importance
+    b = attribution.make_scorer("random", seed=1).score(model, None).importance
+    c = attribution.make_scorer("random", seed=2).score(model, None).importance
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    assert not torch.equal(a[0], c[0])
+    with pytest.raises(ValueError, match="needs calibration statistics"):
+        attribution.make_scorer("taylor").score(model, None)
+
+
+def test_skill_predictivity_by_hand(tiny_backbone, hf_tokenizer):
+    model = _model(tiny_backbone)
+    stats = _stats(model, hf_tokenizer)
+    importance = attribution.make_scorer("skill").score(model, stats).importance
+    acts = stats.prompt_act[0][:, 7]  # neuron 7 of layer 0, one value per example
+    above = acts > acts.mean()
+    labels = stats.labels.bool()
+    accuracy = float((above == labels).float().mean())  # two classes: one-vs-rest is symmetric
+    assert float(importance[0][7]) == pytest.approx(max(accuracy, 1 - accuracy))
+    assert all(bool(((t >= 0.5) & (t <= 1.0)).all()) for t in importance)
+
+
+def test_taylor_down_column_equals_activation_times_gradient(tiny_backbone, hf_tokenizer):
+    """For the down-projection column of neuron i, sum_k |W_ki dL/dW_ki| is computable by hand."""
+    model = _model(tiny_backbone)
+    stats = _stats(model, hf_tokenizer, n=4)
+    down = model.spec.down_linear(model.spec.layer_list(model.backbone)[0])
+    up = model.spec.up_linears(model.spec.layer_list(model.backbone)[0])[0]
+    tokenizer = fast_tokenizer(hf_tokenizer, 16)
+    batches = list(attribution.calibration_batches(tokenizer, synthetic_task(n_train=4).train, 4, 4, 0))
+    for p in (*up.parameters(), *down.parameters()):
+        p.requires_grad_(True)
+    loss = sum(-torch.log_softmax(model(ids, mask), -1).gather(1, y[:, None]).sum() for ids, mask, y in batches)
+    loss.backward()
+    expected = ((up.weight * up.weight.grad).abs().sum(1) + (up.bias * up.bias.grad).abs()
+                + (down.weight * down.weight.grad).abs().sum(0))
+    torch.testing.assert_close(stats.taylor[0].float(), expected.detach(), atol=1e-6, rtol=1e-4)
