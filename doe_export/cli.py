@@ -4,6 +4,7 @@
     doe build --model path/or/hub-id --tasks sst2,mrpc --data-dir ../shared/data/glue
     doe build --user-task name=reviews,train=train.csv,text=review,label=stars --tasks reviews
     doe tasks                                   # list the built-in tasks
+    doe bench --suite grid [--quick]            # dense vs expert speed over batch x tokens
 
 Heavy imports (torch, transformers) happen inside the subcommands so ``doe --help`` is instant.
 """
@@ -75,7 +76,69 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--json", dest="json_out", default=None, help="also write the results as JSON to this file")
     b.add_argument("--no-progress", action="store_true", help="no progress bars")
+    g = sub.add_parser("bench", help="benchmark suites (records + Markdown report + plots)",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    g.add_argument("--suite", choices=("grid",), default="grid",
+                   help="grid: dense vs FFN-pruned experts over batch x tokens, beside the FLOP bound")
+    g.add_argument("--quick", action="store_true", help="tiny model and grid: checks the code path in seconds")
+    g.add_argument("--model", default="packaged:all-MiniLM-L6-v2", help="model folder or hub id")
+    g.add_argument("--out", default="benchmarks/results", help="where records, report and plots go")
+    g.add_argument("--work-dir", default=None, help="where the benchmark graphs are exported "
+                                                     "(default: <cache dir>/bench)")
+    g.add_argument("--batches", default="1,2,4,8,16,32,64", help="comma-separated batch sizes")
+    g.add_argument("--tokens", default="16,32,64,128,256,512", help="comma-separated token counts (prompt excluded)")
+    g.add_argument("--threads", default="1,2", help="comma-separated intra-op thread counts")
+    g.add_argument("--rates", default="0.3,0.5,0.65,0.8", help="comma-separated pruning rates")
+    g.add_argument("--prompt-length", type=int, default=20, help="soft prompt tokens inside the graphs")
+    g.add_argument("--repeats", type=int, default=5, help="minimum interleaved repeats per cell")
+    g.add_argument("--min-seconds", type=float, default=0.5, help="keep repeating a cell until this much time")
+    g.add_argument("--render-only", action="store_true", help="re-render report and plots from <out>/grid.jsonl")
+    g.add_argument("--no-progress", action="store_true")
     return parser
+
+
+def _numbers(text: str, kind=int) -> tuple:
+    try:
+        values = tuple(kind(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise ValueError(f"expected comma-separated {kind.__name__}s, got {text!r}") from None
+    if not values:
+        raise ValueError(f"expected at least one value, got {text!r}")
+    return values
+
+
+def bench_main(args) -> int:
+    from pathlib import Path
+
+    from .bench import grid
+    from .tasks import default_cache_dir
+
+    out = Path(args.out)
+    if args.render_only:
+        records = out / "grid.jsonl"
+        if not records.is_file():
+            print(f"doe bench: error: {records} not found; run the suite first", file=sys.stderr)
+            return 2
+        print(grid.render(records, out))
+        return 0
+    try:
+        if args.quick:
+            config = grid.GridConfig(model=args.model, tiny=True, prompt_length=4, **grid.QUICK)
+        else:
+            config = grid.GridConfig(
+                model=args.model, batches=_numbers(args.batches), tokens=_numbers(args.tokens),
+                threads=_numbers(args.threads), rates=_numbers(args.rates, float), prompt_length=args.prompt_length,
+                repeats=args.repeats, min_seconds=args.min_seconds,
+            )
+        if any(not 0 < r < 1 for r in config.rates) or min(config.batches + config.tokens + config.threads) < 1:
+            raise ValueError("rates must be in (0, 1); batches, tokens and threads must be >= 1")
+    except ValueError as exc:
+        print(f"doe bench: error: {exc}", file=sys.stderr)
+        return 2
+    work = Path(args.work_dir) if args.work_dir else default_cache_dir() / "bench" / ("quick" if args.quick else "grid")
+    path = grid.run(config, out, work, progress=not args.no_progress)
+    print(f"records: {path}\nreport:  {out / 'grid.md'}\n{grid.summary(path)}")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -86,6 +149,9 @@ def main(argv: list[str] | None = None) -> int:
         for name, text in BUILTIN_TASKS.items():
             print(f"{name:10s} {text}")
         return 0
+
+    if args.command == "bench":
+        return bench_main(args)
 
     from .archs import UnsupportedModelError
     from .export import ExportValidationError

@@ -1,0 +1,100 @@
+"""What every benchmark suite shares: the environment header, the FLOP bound, paired timing of
+several sessions on the same inputs, and JSON-lines records.
+
+Speed is compared as a ratio measured in one run: the sessions are run interleaved (order
+rotated every repeat) on the same inputs with the same thread count, and the speed-up of each
+repeat is the ratio of two neighbouring measurements; the report gives its median and spread.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Callable
+
+from ..pipeline import package_versions
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def environment(threads: list[int], providers: list[str]) -> dict:
+    return {
+        "kind": "environment",
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "versions": package_versions(),
+        "cpu": cpu_model(),
+        "cores": os.cpu_count(),
+        "threads": threads,
+        "providers": providers,
+        "platform": platform.platform(),
+    }
+
+
+def ffn_share(hidden: int, ffn: int, tokens: int) -> float:
+    """Share of a layer's FLOPs in the FFN: f = I / (2H + L + I) (design.md section 1)."""
+    return ffn / (2 * hidden + tokens + ffn)
+
+
+def flop_bound(rate: float, hidden: int, ffn: int, tokens: int) -> float:
+    """Upper bound on the speed-up from removing a share ``rate`` of FFN neurons: 1 / (1 - p f)."""
+    return 1.0 / (1.0 - rate * ffn_share(hidden, ffn, tokens))
+
+
+def quantiles(values: list[float]) -> dict:
+    ordered = sorted(values)
+    if len(ordered) == 1:
+        return {"median": ordered[0], "p25": ordered[0], "p75": ordered[0]}
+    q = statistics.quantiles(ordered, n=4, method="inclusive")
+    return {"median": statistics.median(ordered), "p25": q[0], "p75": q[2]}
+
+
+def paired_timing(runners: dict[str, Callable[[], object]], repeats: int, warmup: int = 1,
+                  min_seconds: float = 0.0, max_repeats: int = 50) -> dict[str, list[float]]:
+    """Run every runner ``repeats`` times (more, up to ``max_repeats``, until ``min_seconds`` have
+    passed), interleaved with the order rotated each repeat; return seconds per run per name."""
+    names = list(runners)
+    for _ in range(warmup):
+        for name in names:
+            runners[name]()
+    times: dict[str, list[float]] = {name: [] for name in names}
+    start = time.perf_counter()
+    done = 0
+    while done < repeats or (time.perf_counter() - start < min_seconds and done < max_repeats):
+        order = names[done % len(names):] + names[: done % len(names)]
+        for name in order:
+            t0 = time.perf_counter()
+            runners[name]()
+            times[name].append(time.perf_counter() - t0)
+        done += 1
+    return times
+
+
+def ratios(times: dict[str, list[float]], base: str, other: str) -> list[float]:
+    """Per-repeat speed-up of ``other`` over ``base`` (base time / other time)."""
+    return [b / o for b, o in zip(times[base], times[other])]
+
+
+def write_jsonl(path: Path, records: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as handle:
+        for record in records:
+            handle.write(json.dumps(record) + "\n")
+    os.replace(tmp, path)
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]

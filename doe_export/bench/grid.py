@@ -1,0 +1,269 @@
+"""Grid suite: dense vs FFN-pruned experts across batch size x token count, side by side.
+
+For each thread count, each (batch, tokens) cell runs the dense graph and every expert graph
+interleaved on the same random token ids (``paired_timing``), and records latency, throughput,
+the speed-up expert/dense (median and quartiles of the per-repeat ratios), the FLOP bound
+S(p, L) with L = tokens + soft-prompt length, and the speed-up as a share of that bound.
+
+The graphs are the same TaskModel that ``doe build`` exports (soft prompt + backbone + head);
+which neurons are removed does not change the speed, so the experts are pruned by weight
+magnitude and need no training. Every graph is validated against PyTorch after export.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from . import common
+
+QUICK = dict(batches=(1, 2), tokens=(8, 16), threads=(1,), rates=(0.5,), repeats=2, min_seconds=0.0)
+
+
+@dataclass(frozen=True)
+class GridConfig:
+    model: str = "packaged:all-MiniLM-L6-v2"
+    batches: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64)
+    tokens: tuple[int, ...] = (16, 32, 64, 128, 256, 512)
+    threads: tuple[int, ...] = (1, 2)
+    rates: tuple[float, ...] = (0.3, 0.5, 0.65, 0.8)
+    prompt_length: int = 20
+    repeats: int = 5
+    min_seconds: float = 0.5
+    seed: int = 0
+    tiny: bool = False  # a tiny random BERT instead of the model (for --quick / tests)
+
+
+def _backbone(config: GridConfig):
+    if config.tiny:
+        import torch
+        from transformers import AutoModel, BertConfig
+
+        torch.manual_seed(config.seed)
+        return AutoModel.from_config(BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                                intermediate_size=64, vocab_size=1000,
+                                                max_position_embeddings=64)).eval()
+    from ..loading import load_model
+
+    return load_model(config.model).backbone
+
+
+def build_graphs(config: GridConfig, folder: Path, log=print) -> tuple[dict[str, Path], dict]:
+    """Export the dense graph and one expert per rate; validate each; return paths and model shape."""
+    from ..attribution import make_scorer
+    from ..export import export_onnx, validate_onnx
+    from ..prune import PruneConfig, prune_ffn, select_neurons
+    from ..taskmodel import TaskModel
+
+    folder.mkdir(parents=True, exist_ok=True)
+    backbone = _backbone(config)
+    dense = TaskModel(backbone, num_labels=2, prompt_length=config.prompt_length, seed=config.seed).eval()
+    shape = {"hidden": backbone.config.hidden_size, "ffn": backbone.config.intermediate_size,
+             "layers": backbone.config.num_hidden_layers, "vocab": backbone.config.vocab_size,
+             "prompt_length": config.prompt_length}
+    rng = np.random.default_rng(config.seed)
+    sample_ids = rng.integers(5, shape["vocab"], size=(2, 12)).astype(np.int64)
+    sample_mask = np.ones_like(sample_ids)
+    check_ids = rng.integers(5, shape["vocab"], size=(3, 20)).astype(np.int64)
+    check_mask = np.ones_like(check_ids)
+    check_mask[1, 9:] = 0  # one padded row
+    models = {"dense": dense}
+    for rate in config.rates:
+        expert = copy.deepcopy(dense)
+        scores = make_scorer("magnitude").score(expert, None)
+        prune_ffn(expert, select_neurons(scores.importance, PruneConfig(rate=rate)))
+        models[f"p{rate:g}"] = expert
+    paths = {}
+    for name, model in models.items():
+        path = folder / f"{name}.onnx"
+        export_onnx(model, path, sample_ids, sample_mask)
+        report = validate_onnx(model, path, [(sample_ids, sample_mask), (check_ids, check_mask)])
+        log(f"[grid] exported {name}: FFN widths {model.ffn_widths()}, max|ORT - torch| {report['max_abs_diff']:.1e}")
+        paths[name] = path
+    return paths, shape
+
+
+def _session(path: Path, threads: int):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    return ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
+
+
+def measure(config: GridConfig, paths: dict[str, Path], shape: dict, progress: bool = True) -> list[dict]:
+    from tqdm.auto import tqdm
+
+    rng = np.random.default_rng(config.seed)
+    records = []
+    cells = [(t, b, n) for t in config.threads for b in config.batches for n in config.tokens]
+    bar = tqdm(cells, desc="grid", disable=not progress, unit="cell")
+    sessions, current_threads = {}, None
+    for threads, batch, tokens in bar:
+        if threads != current_threads:
+            sessions = {name: _session(path, threads) for name, path in paths.items()}
+            current_threads = threads
+        bar.set_postfix(threads=threads, batch=batch, tokens=tokens)
+        ids = rng.integers(5, shape["vocab"], size=(batch, tokens)).astype(np.int64)
+        feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
+        runners = {name: (lambda s=s: s.run(None, feeds)) for name, s in sessions.items()}
+        times = common.paired_timing(runners, config.repeats, warmup=1, min_seconds=config.min_seconds)
+        dense_q = common.quantiles(times["dense"])
+        seq = tokens + shape["prompt_length"]
+        for rate in config.rates:
+            name = f"p{rate:g}"
+            speedup = common.quantiles(common.ratios(times, "dense", name))
+            bound = common.flop_bound(rate, shape["hidden"], shape["ffn"], seq)
+            expert_q = common.quantiles(times[name])
+            records.append({
+                "kind": "grid", "threads": threads, "batch": batch, "tokens": tokens, "sequence": seq,
+                "work": batch * tokens, "rate": rate, "repeats": len(times[name]),
+                "dense_latency_s": dense_q, "expert_latency_s": expert_q,
+                "dense_items_per_s": batch / dense_q["median"], "expert_items_per_s": batch / expert_q["median"],
+                "speedup": speedup, "bound": bound, "share_of_bound": speedup["median"] / bound,
+            })
+    return records
+
+
+def run(config: GridConfig, out_dir: Path, work_dir: Path, progress: bool = True, log=None) -> Path:
+    """Build graphs, measure, write ``grid.jsonl``, ``grid.md`` and the plots into ``out_dir``."""
+    log = log or (lambda message: print(message, file=sys.stderr, flush=True))
+    paths, shape = build_graphs(config, work_dir, log)
+    header = common.environment(list(config.threads), ["CPUExecutionProvider"])
+    header.update(suite="grid", config=asdict(config), model_shape=shape)
+    records = [header] + measure(config, paths, shape, progress)
+    out_dir = Path(out_dir)
+    common.write_jsonl(out_dir / "grid.jsonl", records)
+    render(out_dir / "grid.jsonl", out_dir)
+    return out_dir / "grid.jsonl"
+
+
+# ----------------------------------------------------------------------------- report
+
+
+def render(records_path: Path, out_dir: Path) -> Path:
+    """Markdown tables and PNG plots from a grid.jsonl."""
+    records = common.read_jsonl(records_path)
+    header = records[0]
+    rows = [r for r in records if r.get("kind") == "grid"]
+    cfg = header["config"]
+    rates = cfg["rates"]
+    lines = [
+        "# Grid: dense vs FFN-pruned experts (CPU, onnxruntime)",
+        "",
+        f"Model `{cfg['model'] if not cfg['tiny'] else 'tiny random BERT'}` (H={header['model_shape']['hidden']}, "
+        f"I={header['model_shape']['ffn']}, {header['model_shape']['layers']} layers), soft prompt of "
+        f"{cfg['prompt_length']} tokens inside the graph, fp32. CPU: {header['cpu']} ({header['cores']} cores). "
+        f"onnxruntime {header['versions'].get('onnxruntime')}. Recorded {header['created']}.",
+        "",
+        "Each cell: speed-up of the expert over the dense graph (median of per-repeat ratios, dense and "
+        "experts interleaved on the same inputs), then the share of the FLOP bound S(p, L) = 1/(1 - p f), "
+        "f = I/(2H + L + I), L = tokens + prompt. Quartiles of the ratio are in `grid.jsonl`.",
+        "",
+    ]
+    for threads in cfg["threads"]:
+        lines += [f"## {threads} thread{'s' if threads > 1 else ''}", "",
+                  "| batch | tokens | dense ms (median) | " + " | ".join(f"p={r:g}" for r in rates) + " |",
+                  "|---:|---:|---:|" + "---|" * len(rates)]
+        cells = sorted({(r["batch"], r["tokens"]) for r in rows if r["threads"] == threads})
+        for batch, tokens in cells:
+            cell = {r["rate"]: r for r in rows if r["threads"] == threads and r["batch"] == batch
+                    and r["tokens"] == tokens}
+            dense_ms = next(iter(cell.values()))["dense_latency_s"]["median"] * 1e3
+            parts = [f"x{cell[r]['speedup']['median']:.2f} ({cell[r]['share_of_bound']:.0%} of x{cell[r]['bound']:.2f})"
+                     for r in rates if r in cell]
+            lines.append(f"| {batch} | {tokens} | {dense_ms:.2f} | " + " | ".join(parts) + " |")
+        lines.append("")
+        big = [r for r in rows if r["threads"] == threads and r["work"] >= 1024]
+        for rate in rates:
+            chosen = [r for r in big if r["rate"] == rate]
+            if chosen:
+                shares = [r["share_of_bound"] for r in chosen]
+                lines.append(f"- p={rate:g}, batch x tokens >= 1024: share of bound median "
+                             f"{float(np.median(shares)):.0%}, min {min(shares):.0%} over {len(chosen)} cells")
+        lines.append("")
+    plots = _plots(rows, cfg, out_dir)
+    lines += ["## Plots", ""] + [f"![{p.stem}]({p.name})" for p in plots] + [""]
+    path = Path(out_dir) / "grid.md"
+    path.write_text("\n".join(lines), encoding="utf-8")
+    return path
+
+
+def _plots(rows: list[dict], cfg: dict, out_dir: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out = []
+    rate = 0.65 if 0.65 in cfg["rates"] else cfg["rates"][len(cfg["rates"]) // 2]
+    threads_list = cfg["threads"]
+    fig, axes = plt.subplots(1, len(threads_list), figsize=(6 * len(threads_list), 4.2), squeeze=False)
+    for ax, threads in zip(axes[0], threads_list):
+        for index, tokens in enumerate(cfg["tokens"]):
+            sel = sorted((r for r in rows if r["threads"] == threads and r["tokens"] == tokens and r["rate"] == rate),
+                         key=lambda r: r["batch"])
+            if not sel:
+                continue
+            color = plt.cm.viridis(index / max(1, len(cfg["tokens"]) - 1))
+            xs = [r["batch"] for r in sel]
+            ax.plot(xs, [r["speedup"]["median"] for r in sel], "o-", color=color, label=f"{tokens} tokens")
+            ax.fill_between(xs, [r["speedup"]["p25"] for r in sel], [r["speedup"]["p75"] for r in sel],
+                            color=color, alpha=0.15)
+            ax.plot(xs, [r["bound"] for r in sel], "--", color=color, linewidth=1)
+        ax.axhline(1.0, color="grey", linewidth=0.8)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("batch size")
+        ax.set_ylabel(f"speed-up expert/dense (p={rate:g})")
+        ax.set_title(f"{threads} thread(s); dashed: FLOP bound S(p, L)")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = Path(out_dir) / "grid_speedup_vs_batch.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    out.append(path)
+
+    fig, ax = plt.subplots(figsize=(6, 4.2))
+    for threads in threads_list:
+        sub = [r for r in rows if r["threads"] == threads]
+        if not sub:
+            continue
+        top = max(sub, key=lambda r: (r["work"], r["batch"]))
+        sel = sorted((r for r in sub if r["batch"] == top["batch"] and r["tokens"] == top["tokens"]),
+                     key=lambda r: r["rate"])
+        xs = [r["rate"] for r in sel]
+        ax.errorbar(xs, [r["speedup"]["median"] for r in sel],
+                    yerr=[[r["speedup"]["median"] - r["speedup"]["p25"] for r in sel],
+                          [r["speedup"]["p75"] - r["speedup"]["median"] for r in sel]],
+                    fmt="o-", capsize=3, label=f"measured, {threads} thread(s), batch {top['batch']} x {top['tokens']} tok")
+    if rows:
+        top = max(rows, key=lambda r: (r["work"], r["batch"]))
+        grid = np.linspace(0, max(cfg["rates"]), 50)
+        shape_rows = [r for r in rows if r["batch"] == top["batch"] and r["tokens"] == top["tokens"]]
+        if shape_rows:
+            # bound from the same H, I, L as the measured cell: invert one record's bound for f
+            f = (1 - 1 / shape_rows[0]["bound"]) / shape_rows[0]["rate"]
+            ax.plot(grid, 1 / (1 - grid * f), "k--", label="FLOP bound S(p, L)")
+    ax.set_xlabel("pruning rate p (share of FFN neurons removed)")
+    ax.set_ylabel("speed-up expert/dense")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = Path(out_dir) / "grid_speedup_vs_rate.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    out.append(path)
+    return out
+
+
+def summary(records_path: Path) -> str:
+    rows = [r for r in common.read_jsonl(records_path) if r.get("kind") == "grid"]
+    best = max(rows, key=lambda r: r["speedup"]["median"])
+    return json.dumps({"cells": len(rows), "best": {k: best[k] for k in ("threads", "batch", "tokens", "rate")},
+                       "best_speedup": best["speedup"]["median"], "bound": best["bound"]})
