@@ -94,7 +94,66 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--min-seconds", type=float, default=0.5, help="keep repeating a cell until this much time")
     g.add_argument("--render-only", action="store_true", help="re-render report and plots from <out>/grid.jsonl")
     g.add_argument("--no-progress", action="store_true")
+    st = sub.add_parser("study", help="studies that write records + report + plots under benchmarks/results",
+                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    st.add_argument("name", choices=("localization",), help="localization: scorers x pruning rates on GLUE tasks")
+    st.add_argument("--data-dir", default=os.environ.get("DOE_DATA_DIR"), help="GLUE layout folder; env DOE_DATA_DIR")
+    st.add_argument("--quick", action="store_true", help="tiny model and generated data: checks the code path")
+    st.add_argument("--out", default="benchmarks/results", help="records, report and plot go here")
+    st.add_argument("--cache-dir", default=None, help="adapted models and statistics (default <cache>/study)")
+    st.add_argument("--tasks", default="sst2,mrpc,rte,cola,qnli")
+    st.add_argument("--rates", default="0.3,0.5,0.65,0.8,0.9")
+    st.add_argument("--methods", default="doe,random,activation,gradient,magnitude,taylor,skill")
+    st.add_argument("--max-train", type=int, default=1000, help="adaptation examples per task")
+    st.add_argument("--recovery-examples", type=int, default=500, help="recovery tuning examples per run")
+    st.add_argument("--max-eval", type=int, default=1000, help="cap on the reporting split")
+    st.add_argument("--max-length", type=int, default=64)
+    st.add_argument("--no-ablations", action="store_true")
+    st.add_argument("--render-only", action="store_true", help="re-render the report from the records")
+    st.add_argument("--no-progress", action="store_true")
     return parser
+
+
+def study_main(args) -> int:
+    from pathlib import Path
+
+    from . import study
+    from .tasks import TaskDataError, default_cache_dir, synthetic_task
+
+    out = Path(args.out)
+    if args.render_only:
+        records = out / "localization.jsonl"
+        if not records.is_file():
+            print(f"doe study: error: {records} not found; run the study first", file=sys.stderr)
+            return 2
+        print(study.render(records, out))
+        return 0
+    try:
+        methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
+        unknown = sorted(set(methods) - set(study.METHODS))
+        if unknown:
+            raise ValueError(f"unknown methods {unknown}; available: {', '.join(study.METHODS)}")
+        if args.quick:
+            config = study.StudyConfig(model="tiny", methods=methods, **study.QUICK)
+            datasets, loaded = [synthetic_task("toy")], None
+            from .loading import tiny_model
+
+            loaded = tiny_model()
+        else:
+            config = study.StudyConfig(
+                tasks=tuple(t.strip() for t in args.tasks.split(",") if t.strip()), rates=_numbers(args.rates, float),
+                methods=methods, max_train=args.max_train, recovery_examples=args.recovery_examples,
+                max_eval=args.max_eval, max_length=args.max_length, ablations=not args.no_ablations,
+            )
+            datasets = loaded = None
+        cache = Path(args.cache_dir) if args.cache_dir else default_cache_dir() / "study"
+        path = study.run_study(config, out, cache, args.data_dir, progress=not args.no_progress, datasets=datasets,
+                               loaded=loaded)
+    except (TaskDataError, ValueError) as exc:
+        print(f"doe study: error: {exc}", file=sys.stderr)
+        return 2
+    print(f"records: {path}\nreport:  {out / 'localization.md'}")
+    return 0
 
 
 def _numbers(text: str, kind=int) -> tuple:
@@ -152,6 +211,8 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.command == "bench":
         return bench_main(args)
+    if args.command == "study":
+        return study_main(args)
 
     from .archs import UnsupportedModelError
     from .export import ExportValidationError

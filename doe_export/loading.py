@@ -103,3 +103,16 @@ def fast_tokenizer(hf_tokenizer, max_length: int):
 
     tokenizer = Tokenizer.from_str(hf_tokenizer.backend_tokenizer.to_str())
     return configure_tokenizer(tokenizer, max_length, int(hf_tokenizer.pad_token_id), str(hf_tokenizer.pad_token))
+
+
+def tiny_model(seed: int = 0) -> LoadedModel:
+    """A tiny random BERT (odd sizes) with the packaged MiniLM tokenizer, for --quick modes."""
+    import torch
+    from transformers import AutoModel, AutoTokenizer, BertConfig
+
+    torch.manual_seed(seed)
+    config = BertConfig(hidden_size=24, num_hidden_layers=2, num_attention_heads=3, intermediate_size=37,
+                        vocab_size=30522, max_position_embeddings=160)
+    folder = packaged_minilm_dir()
+    return LoadedModel(AutoModel.from_config(config).eval(), AutoTokenizer.from_pretrained(folder),
+                       "tiny random BERT", "config", None)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import copy
 import os
-import random
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a stray hub call fails in ms instead of retrying
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -71,33 +70,7 @@ def tiny_backbone(_tiny_backbones):
     return lambda family="bert": copy.deepcopy(_tiny_backbones[family])
 
 
-WORDS = ("good bad great awful fine poor movie plot actor scene music long short funny dull bright dark "
-         "story ending start middle cast film").split()
-
-
-def synthetic_task(name="toy", kind="single", n_train=48, n_test=24, seed=0):
-    """Generated task data: label 1 iff the text contains 'good' or 'great' (learnable, tiny)."""
-    from doe_export.tasks import Split, TaskData
-
-    rng = random.Random(seed)
-
-    def make(n):
-        inputs, labels = [], []
-        for i in range(n):
-            words = [rng.choice(WORDS) for _ in range(rng.randint(2, 12))]
-            label = i % 2
-            words = [w for w in words if w not in ("good", "great")]
-            if label:
-                words.insert(rng.randint(0, len(words)), rng.choice(["good", "great"]))
-            text = " ".join(words)
-            inputs.append((text, " ".join(rng.sample(WORDS, 3))) if kind == "pair" else text)
-            labels.append(label)
-        return inputs, labels
-
-    train = Split("generated train", *make(n_train))
-    dev = Split("generated dev", *make(8))
-    test = Split("generated test", *make(n_test))
-    return TaskData(name, kind, ["no", "yes"], "accuracy", train, dev, test, "generated in tests")
+from doe_export.tasks import synthetic_task  # noqa: E402  (generated data, shared with --quick modes)
 
 
 @pytest.fixture(scope="session")

@@ -10,7 +10,9 @@ from doe_export.archs import UnsupportedModelError, arch_for, supported_model_ty
 from doe_export.loading import fast_tokenizer
 from doe_export.taskmodel import TaskModel
 
-from .conftest import FAMILIES, synthetic_task
+from doe_export.tasks import synthetic_task
+
+from .conftest import FAMILIES
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -8,7 +8,7 @@ import pytest
 from doe_export.cli import main
 from doe_runtime import Router
 
-from .conftest import synthetic_task
+from doe_export.tasks import synthetic_task
 
 
 def test_help_documents_every_flag(capsys):

@@ -8,7 +8,7 @@ from doe_export import attribution, prune
 from doe_export.loading import fast_tokenizer
 from doe_export.taskmodel import TaskModel
 
-from .conftest import synthetic_task
+from doe_export.tasks import synthetic_task
 
 
 def _model(tiny_backbone, family="bert", prompt=3):

@@ -65,7 +65,8 @@ def build_graphs(config: GridConfig, folder: Path, log=print) -> tuple[dict[str,
     dense = TaskModel(backbone, num_labels=2, prompt_length=config.prompt_length, seed=config.seed).eval()
     shape = {"hidden": backbone.config.hidden_size, "ffn": backbone.config.intermediate_size,
              "layers": backbone.config.num_hidden_layers, "vocab": backbone.config.vocab_size,
-             "prompt_length": config.prompt_length}
+             "prompt_length": config.prompt_length,
+             "max_positions": getattr(backbone.config, "max_position_embeddings", None)}
     rng = np.random.default_rng(config.seed)
     sample_ids = rng.integers(5, shape["vocab"], size=(2, 12)).astype(np.int64)
     sample_mask = np.ones_like(sample_ids)
@@ -95,6 +96,9 @@ def _session(path: Path, threads: int):
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    # Without this every session keeps its peak arena (a 64 x 512 batch needs GBs for the unfused
+    # attention): five resident sessions then exhausted 24 GiB. Same setting for dense and experts.
+    options.enable_cpu_mem_arena = False
     return ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
 
 
@@ -106,7 +110,10 @@ def measure(config: GridConfig, paths: dict[str, Path], shape: dict, progress: b
     cells = [(t, b, n) for t in config.threads for b in config.batches for n in config.tokens]
     bar = tqdm(cells, desc="grid", disable=not progress, unit="cell")
     sessions, current_threads = {}, None
-    for threads, batch, tokens in bar:
+    for threads, batch, requested in bar:
+        # The soft prompt takes positions too: a 512-position model holds 512 - P text tokens.
+        limit = shape["max_positions"] - shape["prompt_length"] if shape.get("max_positions") else requested
+        tokens = min(requested, limit)
         if threads != current_threads:
             sessions = {name: _session(path, threads) for name, path in paths.items()}
             current_threads = threads
@@ -123,7 +130,8 @@ def measure(config: GridConfig, paths: dict[str, Path], shape: dict, progress: b
             bound = common.flop_bound(rate, shape["hidden"], shape["ffn"], seq)
             expert_q = common.quantiles(times[name])
             records.append({
-                "kind": "grid", "threads": threads, "batch": batch, "tokens": tokens, "sequence": seq,
+                "kind": "grid", "threads": threads, "batch": batch, "tokens": tokens, "requested_tokens": requested,
+                "sequence": seq,
                 "work": batch * tokens, "rate": rate, "repeats": len(times[name]),
                 "dense_latency_s": dense_q, "expert_latency_s": expert_q,
                 "dense_items_per_s": batch / dense_q["median"], "expert_items_per_s": batch / expert_q["median"],
@@ -168,6 +176,10 @@ def render(records_path: Path, out_dir: Path) -> Path:
         "f = I/(2H + L + I), L = tokens + prompt. Quartiles of the ratio are in `grid.jsonl`.",
         "",
     ]
+    clipped = sorted({(r["requested_tokens"], r["tokens"]) for r in rows if r.get("requested_tokens", r["tokens"]) != r["tokens"]})
+    for requested, tokens in clipped:
+        lines += [f"A row of {requested} tokens ran {tokens} text tokens: with the {cfg['prompt_length']}-token "
+                  f"prompt that fills the model's {header['model_shape'].get('max_positions')} positions.", ""]
     for threads in cfg["threads"]:
         lines += [f"## {threads} thread{'s' if threads > 1 else ''}", "",
                   "| batch | tokens | dense ms (median) | " + " | ".join(f"p={r:g}" for r in rates) + " |",

@@ -1,0 +1,83 @@
+"""`doe study localization --quick`: the real study code on a tiny model and generated data.
+Records complete, reruns identical, resumable, and bad data stops before any training."""
+
+import json
+
+import pytest
+
+from doe_export import study
+from doe_export.bench import common
+from doe_export.cli import main
+
+
+def _quick(out, cache, methods="doe,random,magnitude"):
+    return main(["study", "localization", "--quick", "--out", str(out), "--cache-dir", str(cache), "--no-progress",
+                 "--methods", methods])
+
+
+def test_quick_study_records_report_and_determinism(tmp_path):
+    assert _quick(tmp_path / "a", tmp_path / "cache-a") == 0
+    records = common.read_jsonl(tmp_path / "a" / "localization.jsonl")
+    header, rows = records[0], records[1:]
+    assert header["suite"] == "localization" and header["versions"]["torch"].startswith("2.13")
+    runs = [r for r in rows if r["kind"] == "run"]
+    dense = [r for r in rows if r["kind"] == "dense"]
+    config = study.StudyConfig(model="tiny", methods=("doe", "random", "magnitude"), **study.QUICK)
+    assert len(dense) == 1 and len(runs) == len(study.run_specs(config))
+    for run in runs:
+        assert 0.0 <= run["value"] <= 1.0 and 0.0 <= run["value_before_recovery"] <= 1.0
+        assert run["split_size"] == 24 and run["metric"] == "accuracy"
+        assert run["ffn_widths"] == [round(37 * (1 - run["rate"]))] * 2 or run["variant"] == "global-budget"
+    assert {r["seed"] for r in runs if r["method"] == "random" and r["rate"] == 0.5} == {0, 1}
+    assert {r["variant"] for r in runs} >= {"default", "max-tokens", "global-budget", "fold-bias", "no-prompt-tuning",
+                                            "calib-8"}
+    report = (tmp_path / "a" / "localization.md").read_text()
+    assert "## toy" in report and "## Targets" in report and "DoE ablations" in report
+    assert (tmp_path / "a" / "localization.png").read_bytes()[:4] == b"\x89PNG"
+
+    # same seed, fresh caches: the same numbers
+    assert _quick(tmp_path / "b", tmp_path / "cache-b") == 0
+    again = common.read_jsonl(tmp_path / "b" / "localization.jsonl")[1:]
+    assert [r["after_recovery"] for r in again] == [r["after_recovery"] for r in rows]
+    assert len({r["after_recovery"]["gold_logprob"] for r in runs}) > 1  # the comparison is not vacuous
+
+
+def test_quick_study_resumes_and_grows(tmp_path, monkeypatch):
+    assert _quick(tmp_path / "out", tmp_path / "cache", methods="doe") == 0
+    first = common.read_jsonl(tmp_path / "out" / "localization.jsonl")
+    calls = []
+    original = study.TaskRunner.run
+    monkeypatch.setattr(study.TaskRunner, "run", lambda self, spec: calls.append(spec) or original(self, spec))
+    assert _quick(tmp_path / "out", tmp_path / "cache", methods="doe") == 0
+    assert calls == []  # nothing recomputed
+    assert _quick(tmp_path / "out", tmp_path / "cache", methods="doe,magnitude") == 0
+    assert {c["method"] for c in calls} == {"magnitude"}  # only the new method runs
+    grown = common.read_jsonl(tmp_path / "out" / "localization.jsonl")
+    assert grown[: len(first)][1:] == first[1:]
+
+
+def test_changed_settings_are_refused(tmp_path, capsys):
+    assert _quick(tmp_path / "out", tmp_path / "cache", methods="doe") == 0
+    path = tmp_path / "out" / "localization.jsonl"
+    records = common.read_jsonl(path)
+    records[0]["config"]["max_length"] = 99
+    common.write_jsonl(path, records)
+    assert _quick(tmp_path / "out", tmp_path / "cache", methods="doe") == 2
+    assert "other settings of ['max_length']" in capsys.readouterr().err
+
+
+def test_bad_data_stops_before_training(tmp_path, capsys, monkeypatch):
+    glue = tmp_path / "glue"
+    (glue / "SST-2").mkdir(parents=True)
+    (glue / "SST-2" / "train.tsv").write_text("sentence\tlabel\n" + "".join(f"s {i} \t{i % 2}\n" for i in range(40)))
+    (glue / "SST-2" / "dev.tsv").write_text("sentence\tlabel\nok \t1\n")
+    monkeypatch.setattr(study, "load_model", lambda *a: pytest.fail("the model must not load before the checks"))
+    args = ["study", "localization", "--data-dir", str(glue), "--out", str(tmp_path / "o"), "--no-progress"]
+    assert main(args + ["--tasks", "sst2"]) == 2
+    assert "task 'sst2': calibration needs 1024 examples but the train split (GLUE SST-2 train" in capsys.readouterr().err
+    assert main(args + ["--tasks", "sst2,rte"]) == 2
+    assert "RTE: no such folder" in capsys.readouterr().err
+    (glue / "SST-2" / "dev.tsv").write_text("sentence\tlabel\nok \t3\n")
+    assert main(args + ["--tasks", "sst2"]) == 2
+    assert "SST-2/dev.tsv:2: label '3'" in capsys.readouterr().err
+    assert not (tmp_path / "o" / "localization.jsonl").exists()
