@@ -55,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--adapt", choices=("prompt", "finetune"), default="prompt",
                    help="prompt tuning (soft prompt + head, frozen backbone; the paper's setting) or full fine-tuning")
     b.add_argument("--prompt-length", type=int, default=20, help="soft prompt tokens (prompt tuning)")
-    b.add_argument("--epochs", type=int, default=2, help="adaptation epochs (best dev epoch is kept)")
+    b.add_argument("--epochs", type=int, default=3, help="adaptation epochs (best dev epoch is kept)")
     b.add_argument("--recovery-epochs", type=int, default=1, help="re-tuning epochs after pruning (0: none)")
     b.add_argument("--lr", type=float, default=None, help="learning rate (default 1e-2 prompt, 8e-5 finetune)")
     b.add_argument("--batch-size", type=int, default=16)
@@ -114,6 +114,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _render_only(prog: str, records, render) -> int:
+    """Re-render a report and its plots from existing records (nothing is measured again)."""
+    if not records.is_file():
+        print(f"{prog}: error: {records} not found; run it first (without --render-only)", file=sys.stderr)
+        return 2
+    print(render(records, records.parent))
+    return 0
+
+
 def study_main(args) -> int:
     from pathlib import Path
 
@@ -122,23 +131,17 @@ def study_main(args) -> int:
 
     out = Path(args.out)
     if args.render_only:
-        records = out / "localization.jsonl"
-        if not records.is_file():
-            print(f"doe study: error: {records} not found; run the study first", file=sys.stderr)
-            return 2
-        print(study.render(records, out))
-        return 0
+        return _render_only("doe study", out / "localization.jsonl", study.render)
     try:
         methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
         unknown = sorted(set(methods) - set(study.METHODS))
         if unknown:
             raise ValueError(f"unknown methods {unknown}; available: {', '.join(study.METHODS)}")
         if args.quick:
-            config = study.StudyConfig(model="tiny", methods=methods, **study.QUICK)
-            datasets, loaded = [synthetic_task("toy")], None
             from .loading import tiny_model
 
-            loaded = tiny_model()
+            config = study.StudyConfig(model="tiny", methods=methods, **study.QUICK)
+            datasets, loaded = [synthetic_task("toy")], tiny_model()
         else:
             config = study.StudyConfig(
                 tasks=tuple(t.strip() for t in args.tasks.split(",") if t.strip()), rates=_numbers(args.rates, float),
@@ -174,12 +177,7 @@ def bench_main(args) -> int:
 
     out = Path(args.out)
     if args.render_only:
-        records = out / "grid.jsonl"
-        if not records.is_file():
-            print(f"doe bench: error: {records} not found; run the suite first", file=sys.stderr)
-            return 2
-        print(grid.render(records, out))
-        return 0
+        return _render_only("doe bench", out / "grid.jsonl", grid.render)
     try:
         if args.quick:
             config = grid.GridConfig(model=args.model, tiny=True, prompt_length=4, **grid.QUICK)

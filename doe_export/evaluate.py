@@ -8,7 +8,7 @@ from typing import Callable, Iterator
 import numpy as np
 import torch
 
-from doe_runtime.router import encode_batch
+from doe_runtime.router import encode_batch, plan_batches
 
 from .tasks import Split
 
@@ -47,14 +47,15 @@ def metric_value(metric: str, labels: list[int], preds: list[int]) -> float:
     return METRIC_FUNCTIONS[metric](labels, preds)
 
 
-def length_sorted_batches(tokenizer, inputs: list, batch_size: int) -> Iterator[tuple[list[int], np.ndarray, np.ndarray]]:
-    """Batches of (indices, ids, mask) with similar lengths together, so padding stays small."""
-    lengths = [len(enc.ids) for enc in tokenizer.encode_batch(inputs)]
-    order = sorted(range(len(inputs)), key=lengths.__getitem__)
-    for start in range(0, len(order), batch_size):
-        chunk = order[start : start + batch_size]
-        ids, mask = encode_batch(tokenizer, [inputs[i] for i in chunk])
-        yield chunk, ids, mask
+def length_sorted_batches(tokenizer, inputs: list, batch_size: int) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """Batches of (indices, ids, mask) with similar lengths together, as the runtime batches them."""
+    if not inputs:
+        return
+    ids, mask = encode_batch(tokenizer, inputs)
+    lengths = mask.sum(axis=1)
+    for chunk in plan_batches(lengths, batch_size):
+        width = int(lengths[chunk].max())
+        yield chunk, np.ascontiguousarray(ids[chunk, :width]), np.ascontiguousarray(mask[chunk, :width])
 
 
 @torch.inference_mode()

@@ -36,7 +36,7 @@ class BuildConfig:
     adapt: str = "prompt"  # "prompt" | "finetune"
     prompt_length: int = 20
     pooling: str | None = None  # None: mean for encoders, last token for decoders
-    epochs: int = 2
+    epochs: int = 3
     recovery_epochs: int = 1
     lr: float | None = None
     batch_size: int = 16

@@ -251,3 +251,33 @@ def test_cli_predict_inspect_list(bundles, capsys, tmp_path):
     assert "toy-single" in capsys.readouterr().out
     assert runtime_cli(["predict", str(root), "--task", "toy-pair", "lonely text"]) == 2
     assert "takes text pairs" in capsys.readouterr().err
+
+
+def test_plan_batches_sorts_and_respects_budgets():
+    from doe_runtime.router import plan_batches
+
+    lengths = np.array([9, 2, 7, 3, 30, 2])
+    batches = plan_batches(lengths, batch_size=2)
+    assert [b.tolist() for b in batches] == [[1, 5], [3, 2], [0, 4]]
+    by_tokens = plan_batches(lengths, batch_size=10, max_tokens=20)
+    assert all(len(b) * lengths[b].max() <= 20 or len(b) == 1 for b in by_tokens)
+    assert sorted(i for b in by_tokens for i in b.tolist()) == list(range(6))
+    assert [b.tolist() for b in by_tokens][-1] == [4]  # 30 tokens alone exceeds the budget: still runs
+
+
+def test_predict_batches_by_length_and_keeps_caller_order(bundles, monkeypatch):
+    root, _ = bundles
+    router = Router(root, device="cpu", batch_size=2)
+    texts = ["good " * 20, "bad", "great film " * 5, "dull", "fine"]
+    expected = [p.probabilities for p in Router(root, device="cpu", batch_size=1).predict("toy-single", texts)]
+    expert = router._expert("toy-single")
+    shapes = []
+    original = expert.run
+    monkeypatch.setattr(expert, "run", lambda ids, mask: shapes.append(ids.shape) or original(ids, mask))
+    got = router.predict("toy-single", texts)
+    for have, want in zip(got, expected):
+        assert have.probabilities == pytest.approx(want, abs=1e-5)
+    assert shapes[0][1] == 3 and shapes[-1][1] == 22  # short items together, the long one alone-ish
+    assert sum(b for b, _ in shapes) == 5 and all(b <= 2 for b, _ in shapes)
+    with pytest.raises(ValueError, match="max_batch_tokens"):
+        Router(root, max_batch_tokens=0)

@@ -96,43 +96,42 @@ def _session(path: Path, threads: int):
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    # Without this every session keeps its peak arena (a 64 x 512 batch needs GBs for the unfused
-    # attention): five resident sessions then exhausted 24 GiB. Same setting for dense and experts.
-    options.enable_cpu_mem_arena = False
     return ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
 
 
 def measure(config: GridConfig, paths: dict[str, Path], shape: dict, progress: bool = True) -> list[dict]:
+    """Each cell and rate: a fresh dense + expert session pair, interleaved on the same inputs.
+
+    Pairs rather than all graphs at once: onnxruntime keeps each session's peak memory arena, and
+    five resident sessions at 64 x 512 tokens (unfused attention) exhausted 24 GiB. Disabling the
+    arena instead made big runs spend most of their time in the kernel, which would distort ratios.
+    """
     from tqdm.auto import tqdm
 
     rng = np.random.default_rng(config.seed)
     records = []
     cells = [(t, b, n) for t in config.threads for b in config.batches for n in config.tokens]
     bar = tqdm(cells, desc="grid", disable=not progress, unit="cell")
-    sessions, current_threads = {}, None
+    limit = shape["max_positions"] - shape["prompt_length"] if shape.get("max_positions") else None
     for threads, batch, requested in bar:
         # The soft prompt takes positions too: a 512-position model holds 512 - P text tokens.
-        limit = shape["max_positions"] - shape["prompt_length"] if shape.get("max_positions") else requested
-        tokens = min(requested, limit)
-        if threads != current_threads:
-            sessions = {name: _session(path, threads) for name, path in paths.items()}
-            current_threads = threads
+        tokens = min(requested, limit) if limit else requested
         bar.set_postfix(threads=threads, batch=batch, tokens=tokens)
         ids = rng.integers(5, shape["vocab"], size=(batch, tokens)).astype(np.int64)
         feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
-        runners = {name: (lambda s=s: s.run(None, feeds)) for name, s in sessions.items()}
-        times = common.paired_timing(runners, config.repeats, warmup=1, min_seconds=config.min_seconds)
-        dense_q = common.quantiles(times["dense"])
         seq = tokens + shape["prompt_length"]
         for rate in config.rates:
             name = f"p{rate:g}"
+            sessions = {"dense": _session(paths["dense"], threads), name: _session(paths[name], threads)}
+            runners = {key: (lambda s=s: s.run(None, feeds)) for key, s in sessions.items()}
+            times = common.paired_timing(runners, config.repeats, warmup=1, min_seconds=config.min_seconds)
+            del sessions, runners  # frees both arenas before the next pair
+            dense_q, expert_q = common.quantiles(times["dense"]), common.quantiles(times[name])
             speedup = common.quantiles(common.ratios(times, "dense", name))
             bound = common.flop_bound(rate, shape["hidden"], shape["ffn"], seq)
-            expert_q = common.quantiles(times[name])
             records.append({
                 "kind": "grid", "threads": threads, "batch": batch, "tokens": tokens, "requested_tokens": requested,
-                "sequence": seq,
-                "work": batch * tokens, "rate": rate, "repeats": len(times[name]),
+                "sequence": seq, "work": batch * tokens, "rate": rate, "repeats": len(times[name]),
                 "dense_latency_s": dense_q, "expert_latency_s": expert_q,
                 "dense_items_per_s": batch / dense_q["median"], "expert_items_per_s": batch / expert_q["median"],
                 "speedup": speedup, "bound": bound, "share_of_bound": speedup["median"] / bound,
@@ -182,13 +181,13 @@ def render(records_path: Path, out_dir: Path) -> Path:
                   f"prompt that fills the model's {header['model_shape'].get('max_positions')} positions.", ""]
     for threads in cfg["threads"]:
         lines += [f"## {threads} thread{'s' if threads > 1 else ''}", "",
-                  "| batch | tokens | dense ms (median) | " + " | ".join(f"p={r:g}" for r in rates) + " |",
+                  "| batch | tokens | dense ms (median of pairs) | " + " | ".join(f"p={r:g}" for r in rates) + " |",
                   "|---:|---:|---:|" + "---|" * len(rates)]
         cells = sorted({(r["batch"], r["tokens"]) for r in rows if r["threads"] == threads})
         for batch, tokens in cells:
             cell = {r["rate"]: r for r in rows if r["threads"] == threads and r["batch"] == batch
                     and r["tokens"] == tokens}
-            dense_ms = next(iter(cell.values()))["dense_latency_s"]["median"] * 1e3
+            dense_ms = float(np.median([c["dense_latency_s"]["median"] for c in cell.values()])) * 1e3
             parts = [f"x{cell[r]['speedup']['median']:.2f} ({cell[r]['share_of_bound']:.0%} of x{cell[r]['bound']:.2f})"
                      for r in rates if r in cell]
             lines.append(f"| {batch} | {tokens} | {dense_ms:.2f} | " + " | ".join(parts) + " |")
@@ -201,14 +200,14 @@ def render(records_path: Path, out_dir: Path) -> Path:
                 lines.append(f"- p={rate:g}, batch x tokens >= 1024: share of bound median "
                              f"{float(np.median(shares)):.0%}, min {min(shares):.0%} over {len(chosen)} cells")
         lines.append("")
-    plots = _plots(rows, cfg, out_dir)
+    plots = _plots(rows, cfg, header["model_shape"], out_dir)
     lines += ["## Plots", ""] + [f"![{p.stem}]({p.name})" for p in plots] + [""]
     path = Path(out_dir) / "grid.md"
     path.write_text("\n".join(lines), encoding="utf-8")
     return path
 
 
-def _plots(rows: list[dict], cfg: dict, out_dir: Path) -> list[Path]:
+def _plots(rows: list[dict], cfg: dict, shape: dict, out_dir: Path) -> list[Path]:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -236,11 +235,7 @@ def _plots(rows: list[dict], cfg: dict, out_dir: Path) -> list[Path]:
         ax.set_ylabel(f"speed-up expert/dense (p={rate:g})")
         ax.set_title(f"{threads} thread(s); dashed: FLOP bound S(p, L)")
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    path = Path(out_dir) / "grid_speedup_vs_batch.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    out.append(path)
+    out.append(_save(fig, Path(out_dir) / "grid_speedup_vs_batch.png"))
 
     fig, ax = plt.subplots(figsize=(6, 4.2))
     for threads in threads_list:
@@ -257,21 +252,23 @@ def _plots(rows: list[dict], cfg: dict, out_dir: Path) -> list[Path]:
                     fmt="o-", capsize=3, label=f"measured, {threads} thread(s), batch {top['batch']} x {top['tokens']} tok")
     if rows:
         top = max(rows, key=lambda r: (r["work"], r["batch"]))
-        grid = np.linspace(0, max(cfg["rates"]), 50)
-        shape_rows = [r for r in rows if r["batch"] == top["batch"] and r["tokens"] == top["tokens"]]
-        if shape_rows:
-            # bound from the same H, I, L as the measured cell: invert one record's bound for f
-            f = (1 - 1 / shape_rows[0]["bound"]) / shape_rows[0]["rate"]
-            ax.plot(grid, 1 / (1 - grid * f), "k--", label="FLOP bound S(p, L)")
+        rates = np.linspace(0, max(cfg["rates"]), 50)
+        bound = [common.flop_bound(p, shape["hidden"], shape["ffn"], top["sequence"]) for p in rates]
+        ax.plot(rates, bound, "k--", label=f"FLOP bound S(p, L={top['sequence']})")
     ax.set_xlabel("pruning rate p (share of FFN neurons removed)")
     ax.set_ylabel("speed-up expert/dense")
     ax.legend(fontsize=8)
+    out.append(_save(fig, Path(out_dir) / "grid_speedup_vs_rate.png"))
+    return out
+
+
+def _save(fig, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
-    path = Path(out_dir) / "grid_speedup_vs_rate.png"
     fig.savefig(path, dpi=110)
     plt.close(fig)
-    out.append(path)
-    return out
+    return path
 
 
 def summary(records_path: Path) -> str:

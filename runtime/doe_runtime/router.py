@@ -142,8 +142,10 @@ class Expert:
         feeds = {"input_ids": ids, "attention_mask": mask}
         return {name: feeds[name] for name in self.input_names}
 
-    def logits(self, items: list) -> np.ndarray:
-        return self.session.run([self.output_name], self.encode(items))[0]
+    def run(self, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        """One session call on an already padded batch; returns logits [B, K]."""
+        feeds = {"input_ids": ids, "attention_mask": mask}
+        return self.session.run([self.output_name], {name: feeds[name] for name in self.input_names})[0]
 
 
 def configure_tokenizer(tokenizer: Any, max_length: int, pad_id: int, pad_token: str) -> Any:
@@ -165,6 +167,22 @@ def encode_batch(tokenizer: Any, items: list) -> tuple[np.ndarray, np.ndarray]:
     return ids, mask
 
 
+def plan_batches(lengths: np.ndarray, batch_size: int, max_tokens: int | None = None) -> list[np.ndarray]:
+    """Group item indices by length (shortest first) into batches of at most ``batch_size`` items
+    and, if given, at most ``max_tokens`` padded tokens (items x longest); one item always fits."""
+    order = np.argsort(lengths, kind="stable")
+    batches, current = [], []
+    for index in order:
+        longest = int(lengths[index])  # sorted ascending: the newest item is the longest so far
+        if current and (len(current) == batch_size or (max_tokens and (len(current) + 1) * longest > max_tokens)):
+            batches.append(np.asarray(current))
+            current = []
+        current.append(int(index))
+    if current:
+        batches.append(np.asarray(current))
+    return batches
+
+
 def _describe(item: Any) -> str:
     text = repr(item)
     if len(text) > 60:
@@ -183,8 +201,9 @@ class Router:
 
     ``device``: ``"cpu"``, ``"cuda"`` (error unless the session really gets CUDA) or ``"auto"``
     (CUDA when the session gets it, else CPU). ``max_resident``: sessions kept loaded at once.
-    ``batch_size``: items per ``session.run``. ``intra_op_threads``: onnxruntime threads per
-    session (``None``: onnxruntime's default).
+    ``batch_size``: items per ``session.run``; ``max_batch_tokens``: cap on items x longest item
+    per run (``None``: no cap). ``intra_op_threads``: onnxruntime threads per session (``None``:
+    onnxruntime's default).
     """
 
     def __init__(
@@ -194,6 +213,7 @@ class Router:
         max_resident: int = 4,
         batch_size: int = 32,
         intra_op_threads: int | None = None,
+        max_batch_tokens: int | None = None,
     ):
         if device not in DEVICES:
             raise ValueError(f"device must be one of {list(DEVICES)}, got {device!r}")
@@ -204,7 +224,10 @@ class Router:
         self.root = Path(root)
         self.device = device
         self.max_resident = max_resident
+        if max_batch_tokens is not None and (not isinstance(max_batch_tokens, int) or max_batch_tokens < 1):
+            raise ValueError(f"max_batch_tokens must be an int >= 1 or None, got {max_batch_tokens!r}")
         self.batch_size = batch_size
+        self.max_batch_tokens = max_batch_tokens
         self.intra_op_threads = intra_op_threads
         self._bundles = discover(self.root)
         self._resident: collections.OrderedDict[str, Expert] = collections.OrderedDict()
@@ -276,19 +299,27 @@ class Router:
         return expert
 
     def predict(self, task: str, inputs: Sequence[Any]) -> list[Prediction]:
-        """Labels and probabilities for ``inputs`` (texts, or (text_a, text_b) pairs), in order."""
+        """Labels and probabilities for ``inputs`` (texts, or (text_a, text_b) pairs), in order.
+
+        Items are tokenized once, sorted by length and batched (``batch_size`` items, at most
+        ``max_batch_tokens`` padded tokens), so padding stays small; results come back in the
+        caller's order.
+        """
         expert = self._expert(task)
         items = expert.check_inputs(inputs)
-        results: list[Prediction] = []
-        for start in range(0, len(items), self.batch_size):
-            probs = softmax(expert.logits(items[start : start + self.batch_size]).astype(np.float64))
-            for row in probs:
-                best = int(row.argmax())
-                results.append(
-                    Prediction(
-                        label=expert.labels[best],
-                        label_id=best,
-                        probabilities={label: float(p) for label, p in zip(expert.labels, row)},
-                    )
-                )
-        return results
+        if not items:
+            return []
+        ids, mask = encode_batch(expert.tokenizer, items)  # right-padded to the longest item
+        lengths = mask.sum(axis=1)
+        probs = np.empty((len(items), len(expert.labels)), dtype=np.float64)
+        for chunk in plan_batches(lengths, self.batch_size, self.max_batch_tokens):
+            width = int(lengths[chunk].max())
+            probs[chunk] = softmax(expert.run(ids[chunk, :width], mask[chunk, :width]).astype(np.float64))
+        return [
+            Prediction(
+                label=expert.labels[int(row.argmax())],
+                label_id=int(row.argmax()),
+                probabilities={label: float(p) for label, p in zip(expert.labels, row)},
+            )
+            for row in probs
+        ]
