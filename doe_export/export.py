@@ -151,7 +151,8 @@ def write_bundle(root: Path, task: str, fill, manifest: dict) -> Path:
     check_task_name(task)
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
-    _restore_orphan(root, task)
+    with _task_lock(root, task):  # a writer killed mid-swap left the old bundle aside: put it back
+        _restore_orphan(root, task)
     work = Path(tempfile.mkdtemp(prefix=f".{task}.tmp-", dir=root))
     try:
         manifest = {**manifest, **fill(work)}
@@ -161,19 +162,35 @@ def write_bundle(root: Path, task: str, fill, manifest: dict) -> Path:
             handle.flush()
             os.fsync(handle.fileno())
         target = root / task
-        if target.exists():
-            previous = root / f".{task}.previous"
-            if previous.exists():
-                shutil.rmtree(previous)
-            os.replace(target, previous)
-            os.replace(work, target)
-            shutil.rmtree(previous, ignore_errors=True)
-        else:
-            os.replace(work, target)
+        with _task_lock(root, task):  # concurrent writers of one task swap one at a time
+            _restore_orphan(root, task)
+            if target.exists():
+                previous = root / f".{task}.previous"
+                os.replace(target, previous)
+                os.replace(work, target)
+                shutil.rmtree(previous, ignore_errors=True)
+            else:
+                os.replace(work, target)
         return target
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         raise
+
+
+@contextlib.contextmanager
+def _task_lock(root: Path, task: str):
+    """Exclusive lock on ``root/.<task>.lock`` (POSIX flock; without fcntl, no cross-process lock)."""
+    try:
+        import fcntl
+    except ImportError:  # Windows: renames are still atomic one by one, only not serialised
+        yield
+        return
+    with open(root / f".{task}.lock", "a+") as handle:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
 
 
 def file_entry(folder: Path, name: str) -> dict:

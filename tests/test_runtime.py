@@ -163,7 +163,7 @@ def test_interrupted_export_keeps_previous_bundle(bundles):
     with pytest.raises(KeyboardInterrupt):
         export.write_bundle(root, "toy-single", fill, manifest)
     assert (root / "toy-single" / "model.onnx").read_bytes() == before
-    assert [p.name for p in root.iterdir() if p.name.startswith(".")] == []  # temp folder cleaned
+    assert [p.name for p in root.iterdir() if p.name.startswith(".") and p.is_dir()] == []  # temp folder cleaned
     assert Router(root, device="cpu").predict("toy-single", ["good"])[0].label in ("no", "yes")
 
 
@@ -281,3 +281,37 @@ def test_predict_batches_by_length_and_keeps_caller_order(bundles, monkeypatch):
     assert sum(b for b, _ in shapes) == 5 and all(b <= 2 for b, _ in shapes)
     with pytest.raises(ValueError, match="max_batch_tokens"):
         Router(root, max_batch_tokens=0)
+
+
+def test_concurrent_exports_of_one_task_end_with_one_complete_bundle(bundles):
+    """Writers racing on one task: the survivor is whole (its files match its own manifest)."""
+    from doe_runtime.bundle import verify_files
+
+    root, _ = bundles
+    manifest = read_manifest(root / "toy-single")
+    model = (root / "toy-single" / "model.onnx").read_bytes()
+    tokenizer = (root / "toy-single" / "tokenizer.json").read_bytes()
+    errors = []
+
+    def writer(index):
+        def fill(folder):
+            (folder / "model.onnx").write_bytes(model)
+            (folder / "tokenizer.json").write_bytes(tokenizer)
+            return {"created": f"writer {index}"}
+
+        try:
+            for _ in range(5):
+                export.write_bundle(root, "toy-single", fill, manifest)
+        except Exception as exc:  # collected and asserted below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=writer, args=(i,)) for i in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    final = read_manifest(root / "toy-single")
+    verify_files(root / "toy-single", final)
+    assert final["created"].startswith("writer ")
+    assert sorted(p.name for p in root.iterdir() if p.is_dir()) == ["toy-pair", "toy-single"]
