@@ -106,7 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--tasks", default="sst2,mrpc,rte,cola,qnli")
     st.add_argument("--rates", default="0.3,0.5,0.65,0.8,0.9")
     st.add_argument("--methods", default="doe,random,activation,gradient,magnitude,taylor,skill")
-    st.add_argument("--max-train", type=int, default=1000, help="adaptation examples per task")
+    st.add_argument("--max-train", type=int, default=1024,
+                    help="adaptation examples per task (calibration samples come from these)")
     st.add_argument("--recovery-examples", type=int, default=500, help="recovery tuning examples per run")
     st.add_argument("--max-eval", type=int, default=1000, help="cap on the reporting split")
     st.add_argument("--max-length", type=int, default=64)

@@ -47,7 +47,7 @@ class StudyConfig:
     prompt_length: int = 20
     epochs: int = 2
     recovery_epochs: int = 1
-    max_train: int = 1000
+    max_train: int = 1024  # >= the largest calibration size (1024)
     recovery_examples: int = 500
     max_dev: int = 200
     max_eval: int = 1000
@@ -309,7 +309,7 @@ def _averages(rows, dense, tasks, cfg) -> list[str]:
         return []
     lines = [f"## Average over {', '.join(tasks)}", "", "| method | " + " | ".join(f"p={r:g}" for r in cfg["rates"])
              + " |", "|---|" + "---:|" * len(cfg["rates"]),
-             f"| dense | " + " | ".join(f"{100 * np.mean([dense[t]['value'] for t in tasks]):.1f}"
+             "| dense | " + " | ".join(f"{100 * np.mean([dense[t]['value'] for t in tasks]):.1f}"
                                         for _ in cfg["rates"]) + " |"]
     for method in cfg["methods"]:
         cells = [_average(rows, tasks, method, rate) for rate in cfg["rates"]]

@@ -1,7 +1,6 @@
 """`doe study localization --quick`: the real study code on a tiny model and generated data.
 Records complete, reruns identical, resumable, and bad data stops before any training."""
 
-import json
 
 import pytest
 
