@@ -6,6 +6,7 @@ returns one :class:`TaskResult` per task with its metrics, sizes and per-stage w
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import platform
 import sys
@@ -109,36 +110,31 @@ def package_versions() -> dict[str, str]:
 
 
 class Timer:
+    """Wall seconds per named stage; a stage entered twice adds up."""
+
     def __init__(self):
         self.seconds: dict[str, float] = {}
 
+    @contextlib.contextmanager
     def stage(self, name: str):
-        timer = self
-
-        class _Stage:
-            def __enter__(self):
-                self.start = time.perf_counter()
-
-            def __exit__(self, *exc):
-                timer.seconds[name] = round(timer.seconds.get(name, 0.0) + time.perf_counter() - self.start, 2)
-
-        return _Stage()
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = round(self.seconds.get(name, 0.0) + time.perf_counter() - start, 2)
 
 
 def log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def build_task(config: BuildConfig, loaded: LoadedModel, data: TaskData, return_model: bool = False):
-    """Build one task's bundle; return its TaskResult (and the pruned TaskModel if ``return_model``)."""
-    timer = Timer()
-    task = data.name
-    tokenizer = fast_tokenizer(loaded.hf_tokenizer, config.max_length)
-    train, dev, test = data.train.head(config.max_train), data.dev.head(config.max_dev), data.test.head(config.max_eval)
-    if config.calib_examples > len(train):
+def check_task(config: BuildConfig, loaded: LoadedModel, data: TaskData) -> None:
+    """Refuse settings that cannot work for this task and model, before anything trains."""
+    available = len(data.train.head(config.max_train))
+    if config.calib_examples > available:
         raise ValueError(
-            f"task {task!r}: --calib-examples {config.calib_examples} exceeds the {len(train)} training examples "
-            f"available ({train.name}); lower --calib-examples or raise --max-train"
+            f"task {data.name!r}: --calib-examples {config.calib_examples} exceeds the {available} training "
+            f"examples available ({data.train.name}); lower --calib-examples or raise --max-train"
         )
     max_positions = getattr(loaded.backbone.config, "max_position_embeddings", None)
     prompt_length = config.prompt_length if config.adapt == "prompt" else 0
@@ -147,6 +143,16 @@ def build_task(config: BuildConfig, loaded: LoadedModel, data: TaskData, return_
             f"prompt length {prompt_length} + max length {config.max_length} exceeds the model's "
             f"{max_positions} positions; lower --max-length or --prompt-length"
         )
+
+
+def build_task(config: BuildConfig, loaded: LoadedModel, data: TaskData, return_model: bool = False):
+    """Build one task's bundle; return its TaskResult (and the pruned TaskModel if ``return_model``)."""
+    timer = Timer()
+    task = data.name
+    check_task(config, loaded, data)
+    tokenizer = fast_tokenizer(loaded.hf_tokenizer, config.max_length)
+    train, dev, test = data.train.head(config.max_train), data.dev.head(config.max_dev), data.test.head(config.max_eval)
+    prompt_length = config.prompt_length if config.adapt == "prompt" else 0
     log(f"[{task}] train {len(train)} / dev {len(dev)} / test {len(test)} ({test.name}); "
         f"labels {data.labels}; metric {data.metric}")
     model = TaskModel(
@@ -267,6 +273,8 @@ def build(config: BuildConfig, user_tasks: dict[str, UserTask] | None = None) ->
     datasets = [load_task(task, config.seed, config.data_dir, config.cache_dir, user_tasks) for task in config.tasks]
     log(f"loading model {config.model}")
     loaded = load_model(config.model)
+    for data in datasets:
+        check_task(config, loaded, data)
     results = []
     for data in datasets:
         results.append(build_task(config, loaded, data))

@@ -57,3 +57,20 @@ def test_build_user_task_with_local_model_folder(tmp_path, tiny_backbone, hf_tok
     results = json.loads((tmp_path / "r.json").read_text())
     assert results[0]["ffn_widths"] == [20, 20]  # round(37 * 0.5) = 18 -> rounded up to a multiple of 4
     assert Router(out, device="cpu").predict("reviews", ["good movie"])[0].label in ("no", "yes")
+
+
+def test_second_task_errors_stop_before_the_first_trains(tmp_path, tiny_backbone, hf_tokenizer, capsys, monkeypatch):
+    from doe_export import pipeline
+
+    model_dir = tmp_path / "tiny-model"
+    tiny_backbone("bert").save_pretrained(model_dir)
+    hf_tokenizer.save_pretrained(model_dir)
+    small, big = tmp_path / "small.csv", tmp_path / "big.csv"
+    big.write_text("t,y\n" + "".join(f"text {i},{i % 2}\n" for i in range(400)))
+    small.write_text("t,y\n" + "".join(f"text {i},{i % 2}\n" for i in range(20)))
+    monkeypatch.setattr(pipeline.adapt, "train", lambda *a, **k: pytest.fail("nothing may train"))
+    code = main(["build", "--model", str(model_dir), "--tasks", "big,small", "--no-progress", "--calib-examples", "64",
+                 "--user-task", f"name=big,train={big},text=t,label=y",
+                 "--user-task", f"name=small,train={small},text=t,label=y"])
+    assert code == 2
+    assert "task 'small': --calib-examples 64 exceeds the" in capsys.readouterr().err
