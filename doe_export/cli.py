@@ -68,6 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--round-to", type=int, default=1, help="round kept widths up to a multiple of this (e.g. 8)")
     b.add_argument("--fold-bias", action="store_true",
                    help="fold removed neurons' mean activation into the down-projection bias")
+    b.add_argument("--fuse", action="store_true",
+                   help="rewrite the graph with onnxruntime fusions (fused attention, SkipLayerNorm, BiasGelu); "
+                        "validated against PyTorch like the plain graph")
     b.add_argument("--calib-examples", type=int, default=256, help="training examples used for attribution")
     b.add_argument("--max-train", type=_positive_or_none, default=1000, help="cap on training examples ('none': all)")
     b.add_argument("--max-dev", type=_positive_or_none, default=200, help="cap on dev examples for epoch selection")
@@ -230,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
             lr=args.lr, batch_size=args.batch_size, scorer=args.scorer, token_agg=args.token_agg, rate=args.rate,
             budget=args.budget, round_to=args.round_to, fold_bias=args.fold_bias, calib_examples=args.calib_examples,
             max_train=args.max_train, max_dev=args.max_dev, max_eval=args.max_eval, max_length=args.max_length,
-            seed=args.seed, progress=not args.no_progress,
+            seed=args.seed, progress=not args.no_progress, fuse=args.fuse,
         )
         results = build(config, user_tasks)
     except (TaskDataError, ModelLoadError, UnsupportedModelError, ExportValidationError, ValueError) as exc:

@@ -66,6 +66,18 @@ def export_onnx(model, path: Path, sample_ids: np.ndarray, sample_mask: np.ndarr
     return max((op.version for op in graph.opset_import if op.domain in ("", "ai.onnx")), default=0)
 
 
+def fuse_for_ort(src: Path, dst: Path) -> dict[str, int]:
+    """Rewrite ``src`` with onnxscript's onnxruntime fusions (MultiHeadAttention, SkipLayerNorm,
+    BiasGelu, ...) into ``dst``; return the fusions that applied. Validate ``dst`` afterwards: a
+    rewrite can change numbers."""
+    import onnx_ir as ir
+    from onnxscript.rewriter.ort_fusions import optimize_for_ort
+
+    model, counts = optimize_for_ort(ir.load(str(src)))
+    ir.save(model, str(dst))
+    return {name: int(count) for name, count in counts.items() if count}
+
+
 def _shortened(item, words: int):
     cut = lambda text: " ".join(text.split()[:words])  # noqa: E731
     return (cut(item[0]), cut(item[1])) if isinstance(item, tuple) else cut(item)

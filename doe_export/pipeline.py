@@ -54,6 +54,7 @@ class BuildConfig:
     max_length: int = 128
     seed: int = 0
     tolerance: float = 1e-4
+    fuse: bool = False  # onnxruntime fusions (fused attention etc.), validated like the plain graph
     progress: bool = True
 
     def check(self) -> "BuildConfig":
@@ -221,7 +222,14 @@ def _write_expert_bundle(config, loaded, data, model, tokenizer, test, dense, pr
     def fill(folder: Path) -> dict:
         onnx_path = folder / "model.onnx"
         sample_ids, sample_mask = encode_batch(tokenizer, list(test.inputs[:2]))
-        opset = export.export_onnx(model, onnx_path, sample_ids, sample_mask)
+        fusions = {}
+        if config.fuse:
+            raw = folder / "unfused.onnx"
+            opset = export.export_onnx(model, raw, sample_ids, sample_mask)
+            fusions = export.fuse_for_ort(raw, onnx_path)
+            raw.unlink()
+        else:
+            opset = export.export_onnx(model, onnx_path, sample_ids, sample_mask)
         validation = export.validate_onnx(model, onnx_path, export.validation_batches(tokenizer, test.inputs),
                                           config.tolerance)
         tokenizer.save(str(folder / "tokenizer.json"))
@@ -231,6 +239,7 @@ def _write_expert_bundle(config, loaded, data, model, tokenizer, test, dense, pr
         holder.update(validation=validation, expert_onnx=expert_onnx)
         return {
             "onnx": {**export.file_entry(folder, "model.onnx"), "opset": opset, "precision": "fp32",
+                     "rewrites": {"ort_fusions": fusions} if config.fuse else {},
                      **export.io_spec(len(data.labels))},
             "tokenizer": {**export.file_entry(folder, "tokenizer.json"), "max_length": config.max_length,
                           "truncation": "longest_first", "padding": "longest in batch, right",

@@ -84,3 +84,23 @@ def test_prompt_changes_output_and_is_trainable_alone(tiny_backbone):
         model.prompt.add_(torch.randn(model.prompt.shape))  # a constant shift would vanish in LayerNorm
     assert not torch.allclose(before, model(ids, mask))
     np.testing.assert_equal(model.full_mask(mask).shape, (1, 7))
+
+
+@pytest.mark.parametrize("family", ["bert", "distilbert"])
+def test_ort_fusions_keep_outputs(family, tiny_backbone, hf_tokenizer, tmp_path):
+    """The fused graph (fused attention with per-layer widths after pruning) still equals PyTorch."""
+    import onnx
+
+    model = TaskModel(tiny_backbone(family), num_labels=2, prompt_length=2).eval()
+    tokenizer = fast_tokenizer(hf_tokenizer, 24)
+    data = synthetic_task()
+    keep = prune.select_neurons([torch.rand(37), torch.rand(37)], prune.PruneConfig(rate=0.5))
+    prune.prune_ffn(model, keep)
+    ids, mask = export.encode_batch(tokenizer, data.test.inputs[:2])
+    export.export_onnx(model, tmp_path / "raw.onnx", ids, mask)
+    fusions = export.fuse_for_ort(tmp_path / "raw.onnx", tmp_path / "fused.onnx")
+    assert fusions, "no fusion applied"
+    ops = {node.op_type for node in onnx.load(str(tmp_path / "fused.onnx")).graph.node}
+    assert ops & {"MultiHeadAttention", "Attention", "SkipLayerNormalization", "BiasGelu", "FastGelu"}
+    report = export.validate_onnx(model, tmp_path / "fused.onnx", export.validation_batches(tokenizer, data.test.inputs))
+    assert report["max_abs_diff"] <= 1e-4 and report["label_agreement"] == 1.0

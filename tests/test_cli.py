@@ -49,7 +49,7 @@ def test_build_user_task_with_local_model_folder(tmp_path, tiny_backbone, hf_tok
         "build", "--model", str(model_dir), "--tasks", "reviews", "--out", str(out), "--no-progress",
         "--user-task", f"name=reviews,train={csv_path},text=review,label=verdict",
         "--epochs", "1", "--recovery-epochs", "0", "--calib-examples", "8", "--max-length", "24",
-        "--prompt-length", "2", "--rate", "0.5", "--round-to", "4", "--json", str(tmp_path / "r.json"),
+        "--prompt-length", "2", "--rate", "0.5", "--round-to", "4", "--json", str(tmp_path / "r.json"), "--fuse",
     ])
     captured = capsys.readouterr()
     assert code == 0, captured.err
@@ -57,6 +57,10 @@ def test_build_user_task_with_local_model_folder(tmp_path, tiny_backbone, hf_tok
     results = json.loads((tmp_path / "r.json").read_text())
     assert results[0]["ffn_widths"] == [20, 20]  # round(37 * 0.5) = 18 -> rounded up to a multiple of 4
     assert Router(out, device="cpu").predict("reviews", ["good movie"])[0].label in ("no", "yes")
+    manifest = json.loads((out / "reviews" / "manifest.json").read_text())
+    assert manifest["onnx"]["rewrites"]["ort_fusions"]  # --fuse applied, and the build's validation passed
+    assert manifest["validation"]["max_abs_diff"] <= 1e-4
+    assert not (out / "reviews" / "unfused.onnx").exists()
 
 
 def test_second_task_errors_stop_before_the_first_trains(tmp_path, tiny_backbone, hf_tokenizer, capsys, monkeypatch):
