@@ -97,6 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--min-seconds", type=float, default=0.5, help="keep repeating a cell until this much time")
     g.add_argument("--max-work", type=int, default=16384,
                    help="skip cells with more batch x tokens (unfused attention memory); 0: no limit")
+    g.add_argument("--fused", action="store_true", help="measure graphs rewritten with onnxruntime fusions")
     g.add_argument("--render-only", action="store_true", help="re-render report and plots from <out>/grid.jsonl")
     g.add_argument("--no-progress", action="store_true")
     st = sub.add_parser("study", help="studies that write records + report + plots under benchmarks/results",
@@ -186,12 +187,12 @@ def bench_main(args) -> int:
         return _render_only("doe bench", out / "grid.jsonl", grid.render)
     try:
         if args.quick:
-            config = grid.GridConfig(model=args.model, tiny=True, prompt_length=4, **grid.QUICK)
+            config = grid.GridConfig(model=args.model, tiny=True, prompt_length=4, fused=args.fused, **grid.QUICK)
         else:
             config = grid.GridConfig(
                 model=args.model, batches=_numbers(args.batches), tokens=_numbers(args.tokens),
                 threads=_numbers(args.threads), rates=_numbers(args.rates, float), prompt_length=args.prompt_length,
-                repeats=args.repeats, min_seconds=args.min_seconds, max_work=args.max_work or None,
+                repeats=args.repeats, min_seconds=args.min_seconds, max_work=args.max_work or None, fused=args.fused,
             )
         if any(not 0 < r < 1 for r in config.rates) or min(config.batches + config.tokens + config.threads) < 1:
             raise ValueError("rates must be in (0, 1); batches, tokens and threads must be >= 1")

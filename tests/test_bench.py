@@ -49,3 +49,13 @@ def test_bench_rejects_bad_grid(capsys, tmp_path):
     assert "rates must be in (0, 1)" in capsys.readouterr().err
     assert main(["bench", "--batches", "x", "--out", str(tmp_path)]) == 2
     assert main(["bench", "--render-only", "--out", str(tmp_path / "none")]) == 2
+
+
+def test_quick_grid_with_fused_graphs(tmp_path):
+    out = tmp_path / "fused"
+    assert main(["bench", "--quick", "--fused", "--out", str(out), "--work-dir", str(tmp_path / "g"),
+                 "--no-progress"]) == 0
+    header = common.read_jsonl(out / "grid.jsonl")[0]
+    assert header["config"]["fused"] is True
+    assert (tmp_path / "g" / "dense.fused.onnx").is_file() and (tmp_path / "g" / "p0.5.fused.onnx").is_file()
+    assert "onnxruntime fusions" in (out / "grid.md").read_text()

@@ -40,6 +40,7 @@ class GridConfig:
     # Cells with more batch x tokens are skipped: the unfused attention of the exported graph needs
     # > 8 GB per session at 64 x 512 and then spends its time in page faults on a 24 GiB machine.
     max_work: int | None = 16384
+    fused: bool = False  # measure graphs rewritten with onnxruntime fusions (dense and experts alike)
 
 
 def _backbone(config: GridConfig):
@@ -59,7 +60,7 @@ def _backbone(config: GridConfig):
 def build_graphs(config: GridConfig, folder: Path, log=print) -> tuple[dict[str, Path], dict]:
     """Export the dense graph and one expert per rate; validate each; return paths and model shape."""
     from ..attribution import make_scorer
-    from ..export import export_onnx, validate_onnx
+    from ..export import export_onnx, fuse_for_ort, validate_onnx
     from ..prune import PruneConfig, prune_ffn, select_neurons
     from ..taskmodel import TaskModel
 
@@ -86,8 +87,13 @@ def build_graphs(config: GridConfig, folder: Path, log=print) -> tuple[dict[str,
     for name, model in models.items():
         path = folder / f"{name}.onnx"
         export_onnx(model, path, sample_ids, sample_mask)
+        if config.fused:
+            fused = folder / f"{name}.fused.onnx"
+            fuse_for_ort(path, fused)
+            path = fused
         report = validate_onnx(model, path, [(sample_ids, sample_mask), (check_ids, check_mask)])
-        log(f"[grid] exported {name}: FFN widths {model.ffn_widths()}, max|ORT - torch| {report['max_abs_diff']:.1e}")
+        log(f"[grid] exported {name}{' (fused)' if config.fused else ''}: FFN widths {model.ffn_widths()}, "
+            f"max|ORT - torch| {report['max_abs_diff']:.1e}")
         paths[name] = path
     return paths, shape
 
@@ -174,7 +180,8 @@ def render(records_path: Path, out_dir: Path) -> Path:
     cfg = header["config"]
     rates = cfg["rates"]
     lines = [
-        "# Grid: dense vs FFN-pruned experts (CPU, onnxruntime)",
+        "# Grid: dense vs FFN-pruned experts (CPU, onnxruntime"
+        + (", graphs with onnxruntime fusions)" if cfg.get("fused") else ")"),
         "",
         f"Model `{cfg['model'] if not cfg['tiny'] else 'tiny random BERT'}` (H={header['model_shape']['hidden']}, "
         f"I={header['model_shape']['ffn']}, {header['model_shape']['layers']} layers), soft prompt of "
