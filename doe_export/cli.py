@@ -241,6 +241,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"doe build: error: {exc}", file=sys.stderr)
         return 2
     print(summary_table(results))
+    first = results[0]
+    print(f"\nNext: doe-runtime inspect {first.bundle}\n      doe-runtime predict {args.out} --task {first.task} ...")
     if args.json_out:
         with open(args.json_out, "w", encoding="utf-8") as handle:
             json.dump(results_as_dicts(results), handle, indent=2)
