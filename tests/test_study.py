@@ -23,6 +23,7 @@ def test_quick_study_records_report_and_determinism(tmp_path):
     dense = [r for r in rows if r["kind"] == "dense"]
     config = study.StudyConfig(model="tiny", methods=("doe", "random", "magnitude"), **study.QUICK)
     assert len(dense) == 1 and len(runs) == len(study.run_specs(config))
+    assert dense[0]["majority"] == {"label": "no", "value": 0.5}  # generated labels alternate: ties -> first label
     for run in runs:
         assert 0.0 <= run["value"] <= 1.0 and 0.0 <= run["value_before_recovery"] <= 1.0
         assert run["split_size"] == 24 and run["metric"] == "accuracy"
@@ -32,6 +33,7 @@ def test_quick_study_records_report_and_determinism(tmp_path):
                                             "calib-8"}
     report = (tmp_path / "a" / "localization.md").read_text()
     assert "## toy" in report and "## Targets" in report and "DoE ablations" in report
+    assert "majority label 'no': 50.0" in report
     assert (tmp_path / "a" / "localization.png").read_bytes()[:4] == b"\x89PNG"
 
     # same seed, fresh caches: the same numbers
