@@ -25,6 +25,24 @@ def bundles(tiny_bundles, tmp_path):
     return copy, results
 
 
+def run_threads(target, count: int) -> list[Exception]:
+    """Run target(index) in ``count`` threads at once; return the exceptions they raised."""
+    errors = []
+
+    def guarded(index):
+        try:
+            target(index)
+        except Exception as exc:  # returned to the test, which asserts on it
+            errors.append(exc)
+
+    threads = [threading.Thread(target=guarded, args=(i,)) for i in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return errors
+
+
 def test_import_is_lean():
     code = "import sys, doe_runtime; print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
@@ -200,23 +218,15 @@ def test_predict_is_thread_safe(bundles):
     router = Router(root, device="cpu", max_resident=1)
     texts = ["good film", "bad plot", "great music", "dull"] * 4
     expected = [p.label for p in Router(root, device="cpu").predict("toy-single", texts)]
-    errors, outputs = [], []
+    outputs = []
 
     def worker(index):
-        try:
-            for _ in range(5):
-                if index % 2:
-                    router.predict("toy-pair", [("a", "b")])  # forces evictions between threads
-                outputs.append([p.label for p in router.predict("toy-single", texts)])
-        except Exception as exc:  # collected and asserted below
-            errors.append(exc)
+        for _ in range(5):
+            if index % 2:
+                router.predict("toy-pair", [("a", "b")])  # forces evictions between threads
+            outputs.append([p.label for p in router.predict("toy-single", texts)])
 
-    threads = [threading.Thread(target=worker, args=(i,)) for i in range(6)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    assert errors == []
+    assert run_threads(worker, 6) == []
     assert len(outputs) == 30 and all(out == expected for out in outputs)
 
 
@@ -291,7 +301,6 @@ def test_concurrent_exports_of_one_task_end_with_one_complete_bundle(bundles):
     manifest = read_manifest(root / "toy-single")
     model = (root / "toy-single" / "model.onnx").read_bytes()
     tokenizer = (root / "toy-single" / "tokenizer.json").read_bytes()
-    errors = []
 
     def writer(index):
         def fill(folder):
@@ -299,18 +308,10 @@ def test_concurrent_exports_of_one_task_end_with_one_complete_bundle(bundles):
             (folder / "tokenizer.json").write_bytes(tokenizer)
             return {"created": f"writer {index}"}
 
-        try:
-            for _ in range(5):
-                export.write_bundle(root, "toy-single", fill, manifest)
-        except Exception as exc:  # collected and asserted below
-            errors.append(exc)
+        for _ in range(5):
+            export.write_bundle(root, "toy-single", fill, manifest)
 
-    threads = [threading.Thread(target=writer, args=(i,)) for i in range(4)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    assert errors == []
+    assert run_threads(writer, 4) == []
     final = read_manifest(root / "toy-single")
     verify_files(root / "toy-single", final)
     assert final["created"].startswith("writer ")
