@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import math
-from typing import Callable, Iterator
+from typing import Callable
 
 import numpy as np
 import torch
 
-from doe_runtime.router import encode_batch, plan_batches
+from doe_runtime.router import length_sorted_batches
 
 from .tasks import Split
 
@@ -45,17 +45,6 @@ METRIC_FUNCTIONS: dict[str, Callable[[list[int], list[int]], float]] = {
 
 def metric_value(metric: str, labels: list[int], preds: list[int]) -> float:
     return METRIC_FUNCTIONS[metric](labels, preds)
-
-
-def length_sorted_batches(tokenizer, inputs: list, batch_size: int) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-    """Batches of (indices, ids, mask) with similar lengths together, as the runtime batches them."""
-    if not inputs:
-        return
-    ids, mask = encode_batch(tokenizer, inputs)
-    lengths = mask.sum(axis=1)
-    for chunk in plan_batches(lengths, batch_size):
-        width = int(lengths[chunk].max())
-        yield chunk, np.ascontiguousarray(ids[chunk, :width]), np.ascontiguousarray(mask[chunk, :width])
 
 
 @torch.inference_mode()

@@ -183,6 +183,18 @@ def plan_batches(lengths: np.ndarray, batch_size: int, max_tokens: int | None = 
     return batches
 
 
+def length_sorted_batches(tokenizer: Any, items: list, batch_size: int, max_tokens: int | None = None):
+    """Tokenize once, then yield (indices, ids, mask) batches of similar lengths, each cut to its
+    own longest item (right padding makes that exact)."""
+    if not items:
+        return
+    ids, mask = encode_batch(tokenizer, items)  # right-padded to the longest item
+    lengths = mask.sum(axis=1)
+    for chunk in plan_batches(lengths, batch_size, max_tokens):
+        width = int(lengths[chunk].max())
+        yield chunk, np.ascontiguousarray(ids[chunk, :width]), np.ascontiguousarray(mask[chunk, :width])
+
+
 def _describe(item: Any) -> str:
     text = repr(item)
     if len(text) > 60:
@@ -307,14 +319,10 @@ class Router:
         """
         expert = self._expert(task)
         items = expert.check_inputs(inputs)
-        if not items:
-            return []
-        ids, mask = encode_batch(expert.tokenizer, items)  # right-padded to the longest item
-        lengths = mask.sum(axis=1)
         probs = np.empty((len(items), len(expert.labels)), dtype=np.float64)
-        for chunk in plan_batches(lengths, self.batch_size, self.max_batch_tokens):
-            width = int(lengths[chunk].max())
-            probs[chunk] = softmax(expert.run(ids[chunk, :width], mask[chunk, :width]).astype(np.float64))
+        batches = length_sorted_batches(expert.tokenizer, items, self.batch_size, self.max_batch_tokens)
+        for chunk, ids, mask in batches:
+            probs[chunk] = softmax(expert.run(ids, mask).astype(np.float64))
         return [
             Prediction(
                 label=expert.labels[int(row.argmax())],
