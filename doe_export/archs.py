@@ -29,6 +29,22 @@ class ArchSpec:
     down: str  # dotted path inside a layer: Linear whose columns are FFN neurons
     attention: tuple[str, str, str, str]  # q, k, v, out projections inside a layer
     decoder: bool = False  # causal LM backbone: pool the last real token
+    # dotted path inside a layer to the module that holds the head count (num_attention_heads /
+    # n_heads, all_head_size); None: attention heads of this family cannot be removed (MPNet shares
+    # one relative-position bias of all heads across layers; Llama groups key/value heads).
+    heads_module: str | None = None
+
+    def attention_linears(self, layer: nn.Module) -> list[nn.Linear]:
+        """[q, k, v, out]: rows of q/k/v and columns of out index (head, head_dim)."""
+        return [get_module(layer, path) for path in self.attention]
+
+    def head_counts(self, backbone: nn.Module) -> list[int]:
+        return [self.attention_linears(layer)[3].in_features // self.head_dim(backbone)
+                for layer in self.layer_list(backbone)]
+
+    def head_dim(self, backbone: nn.Module) -> int:
+        config = backbone.config  # DistilBERT maps hidden_size/num_attention_heads to dim/n_heads
+        return config.hidden_size // config.num_attention_heads
 
     def layer_list(self, backbone: nn.Module) -> nn.ModuleList:
         return get_module(backbone, self.layers)
@@ -48,7 +64,8 @@ _BERT_ATTN = ("attention.self.query", "attention.self.key", "attention.self.valu
 ARCHS: dict[str, ArchSpec] = {
     spec.family: spec
     for spec in (
-        ArchSpec("bert", ("bert",), "encoder.layer", ("intermediate.dense",), "output.dense", _BERT_ATTN),
+        ArchSpec("bert", ("bert",), "encoder.layer", ("intermediate.dense",), "output.dense", _BERT_ATTN,
+                 heads_module="attention.self"),
         ArchSpec(
             "roberta",
             ("roberta", "xlm-roberta", "camembert"),
@@ -56,8 +73,10 @@ ARCHS: dict[str, ArchSpec] = {
             ("intermediate.dense",),
             "output.dense",
             _BERT_ATTN,
+            heads_module="attention.self",
         ),
-        ArchSpec("electra", ("electra",), "encoder.layer", ("intermediate.dense",), "output.dense", _BERT_ATTN),
+        ArchSpec("electra", ("electra",), "encoder.layer", ("intermediate.dense",), "output.dense", _BERT_ATTN,
+                 heads_module="attention.self"),
         ArchSpec(
             "distilbert",
             ("distilbert",),
@@ -65,6 +84,7 @@ ARCHS: dict[str, ArchSpec] = {
             ("ffn.lin1",),
             "ffn.lin2",
             ("attention.q_lin", "attention.k_lin", "attention.v_lin", "attention.out_lin"),
+            heads_module="attention",
         ),
         ArchSpec(
             "mpnet",

@@ -60,20 +60,28 @@ class CalibrationStats:
     prompt_act: list[torch.Tensor]  # [N, I]: mean activation over prompt positions, per example
     labels: torch.Tensor  # [N]
     num_labels: int
+    # per layer [heads]: sum over examples of mean_tokens(sum over the head's dims of c*dF/dc), where
+    # c is the input of the attention output projection (the heads' context vectors)
+    head_ag_mean: list[torch.Tensor] | None = None
 
     def mean_activation(self) -> list[torch.Tensor]:
         return [(s / self.tokens).float() for s in self.act]
 
 
 class ActivationTap:
-    """Capture the input of every down-projection (the FFN neuron activations) on forward."""
+    """Capture the input of every down-projection (the FFN neuron activations) on forward.
 
-    def __init__(self, model):
+    ``where="attention"`` taps the input of every attention output projection instead: the
+    concatenated per-head context vectors [B, T, heads * head_dim].
+    """
+
+    def __init__(self, model, where: str = "ffn"):
         self.acts: list[torch.Tensor | None] = []
         self.handles = []
         for index, layer in enumerate(model.spec.layer_list(model.backbone)):
             self.acts.append(None)
-            self.handles.append(model.spec.down_linear(layer).register_forward_pre_hook(self._hook(index)))
+            linear = model.spec.down_linear(layer) if where == "ffn" else model.spec.attention_linears(layer)[3]
+            self.handles.append(linear.register_forward_pre_hook(self._hook(index)))
 
     def _hook(self, index: int):
         def hook(module, args):
@@ -140,6 +148,9 @@ def collect_stats(model, batches, total: int | None = None, progress: bool = Tru
         param.requires_grad_(True)
         param.grad = None
     tap = ActivationTap(model)
+    heads_tap = ActivationTap(model, "attention") if model.spec.heads_module is not None else None
+    head_counts = model.spec.head_counts(model.backbone) if heads_tap else []
+    head_ag = [torch.zeros(h, dtype=torch.float64) for h in head_counts]
     widths = model.ffn_widths()
     zeros = lambda: [torch.zeros(w, dtype=torch.float64) for w in widths]  # noqa: E731
     ag_mean, ag_max, abs_ag_mean, act_sum, abs_act, abs_grad = zeros(), zeros(), zeros(), zeros(), zeros(), zeros()
@@ -152,6 +163,8 @@ def collect_stats(model, batches, total: int | None = None, progress: bool = Tru
                 logits = model(ids, mask)
                 gold = torch.log_softmax(logits.float(), dim=-1).gather(1, labels[:, None]).sum()
                 grads = torch.autograd.grad(gold, tap.acts, retain_graph=True)
+                if heads_tap:
+                    head_grads = torch.autograd.grad(gold, heads_tap.acts, retain_graph=True)
                 (-gold).backward()  # accumulates dL/dw of the FFN weights for the Taylor scorer
             full_mask = model.full_mask(mask)  # [B, P+T], prompt positions count as real
             weights = full_mask.unsqueeze(-1).double()
@@ -169,6 +182,10 @@ def collect_stats(model, batches, total: int | None = None, progress: bool = Tru
                     prompt_act[index].append(act[:, :prompt].mean(dim=1).float())
                 else:
                     prompt_act[index].append(masked_token_agg(act, full_mask, "mean").float())
+            for index, (ctx, grad) in enumerate(zip(heads_tap.acts if heads_tap else [], head_grads if heads_tap else [])):
+                batch, length, _ = ctx.shape  # [B, P+T, heads*head_dim] -> per head: sum over head_dim
+                product = (ctx.detach().double() * grad.double()).reshape(batch, length, head_counts[index], -1).sum(-1)
+                head_ag[index] += masked_token_agg(product, full_mask, "mean").sum(dim=0)
             labels_seen.append(labels)
             tokens += int(full_mask.sum())
             examples += ids.shape[0]
@@ -177,12 +194,15 @@ def collect_stats(model, batches, total: int | None = None, progress: bool = Tru
         taylor = [_taylor(model, layer) for layer in layers]
     finally:
         tap.close()
+        if heads_tap:
+            heads_tap.close()
         for param, grad in zip(ffn_params, saved_grads):
             param.grad = grad
         for param, flag in zip(all_params, flags):
             param.requires_grad_(flag)
     return CalibrationStats(examples, tokens, ag_mean, ag_max, abs_ag_mean, act_sum, abs_act, abs_grad, taylor,
-                            [torch.cat(chunks) for chunks in prompt_act], torch.cat(labels_seen), model.num_labels)
+                            [torch.cat(chunks) for chunks in prompt_act], torch.cat(labels_seen), model.num_labels,
+                            head_ag if heads_tap else None)
 
 
 class Scorer:
@@ -196,6 +216,19 @@ class Scorer:
 
     def importance(self, model, stats: CalibrationStats | None) -> list[torch.Tensor]:
         raise NotImplementedError
+
+    def head_importance(self, model, stats: CalibrationStats | None) -> list[torch.Tensor]:
+        """One value per attention head and layer (higher = keep); scorers that cannot score heads refuse."""
+        raise ValueError(f"scorer {self.name!r} scores FFN neurons only; attention heads can be scored by: "
+                         f"{', '.join(HEAD_SCORERS)}")
+
+    def score_heads(self, model, stats: CalibrationStats | None) -> list[torch.Tensor]:
+        if model.spec.heads_module is None:
+            raise ValueError(f"attention heads of the {model.spec.family!r} family cannot be scored or removed; "
+                             "use layer types 'ffn'")
+        if self.needs_data and (stats is None or stats.head_ag_mean is None):
+            raise ValueError(f"scorer {self.name!r} needs calibration statistics with head sums (collect_stats)")
+        return [t.float() for t in self.head_importance(model, stats)]
 
     def score(self, model, stats: CalibrationStats | None) -> Scores:
         if self.needs_data and stats is None:
@@ -222,6 +255,11 @@ class DoEScorer(Scorer):
         return {"scorer": self.name, "token_agg": self.token_agg, "objective": "log p(gold)",
                 "rank_by": "|A_i|" if self.rank == "abs-of-mean" else "mean |h*g|"}
 
+    def head_importance(self, model, stats):
+        # the head's share of the same attribution: |mean_examples(mean_tokens(sum_d c_d * dF/dc_d))|,
+        # i.e. the gradient of F w.r.t. a gate multiplying the head's output (Michel et al., 2019)
+        return [(s / stats.examples).abs() for s in stats.head_ag_mean]
+
     def importance(self, model, stats):
         if self.rank == "mean-abs":
             return [s / stats.examples for s in stats.abs_ag_mean]
@@ -242,6 +280,10 @@ class RandomScorer(Scorer):
     def importance(self, model, stats):
         generator = torch.Generator().manual_seed(self.seed)
         return [torch.rand(w, generator=generator) for w in model.ffn_widths()]
+
+    def head_importance(self, model, stats):
+        generator = torch.Generator().manual_seed(10_000 + self.seed)
+        return [torch.rand(h, generator=generator) for h in model.spec.head_counts(model.backbone)]
 
 
 class ActivationScorer(Scorer):
@@ -294,6 +336,9 @@ class SkillScorer(Scorer):
 
 SCORERS = {cls.name: cls for cls in (DoEScorer, RandomScorer, ActivationScorer, GradientScorer, MagnitudeScorer,
                                      TaylorScorer, SkillScorer)}
+
+
+HEAD_SCORERS = ("doe", "random")
 
 
 def make_scorer(name: str, **options) -> Scorer:

@@ -63,6 +63,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="neuron scorer plug-in: doe (the paper), random, activation, gradient, magnitude, taylor, skill")
     b.add_argument("--token-agg", choices=("mean", "max"), default="mean", help="aggregation over tokens")
     b.add_argument("--rate", type=float, default=0.65, help="share of FFN neurons removed")
+    b.add_argument("--layer-types", choices=("ffn", "attention", "both"), default="ffn",
+                   help="what is removed: FFN neurons (default), whole attention heads, or both")
+    b.add_argument("--head-rate", type=float, default=None,
+                   help="share of attention heads removed per layer (default: --rate); with --layer-types attention|both")
     b.add_argument("--budget", choices=("per-layer", "global"), default="per-layer",
                    help="same rate in every layer, or one global ranking")
     b.add_argument("--round-to", type=int, default=1, help="round kept widths up to a multiple of this (e.g. 8)")
@@ -232,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
             data_dir=args.data_dir, cache_dir=args.cache_dir, out_dir=args.out, adapt=args.adapt,
             prompt_length=args.prompt_length, epochs=args.epochs, recovery_epochs=args.recovery_epochs,
             lr=args.lr, batch_size=args.batch_size, scorer=args.scorer, token_agg=args.token_agg, rate=args.rate,
-            budget=args.budget, round_to=args.round_to, fold_bias=args.fold_bias, calib_examples=args.calib_examples,
+            layer_types=args.layer_types, head_rate=args.head_rate, budget=args.budget, round_to=args.round_to, fold_bias=args.fold_bias, calib_examples=args.calib_examples,
             max_train=args.max_train, max_dev=args.max_dev, max_eval=args.max_eval, max_length=args.max_length,
             seed=args.seed, progress=not args.no_progress, fuse=args.fuse,
         )

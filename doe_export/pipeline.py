@@ -20,6 +20,7 @@ from doe_runtime.bundle import SCHEMA_VERSION, check_task_name
 from doe_runtime.router import encode_batch
 
 from . import adapt, attribution, evaluate, export, prune
+from .archs import arch_for
 from .loading import DEFAULT_MODEL, LoadedModel, fast_tokenizer, load_model
 from .taskmodel import TaskModel
 from .tasks import TaskData, UserTask, load_task
@@ -44,6 +45,8 @@ class BuildConfig:
     scorer: str = "doe"
     token_agg: str = "mean"
     rate: float = 0.65
+    layer_types: str = "ffn"  # "ffn" | "attention" | "both"
+    head_rate: float | None = None  # share of attention heads removed; None: same as rate
     budget: str = "per-layer"
     round_to: int = 1
     fold_bias: bool = False
@@ -75,7 +78,15 @@ class BuildConfig:
         if self.calib_examples < 1:
             raise ValueError(f"calib_examples must be >= 1, got {self.calib_examples}")
         prune.PruneConfig(self.rate, self.budget, self.round_to, self.fold_bias).check()
-        attribution.make_scorer(self.scorer, token_agg=self.token_agg, seed=self.seed)
+        if self.layer_types not in prune.LAYER_TYPES:
+            raise ValueError(f"layer types must be one of {prune.LAYER_TYPES}, got {self.layer_types!r}")
+        if self.head_rate is not None:
+            prune.PruneConfig(self.head_rate).check()
+        scorer = attribution.make_scorer(self.scorer, token_agg=self.token_agg, seed=self.seed)
+        if self.layer_types != "ffn" and self.scorer not in attribution.HEAD_SCORERS:
+            raise ValueError(f"scorer {self.scorer!r} cannot score attention heads (layer types {self.layer_types!r}); "
+                             f"use one of {', '.join(attribution.HEAD_SCORERS)} or --layer-types ffn")
+        del scorer
         return self
 
 
@@ -92,6 +103,7 @@ class TaskResult:
     params_before: int
     params_after: int
     ffn_widths: list[int]
+    head_counts: list[int]
     max_abs_diff: float
     bundle: str
     seconds: dict[str, float] = field(default_factory=dict)
@@ -137,6 +149,9 @@ def check_task(config: BuildConfig, loaded: LoadedModel, data: TaskData) -> None
             f"task {data.name!r}: --calib-examples {config.calib_examples} exceeds the {available} training "
             f"examples available ({data.train.name}); lower --calib-examples or raise --max-train"
         )
+    if config.layer_types != "ffn" and arch_for(loaded.backbone.config).heads_module is None:
+        raise ValueError(f"--layer-types {config.layer_types}: attention heads of model type "
+                         f"{loaded.backbone.config.model_type!r} cannot be removed; use --layer-types ffn")
     max_positions = getattr(loaded.backbone.config, "max_position_embeddings", None)
     prompt_length = config.prompt_length if config.adapt == "prompt" else 0
     if max_positions and prompt_length + config.max_length > max_positions:
@@ -184,12 +199,15 @@ def build_task(config: BuildConfig, loaded: LoadedModel, data: TaskData, return_
         scores = scorer.score(model, stats)
     prune_cfg = prune.PruneConfig(config.rate, config.budget, config.round_to, config.fold_bias)
     with timer.stage("prune"):
-        keep = prune.select_neurons(scores.importance, prune_cfg)
-        report = prune.prune_ffn(model, keep, scores.mean_activation if config.fold_bias else None)
+        heads = scorer.score_heads(model, stats) if config.layer_types != "ffn" else None
+        report = prune.prune_model(model, config.layer_types, prune_cfg, scores.importance, heads, config.head_rate,
+                                   scores.mean_activation)
     with timer.stage("evaluate"):
         pruned = evaluate.evaluate_torch(model, tokenizer, test, data.metric)
-    log(f"[{task}] pruned {config.rate:.0%} of FFN neurons: params {report['params_before']:,} -> "
-        f"{report['params_after']:,}; widths {report['ffn_widths']}; {data.metric} before recovery {pruned:.4f}")
+    log(f"[{task}] pruned {config.layer_types} (FFN rate {config.rate:g}, head rate "
+        f"{config.rate if config.head_rate is None else config.head_rate:g}): params {report['params_before']:,} -> "
+        f"{report['params_after']:,}; FFN widths {report['ffn_widths']}; heads {report['head_counts']}; "
+        f"{data.metric} before recovery {pruned:.4f}")
 
     recover_cfg = adapt.TrainConfig(config.adapt, config.recovery_epochs, config.lr, config.batch_size,
                                     config.seed + 1)
@@ -209,7 +227,7 @@ def build_task(config: BuildConfig, loaded: LoadedModel, data: TaskData, return_
         f"{validation['shapes']}; ORT {data.metric} {expert_onnx:.4f}")
     result = TaskResult(task, data.metric, test.name, len(test), dense, pruned, expert, expert_onnx,
                         report["params_before"], report["params_after"], report["ffn_widths"],
-                        validation["max_abs_diff"], str(bundle), dict(timer.seconds))
+                        report["head_counts"], validation["max_abs_diff"], str(bundle), dict(timer.seconds))
     return (result, model) if return_model else result
 
 
@@ -259,11 +277,15 @@ def _write_expert_bundle(config, loaded, data, model, tokenizer, test, dense, pr
         "architecture": {"family": model.spec.family, "num_layers": len(report["ffn_widths"]),
                          "hidden_size": backbone_cfg.hidden_size,
                          "ffn_widths": report["ffn_widths"], "ffn_widths_dense": report["ffn_widths_before"],
-                         "num_heads": [backbone_cfg.num_attention_heads] * len(report["ffn_widths"]),
+                         "num_heads": report["head_counts"], "num_heads_dense": report["head_counts_before"],
+                         "head_dim": model.spec.head_dim(model.backbone),
                          "pooling": model.pooling, "token_types_from_sep": model.sep_token_id is not None},
         "adaptation": {"mode": config.adapt, "prompt_length": model.prompt_length, "train": adapt_record,
                        "recovery": recover_record},
-        "pruning": {"method": config.scorer, "scorer": scores.info, "rate": config.rate, "layer_types": ["ffn"],
+        "pruning": {"method": config.scorer, "scorer": scores.info, "rate": config.rate,
+                    "head_rate": (config.rate if config.head_rate is None else config.head_rate)
+                    if config.layer_types != "ffn" else 0.0,
+                    "layer_types": ["ffn", "attention"] if config.layer_types == "both" else [config.layer_types],
                     "budget": config.budget, "round_to": config.round_to, "fold_bias": config.fold_bias,
                     "calibration_examples": scores.examples, "seed": config.seed,
                     "params_before": report["params_before"], "params_after": report["params_after"]},
@@ -293,13 +315,13 @@ def build(config: BuildConfig, user_tasks: dict[str, UserTask] | None = None) ->
 
 def summary_table(results: list[TaskResult]) -> str:
     header = ("task", "metric", "test n", "dense", "expert", "expert ORT", "no-recovery", "params (M)", "FFN widths",
-              "max|diff|", "seconds", "bundle")
+              "heads", "max|diff|", "seconds", "bundle")
     rows = [header]
     for r in results:
         rows.append((
             r.task, r.metric, str(r.test_size), f"{r.dense:.4f}", f"{r.expert:.4f}", f"{r.expert_onnx:.4f}",
             f"{r.pruned_no_recovery:.4f}", f"{r.params_before / 1e6:.2f} -> {r.params_after / 1e6:.2f}",
-            ",".join(map(str, r.ffn_widths)), f"{r.max_abs_diff:.1e}",
+            ",".join(map(str, r.ffn_widths)), ",".join(map(str, r.head_counts)), f"{r.max_abs_diff:.1e}",
             " ".join(f"{k}={v:.0f}" for k, v in r.seconds.items()), r.bundle,
         ))
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]

@@ -122,3 +122,78 @@ def _with_bias(linear: nn.Linear) -> nn.Linear:
         new.weight.copy_(linear.weight)
         new.bias.zero_()
     return new
+
+
+LAYER_TYPES = ("ffn", "attention", "both")
+
+
+def head_rows(heads: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """Row indices of q/k/v (= column indices of the output projection) of the given heads."""
+    return (heads[:, None] * head_dim + torch.arange(head_dim)[None, :]).reshape(-1)
+
+
+def prune_heads(model, keep: list[torch.Tensor]) -> dict:
+    """Remove whole attention heads in place: q/k/v rows and output-projection columns.
+
+    ``keep[l]`` holds the sorted indices of the heads layer ``l`` keeps (at least one: a layer
+    without heads would need its attention block replaced by its bias, which the exported graphs
+    do not do). The module's head count attributes are updated so that the forward pass reshapes
+    to the new number of heads; the config keeps the original count (it describes the base model).
+    """
+    spec = model.spec
+    if spec.heads_module is None:
+        raise ValueError(
+            f"attention heads of the {spec.family!r} family cannot be removed by this toolchain "
+            "(supported: bert, roberta, electra, distilbert); use --layer-types ffn"
+        )
+    layers = spec.layer_list(model.backbone)
+    if len(keep) != len(layers):
+        raise ValueError(f"keep has {len(keep)} entries but the model has {len(layers)} layers")
+    head_dim = spec.head_dim(model.backbone)
+    before = count_parameters(model)
+    heads_before = spec.head_counts(model.backbone)
+    for index, (layer, kept) in enumerate(zip(layers, keep)):
+        count = heads_before[index]
+        if kept.numel() == 0 or int(kept.max()) >= count or int(kept.min()) < 0:
+            raise ValueError(f"layer {index}: keep must name 1..{count} heads in [0, {count}), got {kept.tolist()}")
+        rows = head_rows(kept, head_dim)
+        for path, dim in zip(spec.attention, (0, 0, 0, 1)):
+            set_module(layer, path, _sliced(layer.get_submodule(path), rows, dim=dim))
+        holder = layer.get_submodule(spec.heads_module)
+        for name in ("num_attention_heads", "n_heads"):
+            if hasattr(holder, name):
+                setattr(holder, name, int(kept.numel()))
+        if hasattr(holder, "all_head_size"):
+            holder.all_head_size = int(kept.numel()) * head_dim
+    return {
+        "params_before": before,
+        "params_after": count_parameters(model),
+        "head_counts_before": heads_before,
+        "head_counts": spec.head_counts(model.backbone),
+    }
+
+
+def prune_model(model, layer_types: str, config: PruneConfig, importance: list[torch.Tensor] | None,
+                head_importance: list[torch.Tensor] | None = None, head_rate: float | None = None,
+                mean_activation: list[torch.Tensor] | None = None) -> dict:
+    """Remove FFN neurons, attention heads or both (``layer_types``); one report for the whole model.
+
+    FFN neurons follow ``config`` (rate, budget, rounding, folding); heads follow ``head_rate``
+    (default: ``config.rate``) with the same budget, at least one head per layer.
+    """
+    if layer_types not in LAYER_TYPES:
+        raise ValueError(f"layer types must be one of {LAYER_TYPES}, got {layer_types!r}")
+    config.check()
+    spec = model.spec
+    report = {"params_before": count_parameters(model), "ffn_widths_before": model.ffn_widths(),
+              "head_counts_before": spec.head_counts(model.backbone), "layer_types": layer_types}
+    if layer_types in ("ffn", "both"):
+        keep = select_neurons(importance, config)
+        prune_ffn(model, keep, mean_activation if config.fold_bias else None)
+    if layer_types in ("attention", "both"):
+        rate = config.rate if head_rate is None else head_rate
+        head_keep = select_neurons(head_importance, PruneConfig(rate, config.budget))
+        prune_heads(model, head_keep)
+    report.update(params_after=count_parameters(model), ffn_widths=model.ffn_widths(),
+                  head_counts=spec.head_counts(model.backbone))
+    return report
