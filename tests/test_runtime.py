@@ -273,6 +273,10 @@ def test_plan_batches_sorts_and_respects_budgets():
     assert all(len(b) * lengths[b].max() <= 20 or len(b) == 1 for b in by_tokens)
     assert sorted(i for b in by_tokens for i in b.tolist()) == list(range(6))
     assert [b.tolist() for b in by_tokens][-1] == [4]  # 30 tokens alone exceeds the budget: still runs
+    arrival = plan_batches(lengths, batch_size=2, sort=False)
+    assert [b.tolist() for b in arrival] == [[0, 1], [2, 3], [4, 5]]
+    arrival_tokens = plan_batches(lengths, batch_size=10, max_tokens=20, sort=False)
+    assert [b.tolist() for b in arrival_tokens] == [[0, 1], [2, 3], [4], [5]]  # (9,2)->18; (7,3)->14; 30 alone
 
 
 def test_predict_batches_by_length_and_keeps_caller_order(bundles, monkeypatch):
@@ -291,6 +295,9 @@ def test_predict_batches_by_length_and_keeps_caller_order(bundles, monkeypatch):
     assert sum(b for b, _ in shapes) == 5 and all(b <= 2 for b, _ in shapes)
     with pytest.raises(ValueError, match="max_batch_tokens"):
         Router(root, max_batch_tokens=0)
+    unsorted = Router(root, device="cpu", batch_size=2, sort_by_length=False)
+    for have, want in zip(unsorted.predict("toy-single", texts), expected):
+        assert have.probabilities == pytest.approx(want, abs=1e-5)
 
 
 def test_concurrent_exports_of_one_task_end_with_one_complete_bundle(bundles):

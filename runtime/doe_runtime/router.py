@@ -167,30 +167,34 @@ def encode_batch(tokenizer: Any, items: list) -> tuple[np.ndarray, np.ndarray]:
     return ids, mask
 
 
-def plan_batches(lengths: np.ndarray, batch_size: int, max_tokens: int | None = None) -> list[np.ndarray]:
+def plan_batches(lengths: np.ndarray, batch_size: int, max_tokens: int | None = None,
+                 sort: bool = True) -> list[np.ndarray]:
     """Group item indices by length (shortest first) into batches of at most ``batch_size`` items
-    and, if given, at most ``max_tokens`` padded tokens (items x longest); one item always fits."""
-    order = np.argsort(lengths, kind="stable")
-    batches, current = [], []
+    and, if given, at most ``max_tokens`` padded tokens (items x longest); one item always fits.
+    ``sort=False`` keeps the arrival order (the baseline the length sorting is measured against)."""
+    order = np.argsort(lengths, kind="stable") if sort else np.arange(len(lengths))
+    batches, current, longest = [], [], 0
     for index in order:
-        longest = int(lengths[index])  # sorted ascending: the newest item is the longest so far
-        if current and (len(current) == batch_size or (max_tokens and (len(current) + 1) * longest > max_tokens)):
+        new_longest = max(longest, int(lengths[index]))
+        if current and (len(current) == batch_size or (max_tokens and (len(current) + 1) * new_longest > max_tokens)):
             batches.append(np.asarray(current))
-            current = []
+            current, new_longest = [], int(lengths[index])
         current.append(int(index))
+        longest = new_longest
     if current:
         batches.append(np.asarray(current))
     return batches
 
 
-def length_sorted_batches(tokenizer: Any, items: list, batch_size: int, max_tokens: int | None = None):
+def length_sorted_batches(tokenizer: Any, items: list, batch_size: int, max_tokens: int | None = None,
+                          sort: bool = True):
     """Tokenize once, then yield (indices, ids, mask) batches of similar lengths, each cut to its
     own longest item (right padding makes that exact)."""
     if not items:
         return
     ids, mask = encode_batch(tokenizer, items)  # right-padded to the longest item
     lengths = mask.sum(axis=1)
-    for chunk in plan_batches(lengths, batch_size, max_tokens):
+    for chunk in plan_batches(lengths, batch_size, max_tokens, sort):
         width = int(lengths[chunk].max())
         yield chunk, np.ascontiguousarray(ids[chunk, :width]), np.ascontiguousarray(mask[chunk, :width])
 
@@ -215,7 +219,8 @@ class Router:
     (CUDA when the session gets it, else CPU). ``max_resident``: sessions kept loaded at once.
     ``batch_size``: items per ``session.run``; ``max_batch_tokens``: cap on items x longest item
     per run (``None``: no cap). ``intra_op_threads``: onnxruntime threads per session (``None``:
-    onnxruntime's default).
+    onnxruntime's default). ``sort_by_length``: batch items of similar length together (default;
+    ``False`` batches them in arrival order, padding each batch to its longest item).
     """
 
     def __init__(
@@ -226,6 +231,7 @@ class Router:
         batch_size: int = 32,
         intra_op_threads: int | None = None,
         max_batch_tokens: int | None = None,
+        sort_by_length: bool = True,
     ):
         if device not in DEVICES:
             raise ValueError(f"device must be one of {list(DEVICES)}, got {device!r}")
@@ -241,6 +247,7 @@ class Router:
         self.batch_size = batch_size
         self.max_batch_tokens = max_batch_tokens
         self.intra_op_threads = intra_op_threads
+        self.sort_by_length = bool(sort_by_length)
         self._bundles = discover(self.root)
         self._resident: collections.OrderedDict[str, Expert] = collections.OrderedDict()
         self._lock = threading.Lock()
@@ -320,7 +327,8 @@ class Router:
         expert = self._expert(task)
         items = expert.check_inputs(inputs)
         probs = np.empty((len(items), len(expert.labels)), dtype=np.float64)
-        batches = length_sorted_batches(expert.tokenizer, items, self.batch_size, self.max_batch_tokens)
+        batches = length_sorted_batches(expert.tokenizer, items, self.batch_size, self.max_batch_tokens,
+                                        self.sort_by_length)
         for chunk, ids, mask in batches:
             probs[chunk] = softmax(expert.run(ids, mask).astype(np.float64))
         return [
