@@ -85,8 +85,19 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--no-progress", action="store_true", help="no progress bars")
     g = sub.add_parser("bench", help="benchmark suites (records + Markdown report + plots)",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    g.add_argument("--suite", choices=("grid",), default="grid",
-                   help="grid: dense vs FFN-pruned experts over batch x tokens, beside the FLOP bound")
+    g.add_argument("--suite", choices=("grid", "layers", "peers", "switch", "e2e", "all"), default="grid",
+                   help="grid: dense vs FFN experts over batch x tokens beside the FLOP bound; layers: FFN vs heads vs "
+                        "both at matched budgets with task metrics; peers: PyTorch eager, ONNX dense, expert, fused, "
+                        "int8; switch: round-robin over N experts, cold load, memory, router overhead; e2e: "
+                        "Router.predict with and without length sorting; all: every suite")
+    g.add_argument("--data-dir", default=os.environ.get("DOE_DATA_DIR"),
+                   help="GLUE layout folder for the layers and peers suites; env DOE_DATA_DIR")
+    g.add_argument("--cache-dir", default=None, help="adapted models and statistics (default <cache>/study, shared "
+                                                     "with `doe study`)")
+    g.add_argument("--batch", type=int, default=8, help="layers/peers/switch: batch size of the timed requests")
+    g.add_argument("--token-count", type=int, default=128, help="layers/peers/switch: tokens per timed request")
+    g.add_argument("--adapt", choices=("prompt", "finetune"), default="prompt",
+                   help="layers/peers: how the task models are adapted before pruning")
     g.add_argument("--quick", action="store_true", help="tiny model and grid: checks the code path in seconds")
     g.add_argument("--model", default="packaged:all-MiniLM-L6-v2", help="model folder or hub id")
     g.add_argument("--out", default="benchmarks/results", help="where records, report and plots go")
@@ -183,12 +194,17 @@ def _numbers(text: str, kind=int) -> tuple:
 def bench_main(args) -> int:
     from pathlib import Path
 
-    from .bench import grid
+    from .bench import grid, suites
     from .tasks import default_cache_dir
 
     out = Path(args.out)
+    suites_to_run = suites.SUITES if args.suite == "all" else (args.suite,)
     if args.render_only:
-        return _render_only("doe bench", out / "grid.jsonl", grid.render)
+        status = 0
+        for name in suites_to_run:
+            render = grid.render if name == "grid" else suites.render
+            status = max(status, _render_only("doe bench", out / f"{name}.jsonl", render))
+        return status
     try:
         if args.quick:
             config = grid.GridConfig(model=args.model, tiny=True, prompt_length=4, fused=args.fused, **grid.QUICK)
@@ -200,12 +216,33 @@ def bench_main(args) -> int:
             )
         if any(not 0 < r < 1 for r in config.rates) or min(config.batches + config.tokens + config.threads) < 1:
             raise ValueError("rates must be in (0, 1); batches, tokens and threads must be >= 1")
+        if args.quick:
+            suite_cfg = suites.SuiteConfig(model=args.model, threads=1, **suites.QUICK)
+        else:
+            suite_cfg = suites.SuiteConfig(model=args.model, data_dir=args.data_dir, batch=args.batch,
+                                           tokens=args.token_count, threads=_numbers(args.threads)[0],
+                                           repeats=args.repeats, min_seconds=args.min_seconds, adapt=args.adapt)
+            if set(suites_to_run) & {"layers", "peers"} and not args.data_dir:
+                raise ValueError("the layers and peers suites need GLUE data: pass --data-dir (GLUE layout, e.g. "
+                                 "../shared/data/glue) or set DOE_DATA_DIR")
+        if suite_cfg.batch < 1 or suite_cfg.tokens < 1:
+            raise ValueError("--batch and --token-count must be >= 1")
     except ValueError as exc:
         print(f"doe bench: error: {exc}", file=sys.stderr)
         return 2
-    work = Path(args.work_dir) if args.work_dir else default_cache_dir() / "bench" / ("quick" if args.quick else "grid")
-    path = grid.run(config, out, work, progress=not args.no_progress)
-    print(f"records: {path}\nreport:  {out / 'grid.md'}\n{grid.summary(path)}")
+    work = Path(args.work_dir) if args.work_dir else default_cache_dir() / "bench" / ("quick" if args.quick else "runs")
+    cache = Path(args.cache_dir) if args.cache_dir else default_cache_dir()
+    for name in suites_to_run:
+        if name == "grid":
+            path = grid.run(config, out, work, progress=not args.no_progress)
+            print(f"records: {path}\nreport:  {out / 'grid.md'}\n{grid.summary(path)}")
+            continue
+        try:
+            written = suites.run(name, suite_cfg, out, work, cache, progress=not args.no_progress)
+        except (ValueError, LookupError) as exc:  # TaskDataError is a ValueError: missing data, bad labels
+            print(f"doe bench: error: suite {name}: {exc}", file=sys.stderr)
+            return 2
+        print(f"records: {written[0]}\nreport:  {written[1]}")
     return 0
 
 

@@ -17,6 +17,7 @@ import copy
 import hashlib
 from collections import Counter
 import json
+import os
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -39,6 +40,10 @@ ABLATION_RATE = 0.65
 class StudyConfig:
     model: str = DEFAULT_MODEL
     tasks: tuple[str, ...] = ("sst2", "mrpc", "rte", "cola", "qnli")
+    # "prompt": soft prompt + head on the frozen backbone (the paper); "finetune": everything trains
+    # (prompt included). Recovery after pruning is prompt + head in both cases.
+    adapt: str = "prompt"
+    lr: float | None = None  # adaptation learning rate (None: adapt.DEFAULT_LR of the mode)
     rates: tuple[float, ...] = (0.3, 0.5, 0.65, 0.8, 0.9)
     methods: tuple[str, ...] = METHODS
     random_seeds: tuple[int, ...] = (0, 1, 2)
@@ -59,11 +64,13 @@ class StudyConfig:
     def adapt_key(self, task: str) -> str:
         fields = (self.model, task, self.prompt_length, self.epochs, self.max_train, self.max_dev, self.max_length,
                   self.batch_size, self.seed)
+        if self.adapt != "prompt" or self.lr is not None:  # keys of earlier prompt-tuned caches stay valid
+            fields += (self.adapt, self.lr)
         return hashlib.sha256(json.dumps(fields).encode()).hexdigest()[:16]
 
 
 # Settings that change the result of a single run; the others only choose which runs exist.
-RESULT_FIELDS = ("model", "calib_examples", "prompt_length", "epochs", "recovery_epochs", "max_train",
+RESULT_FIELDS = ("model", "adapt", "lr", "calib_examples", "prompt_length", "epochs", "recovery_epochs", "max_train",
                  "recovery_examples", "max_dev", "max_eval", "max_length", "batch_size", "seed")
 
 QUICK = dict(tasks=("toy",), rates=(0.5, 0.8), random_seeds=(0, 1), calib_examples=16, ablation_calib_sizes=(8,),
@@ -133,31 +140,40 @@ class TaskRunner:
         path = self.cache / f"{self.data.name}-adapted-{self.config.adapt_key(self.data.name)}.pt"
         if path.is_file():
             state = torch.load(path, weights_only=True)
-            with torch.no_grad():
-                model.prompt.copy_(state["prompt"])
-                model.head.weight.copy_(state["head.weight"])
-                model.head.bias.copy_(state["head.bias"])
+            model.load_state_dict(state, strict=self.config.adapt == "finetune")  # prompt mode: prompt + head only
             return model.eval()
-        cfg = adapt.TrainConfig("prompt", self.config.epochs, None, self.config.batch_size, self.config.seed)
-        adapt.train(model, self.tokenizer, self.train, self.dev, self.data.metric, cfg, f"[{self.data.name}] adapt",
-                    self.progress)
+        cfg = adapt.TrainConfig(self.config.adapt, self.config.epochs, self.config.lr, self.config.batch_size,
+                                self.config.seed)
+        self.adapt_record = adapt.train(model, self.tokenizer, self.train, self.dev, self.data.metric, cfg,
+                                        f"[{self.data.name}] adapt ({self.config.adapt})", self.progress)
         path.parent.mkdir(parents=True, exist_ok=True)
-        torch.save({"prompt": model.prompt.detach(), "head.weight": model.head.weight.detach(),
-                    "head.bias": model.head.bias.detach()}, path)
+        state = model.state_dict() if self.config.adapt == "finetune" else {
+            "prompt": model.prompt.detach(), "head.weight": model.head.weight.detach(),
+            "head.bias": model.head.bias.detach()}
+        tmp = path.with_suffix(".tmp")
+        torch.save(state, tmp)
+        os.replace(tmp, path)  # a stopped study never leaves half a cache file behind
         return model.eval()
+
+    @property
+    def recovery_mode(self) -> str:
+        return "prompt" if self.config.prompt_length > 0 else "finetune"
 
     def stats(self, examples: int, adapted: bool = True) -> attribution.CalibrationStats:
         key = f"{examples}-{'adapted' if adapted else 'unadapted'}"
         if key not in self._stats:
             path = self.cache / f"{self.data.name}-stats-{key}-{self.config.adapt_key(self.data.name)}.pt"
-            if path.is_file():
-                self._stats[key] = attribution.CalibrationStats(**torch.load(path, weights_only=True))
-            else:
+            cached = attribution.CalibrationStats(**torch.load(path, weights_only=True)) if path.is_file() else None
+            if cached is not None and (cached.head_ag_mean is not None or self.adapted.spec.heads_module is None):
+                self._stats[key] = cached
+            else:  # none cached, or cached before head statistics existed
                 model = self.adapted if adapted else self.fresh_model().eval()
                 batches = attribution.calibration_batches(self.tokenizer, self.train, examples,
                                                           self.config.batch_size, self.config.seed)
                 stats = attribution.collect_stats(model, batches, progress=self.progress)
-                torch.save(asdict(stats), path)
+                tmp = path.with_suffix(".tmp")
+                torch.save(asdict(stats), tmp)
+                os.replace(tmp, path)
                 self._stats[key] = stats
         return self._stats[key]
 
@@ -178,7 +194,7 @@ class TaskRunner:
         keep = prune.select_neurons(scores.importance, prune_cfg)
         report = prune.prune_ffn(model, keep, stats.mean_activation() if variant == "fold-bias" else None)
         before = self.evaluate(model)
-        cfg = adapt.TrainConfig("prompt", self.config.recovery_epochs, None, self.config.batch_size,
+        cfg = adapt.TrainConfig(self.recovery_mode, self.config.recovery_epochs, None, self.config.batch_size,
                                 self.config.seed + 1)
         adapt.train(model, self.tokenizer, self.recovery, None, self.data.metric, cfg,
                     f"[{self.data.name}] {spec['method']}/{variant} p={spec['rate']:g}", self.progress)
@@ -215,7 +231,8 @@ def run_study(config: StudyConfig, out_dir: Path, cache: Path, data_dir=None, pr
     config_json = json.loads(json.dumps(asdict(config)))
     if existing:
         old = existing[0].get("config", {})
-        changed = sorted(k for k in RESULT_FIELDS if old.get(k) != config_json[k])
+        defaults = asdict(StudyConfig())  # settings added later: older records ran with their defaults
+        changed = sorted(k for k in RESULT_FIELDS if old.get(k, defaults[k]) != config_json[k])
         if changed:
             raise ValueError(
                 f"{records_path} holds runs made with other settings of {changed}; its runs would not be "
@@ -246,7 +263,7 @@ def run_study(config: StudyConfig, out_dir: Path, cache: Path, data_dir=None, pr
                             "value": dense[data.metric], "split": runner.test.name, "split_size": len(runner.test),
                             "notes": data.notes, "majority": majority_baseline(data, config)})
             common.write_jsonl(records_path, records)
-            log(f"[{data.name}] dense prompt-tuned {data.metric} {dense[data.metric]:.4f} on {runner.test.name}")
+            log(f"[{data.name}] dense {config.adapt}-adapted {data.metric} {dense[data.metric]:.4f} on {runner.test.name}")
         for index, spec in enumerate(specs, 1):
             record = runner.run(spec)
             records.append(record)
@@ -278,7 +295,10 @@ def render(records_path: Path, out_dir: Path) -> Path:
     per_task = {t: sum(r["task"] == t for r in rows) for t in cfg["tasks"]}
     progress = ", ".join(f"{t}: {n}/{expected}" for t, n in per_task.items())
     lines = ["# Localization study: which neurons make a task expert?", "",
-             f"Model `{cfg['model']}`, prompt tuning ({cfg['prompt_length']} soft tokens, {cfg['epochs']} epochs on "
+             f"Model `{cfg['model']}`, adapted by "
+             + ("prompt tuning (frozen backbone; " if cfg.get("adapt", "prompt") == "prompt" else
+                f"fine-tuning (backbone, prompt and head; lr {cfg.get('lr') or 'default'}; ")
+             + f"{cfg['prompt_length']} soft tokens, {cfg['epochs']} epochs on "
              f"at most {cfg['max_train']} training examples, max length {cfg['max_length']}), DoE and baselines on "
              f"{cfg['calib_examples']} calibration examples, per-layer budget, then {cfg['recovery_epochs']} recovery "
              f"epoch(s) of prompt + head on {cfg['recovery_examples']} examples. Values are x100 on the reporting "
@@ -287,7 +307,7 @@ def render(records_path: Path, out_dir: Path) -> Path:
     for task in tasks:
         d = dense[task]
         lines += [f"## {task} — {d['metric']} on {d['split']} (n={d['split_size']})", "",
-                  f"Dense prompt-tuned model: **{100 * d['value']:.1f}**"
+                  f"Dense adapted model: **{100 * d['value']:.1f}**"
                   + (f" (always answering the majority label '{d['majority']['label']}': "
                      f"{100 * d['majority']['value']:.1f})." if "majority" in d else ".")
                   + (f" Note: {' '.join(d['notes'])}" if d.get("notes") else ""), "",
@@ -343,14 +363,20 @@ def _ablations(rows, dense, tasks) -> list[str]:
         mean, _, n = _table(rows, task, "doe", ABLATION_RATE)
         before, _, _ = _table(rows, task, "doe", ABLATION_RATE, "value_before_recovery")
         base.append(f"{100 * mean:.1f} ({100 * before:.1f})" if n else "—")
-    lines.append("| default (mean over tokens, per-layer, no folding, prompt-tuned, calib 256) | " + " | ".join(base) + " |")
+    lines.append("| default (mean over tokens, per-layer, no folding, attribution on the adapted model, calib 256) | "
+                 + " | ".join(base) + " |")
     for variant in variants:
         cells = []
         for task in tasks:
             match = [r for r in rows if r["task"] == task and r["variant"] == variant]
             cells.append(f"{100 * match[0]['value']:.1f} ({100 * match[0]['value_before_recovery']:.1f})" if match else "—")
-        lines.append(f"| {variant} | " + " | ".join(cells) + " |")
+        label = VARIANT_LABELS.get(variant, variant)
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return lines + ["", "Cells: after recovery (before recovery = the 'without recovery' ablation).", ""]
+
+
+VARIANT_LABELS = {"no-prompt-tuning": "no-prompt-tuning (attribution on the un-adapted backbone; the adapted model "
+                                      "is pruned)"}
 
 
 def _targets(rows, dense, tasks, cfg) -> list[str]:

@@ -59,3 +59,79 @@ def test_quick_grid_with_fused_graphs(tmp_path):
     assert header["config"]["fused"] is True
     assert (tmp_path / "g" / "dense.fused.onnx").is_file() and (tmp_path / "g" / "p0.5.fused.onnx").is_file()
     assert "onnxruntime fusions" in (out / "grid.md").read_text()
+
+
+def _png(path):
+    return path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_quick_layers_and_peers_records_are_complete(tmp_path):
+    from doe_export.bench import suites
+
+    out = tmp_path / "results"
+    for suite in ("layers", "peers"):
+        assert main(["bench", "--suite", suite, "--quick", "--out", str(out), "--work-dir", str(tmp_path / "w"),
+                     "--cache-dir", str(tmp_path / "cache"), "--no-progress"]) == 0
+    layers = common.read_jsonl(out / "layers.jsonl")
+    assert layers[0]["suite"] == "layers" and layers[0]["model_shape"]["heads"] == 3
+    rows = [r for r in layers[1:] if r["kind"] == "layers"]
+    shape = layers[0]["model_shape"]
+    for budget in suites.QUICK["budgets"]:
+        assert {r["layer_types"] for r in rows if r["budget"] == budget} == set(suites.matched_rates(shape, budget, 0.95))
+    for r in rows:
+        assert 0 <= r["value"] <= 1 and 0 <= r["value_before_recovery"] <= 1
+        assert r["speedup"]["p25"] <= r["speedup"]["median"] <= r["speedup"]["p75"] and r["bound"] > 1
+        assert r["params_after"] < r["params_before"]
+        assert (r["head_counts"] == [3, 3]) == (r["layer_types"] == "ffn")
+        assert r["max_abs_diff"]["plain"] <= 1e-4 and r["max_abs_diff"]["fused"] <= 1e-4
+    assert "| 0.3 | both |" in (out / "layers.md").read_text() and _png(out / "layers.png")
+
+    peers = [r for r in common.read_jsonl(out / "peers.jsonl")[1:]]
+    names = [r["peer"] for r in peers]
+    assert names == ["pytorch eager dense", "onnx dense", "onnx dense fused", "onnx expert", "onnx expert fused",
+                     "onnx expert fused int8", "onnx both fused", "onnx both fused int8"]
+    by_name = {r["peer"]: r for r in peers}
+    assert by_name["pytorch eager dense"]["speedup_vs_eager"]["median"] == 1.0
+    assert by_name["onnx dense"]["speedup_vs_onnx_dense"]["median"] == 1.0
+    assert all(0 <= r["value"] <= 1 and r["latency_s"]["median"] > 0 for r in peers)
+    assert _png(out / "peers.png") and "onnx both fused int8" in (out / "peers.md").read_text()
+
+
+def test_matched_rates_remove_the_same_parameters():
+    from doe_export.bench import suites
+
+    shape = {"hidden": 384, "ffn": 1536}
+    ffn, attention = 2 * 384 * 1536, 4 * 384 * 384
+    for budget in (0.2, 0.3):
+        rates = suites.matched_rates(shape, budget, 0.95)
+        removed = {kind: f * ffn + h * attention for kind, (f, h) in rates.items()}
+        assert all(v == pytest.approx(budget * (ffn + attention)) for v in removed.values())
+    assert "attention" not in suites.matched_rates(shape, 0.43, 0.95)  # would need > 95 % of the heads
+    assert common.model_bound(384, [1536] * 2, [12] * 2, [538] * 2, [12] * 2, 148) == pytest.approx(
+        common.flop_bound(1 - 538 / 1536, 384, 1536, 148))
+
+
+def test_quick_switch_and_e2e_records_are_complete(tmp_path):
+    out = tmp_path / "results"
+    for suite in ("switch", "e2e"):
+        assert main(["bench", "--suite", suite, "--quick", "--out", str(out), "--work-dir", str(tmp_path / "w"),
+                     "--no-progress"]) == 0
+    switch = common.read_jsonl(out / "switch.jsonl")[1:]
+    kinds = [r["kind"] for r in switch]
+    assert kinds.count("load") == 1 and kinds.count("overhead") == 1 and kinds.count("switch") == 2
+    load = next(r for r in switch if r["kind"] == "load")
+    assert load["experts"] == 2 and load["cold_load_s"]["median"] > 0 and load["model_bytes"] > 0
+    overhead = next(r for r in switch if r["kind"] == "overhead")
+    assert overhead["session_run_s"]["median"] > 0 and "router_overhead_share" in overhead
+    assert (tmp_path / "w" / "bundles" / "expert-1" / "manifest.json").is_file()
+    e2e = common.read_jsonl(out / "e2e.jsonl")[1:]
+    assert [r["order"] for r in e2e] == ["sorted", "arrival order"]
+    assert all(r["same_labels"] for r in e2e)
+    assert e2e[0]["padded_tokens"] <= e2e[1]["padded_tokens"] and e2e[0]["real_tokens"] == e2e[1]["real_tokens"]
+    assert "Router overhead" in (out / "switch.md").read_text() and "items/s" in (out / "e2e.md").read_text()
+
+
+def test_layers_suite_without_data_dir_is_refused(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("DOE_DATA_DIR", raising=False)
+    assert main(["bench", "--suite", "layers", "--out", str(tmp_path)]) == 2
+    assert "need GLUE data: pass --data-dir" in capsys.readouterr().err

@@ -53,6 +53,21 @@ def flop_bound(rate: float, hidden: int, ffn: int, tokens: int) -> float:
     return 1.0 / (1.0 - rate * ffn_share(hidden, ffn, tokens))
 
 
+def layer_flops(hidden: int, ffn: int, tokens: int, head_share: float = 1.0) -> float:
+    """FLOPs per token of one layer (design.md section 1): 8H^2 + 4LH for attention (both scale
+    with the share of heads kept) + 4HI for the FFN."""
+    return head_share * (8 * hidden * hidden + 4 * tokens * hidden) + 4 * hidden * ffn
+
+
+def model_bound(hidden: int, dense_ffn: list[int], dense_heads: list[int], ffn: list[int], heads: list[int],
+                tokens: int) -> float:
+    """FLOP bound of a pruned model with per-layer FFN widths and head counts over its dense model;
+    equals :func:`flop_bound` when only FFN neurons are removed, at the same rate in every layer."""
+    dense = sum(layer_flops(hidden, i, tokens) for i in dense_ffn)
+    pruned = sum(layer_flops(hidden, i, tokens, h / d) for i, h, d in zip(ffn, heads, dense_heads))
+    return dense / pruned
+
+
 def quantiles(values: list[float]) -> dict:
     ordered = sorted(values)
     if len(ordered) == 1:
