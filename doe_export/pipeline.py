@@ -204,8 +204,10 @@ def build_task(config: BuildConfig, loaded: LoadedModel, data: TaskData, return_
                                    scores.mean_activation)
     with timer.stage("evaluate"):
         pruned = evaluate.evaluate_torch(model, tokenizer, test, data.metric)
-    log(f"[{task}] pruned {config.layer_types} (FFN rate {config.rate:g}, head rate "
-        f"{config.rate if config.head_rate is None else config.head_rate:g}): params {report['params_before']:,} -> "
+    rates = (f"FFN rate {config.rate:g}" if config.layer_types != "attention" else "") + (
+        f"{', ' if config.layer_types == 'both' else ''}head rate "
+        f"{config.rate if config.head_rate is None else config.head_rate:g}" if config.layer_types != "ffn" else "")
+    log(f"[{task}] pruned {config.layer_types} ({rates}): params {report['params_before']:,} -> "
         f"{report['params_after']:,}; FFN widths {report['ffn_widths']}; heads {report['head_counts']}; "
         f"{data.metric} before recovery {pruned:.4f}")
 

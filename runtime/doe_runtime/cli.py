@@ -5,6 +5,7 @@
     doe-runtime predict artifacts/ --task bbc-news "Shares rose after ..."
     doe-runtime predict artifacts/ --task snli --pair "A man plays." "Someone plays music."
     doe-runtime predict artifacts/ --task snli --input requests.jsonl
+    doe-runtime serve artifacts/ --host 127.0.0.1 --port 8000
 """
 
 from __future__ import annotations
@@ -83,6 +84,19 @@ def main(argv: list[str] | None = None) -> int:
     p_pred.add_argument("--device", choices=DEVICES, default="auto")
     p_pred.add_argument("--batch-size", type=int, default=32)
 
+    p_serve = sub.add_parser("serve", help="HTTP server over the bundles (needs the [serve] extra)")
+    p_serve.add_argument("root", help="folder holding the bundles (watched: rebuilt bundles are picked up)")
+    p_serve.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback only)")
+    p_serve.add_argument("--port", type=int, default=8000)
+    p_serve.add_argument("--allow-remote", action="store_true",
+                         help="allow a non-loopback --host (the server has no authentication)")
+    p_serve.add_argument("--device", choices=DEVICES, default="auto")
+    p_serve.add_argument("--max-items", type=int, default=256, help="most inputs per request (413 above)")
+    p_serve.add_argument("--max-body-bytes", type=int, default=4 * 1024 * 1024, help="largest request body (413 above)")
+    p_serve.add_argument("--max-resident", type=int, default=4, help="sessions kept loaded at once (LRU)")
+    p_serve.add_argument("--batch-size", type=int, default=32, help="items per session run")
+    p_serve.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads per session")
+
     # Texts may come before or after the options (argparse alone would refuse texts after --task).
     args, extra = parser.parse_known_args(argv)
     if extra and (args.command != "predict" or any(item.startswith("-") for item in extra)):
@@ -104,6 +118,12 @@ def main(argv: list[str] | None = None) -> int:
             verify_files(folder, manifest)
             print(json.dumps(manifest if args.full else _summary(folder, manifest), indent=2))
             print("files verified: sha256 of model and tokenizer match the manifest", file=sys.stderr)
+        elif args.command == "serve":
+            from .server import serve
+
+            serve(args.root, host=args.host, port=args.port, allow_remote=args.allow_remote,
+                  max_items=args.max_items, max_body_bytes=args.max_body_bytes, device=args.device,
+                  max_resident=args.max_resident, batch_size=args.batch_size, intra_op_threads=args.threads)
         else:
             items: list = list(args.texts)
             if args.pair:
@@ -115,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
             for prediction in predictions:
                 print(json.dumps(prediction.to_dict()))
             print(f"task {args.task}: {len(predictions)} predictions on {router.provider(args.task)}", file=sys.stderr)
-    except (BundleError, UnknownTaskError, InputError, DeviceError, ValueError, OSError) as exc:
+    except (BundleError, UnknownTaskError, InputError, DeviceError, ValueError, OSError, ImportError) as exc:
         print(f"doe-runtime: error: {exc}", file=sys.stderr)
         return 2
     return 0

@@ -9,6 +9,7 @@ caller's order. At most ``max_resident`` sessions are kept; the least recently u
 from __future__ import annotations
 
 import collections
+import os
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,6 +49,18 @@ class Prediction:
         return {"label": self.label, "label_id": self.label_id, "probabilities": self.probabilities}
 
 
+def bundle_signature(folder: Path) -> tuple:
+    """What changes when a bundle is rebuilt or its files are touched: (mtime_ns, size) of the
+    manifest and of every regular file beside it. Raises OSError while the folder is missing."""
+    entries = []
+    with os.scandir(folder) as items:
+        for item in items:
+            if item.is_file(follow_symlinks=False):
+                info = item.stat(follow_symlinks=False)
+                entries.append((item.name, info.st_mtime_ns, info.st_size))
+    return tuple(sorted(entries))
+
+
 class Expert:
     """One loaded bundle: tokenizer + onnxruntime session + manifest."""
 
@@ -56,6 +69,7 @@ class Expert:
         from tokenizers import Tokenizer
 
         self.folder = folder
+        self.signature = bundle_signature(folder)  # taken before reading: a change during the load shows next time
         self.manifest = read_manifest(folder)
         model_path, tokenizer_path = verify_files(folder, self.manifest)
         self.task = self.manifest["task"]["name"]
@@ -221,6 +235,10 @@ class Router:
     per run (``None``: no cap). ``intra_op_threads``: onnxruntime threads per session (``None``:
     onnxruntime's default). ``sort_by_length``: batch items of similar length together (default;
     ``False`` batches them in arrival order, padding each batch to its longest item).
+    ``auto_reload``: before each request, compare the task's bundle files with those the resident
+    session was loaded from; a rebuilt bundle is loaded anew (requests already running finish on
+    the old session, which is freed when they end). While a bundle is being swapped (its folder
+    briefly missing) the resident session keeps serving. Costs one directory scan per request.
     """
 
     def __init__(
@@ -232,6 +250,7 @@ class Router:
         intra_op_threads: int | None = None,
         max_batch_tokens: int | None = None,
         sort_by_length: bool = True,
+        auto_reload: bool = False,
     ):
         if device not in DEVICES:
             raise ValueError(f"device must be one of {list(DEVICES)}, got {device!r}")
@@ -248,6 +267,7 @@ class Router:
         self.max_batch_tokens = max_batch_tokens
         self.intra_op_threads = intra_op_threads
         self.sort_by_length = bool(sort_by_length)
+        self.auto_reload = bool(auto_reload)
         self._bundles = discover(self.root)
         self._resident: collections.OrderedDict[str, Expert] = collections.OrderedDict()
         self._lock = threading.Lock()
@@ -300,6 +320,13 @@ class Router:
         folder = self._folder(task)
         with self._lock:
             expert = self._resident.get(task)
+        if expert is not None and self.auto_reload and not self._unchanged(expert):
+            with self._lock:
+                if self._resident.get(task) is expert:
+                    del self._resident[task]  # in-flight requests still hold the old expert
+            expert = None
+        with self._lock:
+            expert = self._resident.get(task)
             if expert is not None:
                 self._resident.move_to_end(task)
                 return expert
@@ -316,6 +343,18 @@ class Router:
                 while len(self._resident) > self.max_resident:
                     self._resident.popitem(last=False)
         return expert
+
+    @staticmethod
+    def _unchanged(expert: Expert) -> bool:
+        try:
+            return bundle_signature(expert.folder) == expert.signature
+        except FileNotFoundError:  # mid-swap (between the two renames): keep serving the loaded session
+            return True
+
+    def unload(self, task: str) -> bool:
+        """Drop a task's resident session (it is freed once running requests end); True if one was resident."""
+        with self._lock:
+            return self._resident.pop(task, None) is not None
 
     def predict(self, task: str, inputs: Sequence[Any]) -> list[Prediction]:
         """Labels and probabilities for ``inputs`` (texts, or (text_a, text_b) pairs), in order.
