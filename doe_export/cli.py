@@ -96,8 +96,11 @@ def build_parser() -> argparse.ArgumentParser:
                                                      "with `doe study`)")
     g.add_argument("--batch", type=int, default=8, help="layers/peers/switch: batch size of the timed requests")
     g.add_argument("--token-count", type=int, default=128, help="layers/peers/switch: tokens per timed request")
-    g.add_argument("--adapt", choices=("prompt", "finetune"), default="prompt",
-                   help="layers/peers: how the task models are adapted before pruning")
+    g.add_argument("--adapt", choices=("prompt", "finetune"), default="finetune",
+                   help="layers/peers: how the task models are adapted before pruning (as `doe study`; the same "
+                        "settings reuse the study's cached models)")
+    g.add_argument("--lr", type=float, default=5e-5, help="layers/peers: adaptation learning rate")
+    g.add_argument("--epochs", type=int, default=3, help="layers/peers: adaptation epochs")
     g.add_argument("--quick", action="store_true", help="tiny model and grid: checks the code path in seconds")
     g.add_argument("--model", default="packaged:all-MiniLM-L6-v2", help="model folder or hub id")
     g.add_argument("--out", default="benchmarks/results", help="where records, report and plots go")
@@ -125,6 +128,11 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--tasks", default="sst2,mrpc,rte,cola,qnli")
     st.add_argument("--rates", default="0.3,0.5,0.65,0.8,0.9")
     st.add_argument("--methods", default="doe,random,activation,gradient,magnitude,taylor,skill")
+    st.add_argument("--adapt", choices=("prompt", "finetune"), default="prompt",
+                    help="adaptation before attribution: prompt tuning (frozen backbone, the paper) or fine-tuning "
+                         "(backbone + prompt + head); recovery is prompt + head either way")
+    st.add_argument("--lr", type=float, default=None, help="adaptation learning rate (default 1e-2 prompt, 8e-5 finetune)")
+    st.add_argument("--epochs", type=int, default=2, help="adaptation epochs (best dev epoch kept)")
     st.add_argument("--max-train", type=int, default=1024,
                     help="adaptation examples per task (calibration samples come from these)")
     st.add_argument("--recovery-examples", type=int, default=500, help="recovery tuning examples per run")
@@ -169,6 +177,7 @@ def study_main(args) -> int:
                 tasks=tuple(t.strip() for t in args.tasks.split(",") if t.strip()), rates=_numbers(args.rates, float),
                 methods=methods, max_train=args.max_train, recovery_examples=args.recovery_examples,
                 max_eval=args.max_eval, max_length=args.max_length, ablations=not args.no_ablations,
+                adapt=args.adapt, lr=args.lr, epochs=args.epochs,
             )
             datasets = loaded = None
         cache = Path(args.cache_dir) if args.cache_dir else default_cache_dir() / "study"
@@ -221,7 +230,8 @@ def bench_main(args) -> int:
         else:
             suite_cfg = suites.SuiteConfig(model=args.model, data_dir=args.data_dir, batch=args.batch,
                                            tokens=args.token_count, threads=_numbers(args.threads)[0],
-                                           repeats=args.repeats, min_seconds=args.min_seconds, adapt=args.adapt)
+                                           repeats=args.repeats, min_seconds=args.min_seconds, adapt=args.adapt,
+                                           lr=args.lr, epochs=args.epochs)
             if set(suites_to_run) & {"layers", "peers"} and not args.data_dir:
                 raise ValueError("the layers and peers suites need GLUE data: pass --data-dir (GLUE layout, e.g. "
                                  "../shared/data/glue) or set DOE_DATA_DIR")

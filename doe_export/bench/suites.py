@@ -58,8 +58,9 @@ class SuiteConfig:
     seed: int = 0
     tiny: bool = False
     # adaptation, attribution and recovery (as in the localization study, so numbers compare)
-    adapt: str = "prompt"
-    epochs: int = 2
+    adapt: str = "finetune"
+    lr: float | None = 5e-5
+    epochs: int = 3
     max_train: int = 1024
     max_eval: int = 1000
     max_length: int = 64
@@ -68,7 +69,7 @@ class SuiteConfig:
     prompt_length: int = 20
 
 
-QUICK = dict(layer_tasks=("toy",), peers_task="toy", budgets=(0.3,), batch=2, tokens=16, repeats=2, min_seconds=0.0,
+QUICK = dict(adapt="prompt", lr=None, layer_tasks=("toy",), peers_task="toy", budgets=(0.3,), batch=2, tokens=16, repeats=2, min_seconds=0.0,
              switch_tasks=(2,), switch_requests=2, e2e_items=24, e2e_batch=8, tiny=True, epochs=1, max_train=48,
              max_eval=24, max_length=24, calib_examples=16, recovery_examples=24, prompt_length=4)
 
@@ -123,7 +124,7 @@ class Workbench:
             model="tiny" if config.tiny else config.model, epochs=config.epochs, max_train=config.max_train,
             max_eval=config.max_eval, max_length=config.max_length, calib_examples=config.calib_examples,
             recovery_examples=config.recovery_examples, prompt_length=config.prompt_length, seed=config.seed,
-            adapt=config.adapt,
+            adapt=config.adapt, lr=config.lr,
         )
         self._runners = {}
         self.work.mkdir(parents=True, exist_ok=True)
