@@ -75,6 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--fuse", action="store_true",
                    help="rewrite the graph with onnxruntime fusions (fused attention, SkipLayerNorm, BiasGelu); "
                         "validated against PyTorch like the plain graph")
+    b.add_argument("--no-fp16", action="store_true",
+                   help="skip the fp16 variant of each bundle (model.fp16.onnx, used on CUDA)")
     b.add_argument("--calib-examples", type=int, default=256, help="training examples used for attribution")
     b.add_argument("--max-train", type=_positive_or_none, default=1000, help="cap on training examples ('none': all)")
     b.add_argument("--max-dev", type=_positive_or_none, default=200, help="cap on dev examples for epoch selection")
@@ -285,7 +287,7 @@ def main(argv: list[str] | None = None) -> int:
             lr=args.lr, batch_size=args.batch_size, scorer=args.scorer, token_agg=args.token_agg, rate=args.rate,
             layer_types=args.layer_types, head_rate=args.head_rate, budget=args.budget, round_to=args.round_to, fold_bias=args.fold_bias, calib_examples=args.calib_examples,
             max_train=args.max_train, max_dev=args.max_dev, max_eval=args.max_eval, max_length=args.max_length,
-            seed=args.seed, progress=not args.no_progress, fuse=args.fuse,
+            seed=args.seed, progress=not args.no_progress, fuse=args.fuse, fp16=not args.no_fp16,
         )
         results = build(config, user_tasks)
     except (TaskDataError, ModelLoadError, UnsupportedModelError, ExportValidationError, ValueError) as exc:

@@ -78,6 +78,18 @@ def fuse_for_ort(src: Path, dst: Path) -> dict[str, int]:
     return {name: int(count) for name, count in counts.items() if count}
 
 
+FP16_TOLERANCE = 5e-2  # on logits; labels must agree exactly
+
+
+def to_fp16(src: Path, dst: Path) -> None:
+    """An fp16 copy of ``src`` whose inputs and outputs keep their types (int64 ids, float32 logits)."""
+    import onnx
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    model = convert_float_to_float16(onnx.load(str(src)), keep_io_types=True)
+    onnx.save(model, str(dst))
+
+
 def _shortened(item, words: int):
     cut = lambda text: " ".join(text.split()[:words])  # noqa: E731
     return (cut(item[0]), cut(item[1])) if isinstance(item, tuple) else cut(item)

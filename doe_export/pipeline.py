@@ -58,6 +58,7 @@ class BuildConfig:
     seed: int = 0
     tolerance: float = 1e-4
     fuse: bool = False  # onnxruntime fusions (fused attention etc.), validated like the plain graph
+    fp16: bool = True  # also write an fp16 variant (for CUDA), validated against PyTorch fp32
     progress: bool = True
 
     def check(self) -> "BuildConfig":
@@ -250,8 +251,15 @@ def _write_expert_bundle(config, loaded, data, model, tokenizer, test, dense, pr
             raw.unlink()
         else:
             opset = export.export_onnx(model, onnx_path, sample_ids, sample_mask)
-        validation = export.validate_onnx(model, onnx_path, export.validation_batches(tokenizer, test.inputs),
-                                          config.tolerance)
+        batches = export.validation_batches(tokenizer, test.inputs)
+        validation = export.validate_onnx(model, onnx_path, batches, config.tolerance)
+        variants = {}
+        if config.fp16:
+            export.to_fp16(onnx_path, folder / "model.fp16.onnx")
+            fp16_check = export.validate_onnx(model, folder / "model.fp16.onnx", batches, export.FP16_TOLERANCE)
+            variants["fp16"] = {**export.file_entry(folder, "model.fp16.onnx"), "precision": "fp16",
+                                "io_types": "int64 inputs, float32 logits (as the fp32 graph)",
+                                "validation": fp16_check}
         tokenizer.save(str(folder / "tokenizer.json"))
         session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
         logits = evaluate.onnx_logits(session, tokenizer, test.inputs)
@@ -260,7 +268,7 @@ def _write_expert_bundle(config, loaded, data, model, tokenizer, test, dense, pr
         return {
             "onnx": {**export.file_entry(folder, "model.onnx"), "opset": opset, "precision": "fp32",
                      "rewrites": {"ort_fusions": fusions} if config.fuse else {},
-                     **export.io_spec(len(data.labels))},
+                     **export.io_spec(len(data.labels)), **({"variants": variants} if variants else {})},
             "tokenizer": {**export.file_entry(folder, "tokenizer.json"), "max_length": config.max_length,
                           "truncation": "longest_first", "padding": "longest in batch, right",
                           "pad_id": int(loaded.hf_tokenizer.pad_token_id),

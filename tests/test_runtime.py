@@ -323,3 +323,46 @@ def test_concurrent_exports_of_one_task_end_with_one_complete_bundle(bundles):
     verify_files(root / "toy-single", final)
     assert final["created"].startswith("writer ")
     assert sorted(p.name for p in root.iterdir() if p.is_dir()) == ["toy-pair", "toy-single"]
+
+
+def test_fp16_variant_iobinding_and_precision_choice(bundles):
+    root, _ = bundles
+    manifest = json.loads((root / "toy-single" / "manifest.json").read_text())
+    variant = manifest["onnx"]["variants"]["fp16"]
+    assert variant["file"] == "model.fp16.onnx" and variant["validation"]["label_agreement"] == 1.0
+    texts = ["a good film", "a bad film", "fine", "x " * 30]
+    fp32 = Router(root, device="cpu")
+    assert fp32.info("toy-single")["precision"] == "fp32"  # auto on CPU: fp32 (fp16 pays only on CUDA)
+    fp16 = Router(root, device="cpu", precision="fp16")
+    assert fp16.info("toy-single")["precision"] == "fp16"
+    bound = Router(root, device="cpu", io_binding=True)
+    assert bound.info("toy-single")["io_binding"] is True and fp32.info("toy-single")["io_binding"] is False
+    want = fp32.predict("toy-single", texts)
+    for a, b, c in zip(want, fp16.predict("toy-single", texts), bound.predict("toy-single", texts)):
+        assert a.label == b.label and a.probabilities == pytest.approx(b.probabilities, abs=2e-2)
+        assert a.probabilities == pytest.approx(c.probabilities, abs=1e-6)
+    with pytest.raises(ValueError, match="precision must be one of"):
+        Router(root, precision="int4")
+
+    (root / "toy-single" / "model.fp16.onnx").write_bytes(b"broken")
+    with pytest.raises(BundleError, match="model.fp16.onnx: sha256 mismatch"):
+        Router(root, device="cpu", precision="fp16").predict("toy-single", texts)
+    del manifest["onnx"]["variants"]
+    (root / "toy-single" / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match="no fp16 variant"):
+        Router(root, device="cpu", precision="fp16").predict("toy-single", texts)
+
+
+def test_max_resident_bytes_evicts_least_recently_used(bundles):
+    root, _ = bundles
+    size = (root / "toy-single" / "model.onnx").stat().st_size
+    router = Router(root, device="cpu", max_resident=4, max_resident_bytes=int(size * 1.5))
+    router.predict("toy-single", ["a"])
+    router.predict("toy-pair", [("a", "b")])
+    assert router.resident() == ["toy-pair"]
+    roomy = Router(root, device="cpu", max_resident=4, max_resident_bytes=size * 3)
+    roomy.predict("toy-single", ["a"])
+    roomy.predict("toy-pair", [("a", "b")])
+    assert roomy.resident() == ["toy-single", "toy-pair"]
+    with pytest.raises(ValueError, match="max_resident_bytes"):
+        Router(root, max_resident_bytes=0)

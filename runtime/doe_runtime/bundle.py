@@ -13,6 +13,9 @@ Rules (MUST unless said otherwise):
 - Every path in a manifest is relative and MUST stay inside the bundle folder.
 - The reader MUST check the sha256 of ``model.onnx`` and ``tokenizer.json`` before use.
 - Folders whose names start with ``.`` are work areas of a writer and MUST be ignored by readers.
+- ``onnx.variants`` MAY map a precision (e.g. ``fp16``) to another graph of the same model with
+  the same inputs and outputs (``file``, ``sha256``, ``precision``, ``validation``); a reader
+  that uses a variant MUST check its sha256 like the main graph's.
 
 This module uses the standard library only, so both sides can import it cheaply.
 """
@@ -149,26 +152,34 @@ def read_manifest(folder: str | os.PathLike) -> dict:
         )
     for section in ("onnx", "tokenizer"):
         resolve_inside(folder, manifest[section]["file"], f"{section}.file")
+    variants = manifest["onnx"].get("variants", {})
+    if not isinstance(variants, dict):
+        raise BundleError(f"{path}: onnx.variants must be an object, found {type(variants).__name__}")
+    for precision, spec in variants.items():
+        where = f"{path} onnx.variants.{precision}"
+        _require(spec, "sha256", str, where)
+        resolve_inside(folder, _require(spec, "file", str, where), f"onnx.variants.{precision}.file")
     return manifest
+
+
+def verify_file(folder: Path, spec: dict, field: str) -> Path:
+    """Check one file named by a manifest entry ({file, sha256}); return its path."""
+    path = resolve_inside(folder, spec["file"], field)
+    if not path.is_file():
+        raise BundleError(f"{path}: file named by {field} in {folder / MANIFEST_FILE} is missing")
+    found = sha256_file(path)
+    if found != spec["sha256"]:
+        raise BundleError(
+            f"{path}: sha256 mismatch (manifest says {spec['sha256']}, file has {found}); "
+            "the file was changed or truncated after export. Re-export this task's bundle."
+        )
+    return path
 
 
 def verify_files(folder: str | os.PathLike, manifest: dict) -> tuple[Path, Path]:
     """Check sha256 of the model and tokenizer files; return their paths."""
     folder = Path(folder)
-    paths = []
-    for section in ("onnx", "tokenizer"):
-        spec = manifest[section]
-        path = resolve_inside(folder, spec["file"], f"{section}.file")
-        if not path.is_file():
-            raise BundleError(f"{path}: file named by {section}.file in {folder / MANIFEST_FILE} is missing")
-        found = sha256_file(path)
-        if found != spec["sha256"]:
-            raise BundleError(
-                f"{path}: sha256 mismatch (manifest says {spec['sha256']}, file has {found}); "
-                "the file was changed or truncated after export. Re-export this task's bundle."
-            )
-        paths.append(path)
-    return paths[0], paths[1]
+    return verify_file(folder, manifest["onnx"], "onnx.file"), verify_file(folder, manifest["tokenizer"], "tokenizer.file")
 
 
 def discover(root: str | os.PathLike) -> dict[str, Path]:

@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 from .bundle import BundleError, discover, read_manifest, verify_files
-from .router import DEVICES, DeviceError, InputError, Router, UnknownTaskError
+from .router import DEVICES, PRECISIONS, DeviceError, InputError, Router, UnknownTaskError
 
 
 def _read_jsonl(path: str) -> list:
@@ -83,6 +83,8 @@ def main(argv: list[str] | None = None) -> int:
     p_pred.add_argument("--input", help="JSON-lines file of inputs ('-' for stdin)")
     p_pred.add_argument("--device", choices=DEVICES, default="auto")
     p_pred.add_argument("--batch-size", type=int, default=32)
+    p_pred.add_argument("--precision", choices=PRECISIONS, default="auto",
+                        help="fp16 uses the bundle's fp16 variant; auto: fp16 on CUDA, fp32 on CPU")
 
     p_serve = sub.add_parser("serve", help="HTTP server over the bundles (needs the [serve] extra)")
     p_serve.add_argument("root", help="folder holding the bundles (watched: rebuilt bundles are picked up)")
@@ -96,6 +98,9 @@ def main(argv: list[str] | None = None) -> int:
     p_serve.add_argument("--max-resident", type=int, default=4, help="sessions kept loaded at once (LRU)")
     p_serve.add_argument("--batch-size", type=int, default=32, help="items per session run")
     p_serve.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads per session")
+    p_serve.add_argument("--precision", choices=PRECISIONS, default="auto")
+    p_serve.add_argument("--max-resident-bytes", type=int, default=None,
+                         help="cap on the summed model sizes of the resident experts (LRU eviction)")
 
     # Texts may come before or after the options (argparse alone would refuse texts after --task).
     args, extra = parser.parse_known_args(argv)
@@ -123,18 +128,21 @@ def main(argv: list[str] | None = None) -> int:
 
             serve(args.root, host=args.host, port=args.port, allow_remote=args.allow_remote,
                   max_items=args.max_items, max_body_bytes=args.max_body_bytes, device=args.device,
-                  max_resident=args.max_resident, batch_size=args.batch_size, intra_op_threads=args.threads)
+                  max_resident=args.max_resident, batch_size=args.batch_size, intra_op_threads=args.threads,
+                  precision=args.precision, max_resident_bytes=args.max_resident_bytes)
         else:
             items: list = list(args.texts)
             if args.pair:
                 items += [tuple(pair) for pair in args.pair]
             if args.input:
                 items += _read_jsonl(args.input)
-            router = Router(args.root, device=args.device, batch_size=args.batch_size)
+            router = Router(args.root, device=args.device, batch_size=args.batch_size, precision=args.precision)
             predictions = router.predict(args.task, items)
             for prediction in predictions:
                 print(json.dumps(prediction.to_dict()))
-            print(f"task {args.task}: {len(predictions)} predictions on {router.provider(args.task)}", file=sys.stderr)
+            info = router.info(args.task)
+            print(f"task {args.task}: {len(predictions)} predictions on {info['provider']} ({info['precision']}"
+                  f"{', IOBinding' if info['io_binding'] else ''})", file=sys.stderr)
     except (BundleError, UnknownTaskError, InputError, DeviceError, ValueError, OSError, ImportError) as exc:
         print(f"doe-runtime: error: {exc}", file=sys.stderr)
         return 2

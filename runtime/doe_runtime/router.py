@@ -17,7 +17,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from .bundle import BundleError, check_task_name, discover, read_manifest, verify_files
+from .bundle import BundleError, check_task_name, discover, read_manifest, verify_file
 
 DEVICES = ("auto", "cpu", "cuda")
 CPU = "CPUExecutionProvider"
@@ -61,17 +61,29 @@ def bundle_signature(folder: Path) -> tuple:
     return tuple(sorted(entries))
 
 
-class Expert:
-    """One loaded bundle: tokenizer + onnxruntime session + manifest."""
+PRECISIONS = ("auto", "fp32", "fp16")
 
-    def __init__(self, folder: Path, device: str, session_options: Any = None):
+
+class Expert:
+    """One loaded bundle: tokenizer + onnxruntime session + manifest.
+
+    ``precision``: ``"fp32"`` (the main graph), ``"fp16"`` (the bundle's fp16 variant; error if it
+    has none) or ``"auto"`` (fp16 when the session runs on CUDA and the variant exists, else fp32).
+    ``io_binding``: ``"auto"`` (on CUDA), ``True`` or ``False``: with it, each call binds the inputs
+    once and lets onnxruntime allocate the output on the session's device.
+    """
+
+    def __init__(self, folder: Path, device: str, session_options: Any = None, precision: str = "auto",
+                 io_binding: bool | str = "auto"):
         import onnxruntime as ort
         from tokenizers import Tokenizer
 
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {list(PRECISIONS)}, got {precision!r}")
         self.folder = folder
         self.signature = bundle_signature(folder)  # taken before reading: a change during the load shows next time
         self.manifest = read_manifest(folder)
-        model_path, tokenizer_path = verify_files(folder, self.manifest)
+        tokenizer_path = verify_file(folder, self.manifest["tokenizer"], "tokenizer.file")
         self.task = self.manifest["task"]["name"]
         self.labels = list(self.manifest["task"]["labels"])
         self.pair = self.manifest["task"]["input"] == "pair"
@@ -95,17 +107,36 @@ class Expert:
             )
         else:
             providers = [CPU]
-        try:
-            self.session = ort.InferenceSession(str(model_path), sess_options=session_options, providers=providers)
-        except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph types
-            raise BundleError(f"{model_path}: onnxruntime cannot load this model ({exc}); re-export the bundle") from exc
+        variants = self.manifest["onnx"].get("variants", {})
+        if precision == "fp16" and "fp16" not in variants:
+            raise BundleError(f"{folder}: precision='fp16' asked for but the bundle has no fp16 variant "
+                              "(onnx.variants); rebuild it with `doe build` (fp16 variants are on by default)")
+        want_fp16 = precision == "fp16" or (precision == "auto" and providers[0] == CUDA and "fp16" in variants)
+        self.session = self._session(ort, variants["fp16"] if want_fp16 else self.manifest["onnx"], providers,
+                                     session_options, "onnx.variants.fp16.file" if want_fp16 else "onnx.file")
         self.provider = self.session.get_providers()[0]
+        if want_fp16 and precision == "auto" and self.provider != CUDA:  # fp16 on CPU is slow: use fp32
+            want_fp16 = False
+            self.session = self._session(ort, self.manifest["onnx"], providers, session_options, "onnx.file")
+            self.provider = self.session.get_providers()[0]
+        self.precision = "fp16" if want_fp16 else self.manifest["onnx"].get("precision", "fp32")
         if device == "cuda" and self.provider != CUDA:
             raise DeviceError(
                 f"task {self.task!r}: device='cuda' demanded but the session got {self.session.get_providers()} "
                 "(CUDA libraries missing or no GPU visible); use device='auto' to fall back to CPU"
             )
+        self.io_binding = (self.provider == CUDA) if io_binding == "auto" else bool(io_binding)
+        self._device_type = "cuda" if self.provider == CUDA else "cpu"
         self._check_io()
+        self.run(np.asarray([[1, 2]], dtype=np.int64), np.ones((1, 2), dtype=np.int64))  # warm-up at load
+
+    def _session(self, ort, spec: dict, providers: list[str], options: Any, field: str):
+        path = verify_file(self.folder, spec, field)
+        self.model_bytes = path.stat().st_size
+        try:
+            return ort.InferenceSession(str(path), sess_options=options, providers=providers)
+        except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph types
+            raise BundleError(f"{path}: onnxruntime cannot load this model ({exc}); re-export the bundle") from exc
 
     def _check_io(self) -> None:
         spec = self.manifest["onnx"]
@@ -157,9 +188,20 @@ class Expert:
         return {name: feeds[name] for name in self.input_names}
 
     def run(self, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
-        """One session call on an already padded batch; returns logits [B, K]."""
+        """One session call on an already padded batch; returns logits [B, K] (float32)."""
         feeds = {"input_ids": ids, "attention_mask": mask}
-        return self.session.run([self.output_name], {name: feeds[name] for name in self.input_names})[0]
+        if not self.io_binding:
+            return self.session.run([self.output_name], {name: feeds[name] for name in self.input_names})[0]
+        binding = self.session.io_binding()
+        for name in self.input_names:
+            binding.bind_cpu_input(name, np.ascontiguousarray(feeds[name]))  # copied to the device once
+        binding.bind_output(self.output_name, self._device_type)  # allocated by onnxruntime on the device
+        self.session.run_with_iobinding(binding)
+        return binding.copy_outputs_to_cpu()[0]
+
+    def info(self) -> dict:
+        return {"task": self.task, "provider": self.provider, "precision": self.precision,
+                "io_binding": self.io_binding, "model_bytes": self.model_bytes}
 
 
 def configure_tokenizer(tokenizer: Any, max_length: int, pad_id: int, pad_token: str) -> Any:
@@ -235,6 +277,10 @@ class Router:
     per run (``None``: no cap). ``intra_op_threads``: onnxruntime threads per session (``None``:
     onnxruntime's default). ``sort_by_length``: batch items of similar length together (default;
     ``False`` batches them in arrival order, padding each batch to its longest item).
+    ``precision`` / ``io_binding``: see :class:`Expert`. ``max_resident_bytes``: cap on the summed
+    size of the resident experts' model files (their weights dominate a session's memory; the
+    switch benchmark measures the real resident memory per expert); the least recently used are
+    dropped until the cap holds, the newest always stays.
     ``auto_reload``: before each request, compare the task's bundle files with those the resident
     session was loaded from; a rebuilt bundle is loaded anew (requests already running finish on
     the old session, which is freed when they end). While a bundle is being swapped (its folder
@@ -251,6 +297,9 @@ class Router:
         max_batch_tokens: int | None = None,
         sort_by_length: bool = True,
         auto_reload: bool = False,
+        precision: str = "auto",
+        io_binding: bool | str = "auto",
+        max_resident_bytes: int | None = None,
     ):
         if device not in DEVICES:
             raise ValueError(f"device must be one of {list(DEVICES)}, got {device!r}")
@@ -266,6 +315,15 @@ class Router:
         self.batch_size = batch_size
         self.max_batch_tokens = max_batch_tokens
         self.intra_op_threads = intra_op_threads
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {list(PRECISIONS)}, got {precision!r}")
+        if io_binding not in ("auto", True, False):
+            raise ValueError(f"io_binding must be 'auto', True or False, got {io_binding!r}")
+        if max_resident_bytes is not None and (not isinstance(max_resident_bytes, int) or max_resident_bytes < 1):
+            raise ValueError(f"max_resident_bytes must be an int >= 1 or None, got {max_resident_bytes!r}")
+        self.precision = precision
+        self.io_binding = io_binding
+        self.max_resident_bytes = max_resident_bytes
         self.sort_by_length = bool(sort_by_length)
         self.auto_reload = bool(auto_reload)
         self._bundles = discover(self.root)
@@ -294,6 +352,10 @@ class Router:
     def provider(self, task: str) -> str:
         """The execution provider the task's session really got (loads it if needed)."""
         return self._expert(task).provider
+
+    def info(self, task: str) -> dict:
+        """Provider, precision, IOBinding and model bytes of the task's session (loads it if needed)."""
+        return self._expert(task).info()
 
     def _folder(self, task: str) -> Path:
         check_task_name(task)
@@ -336,12 +398,15 @@ class Router:
                 expert = self._resident.get(task)
                 if expert is not None:
                     return expert
-            expert = Expert(folder, self.device, self._session_options())
+            expert = Expert(folder, self.device, self._session_options(), self.precision, self.io_binding)
             with self._lock:
                 self._resident[task] = expert
                 self._resident.move_to_end(task)
-                while len(self._resident) > self.max_resident:
-                    self._resident.popitem(last=False)
+                while len(self._resident) > self.max_resident or (
+                    self.max_resident_bytes is not None and len(self._resident) > 1
+                    and sum(e.model_bytes for e in self._resident.values()) > self.max_resident_bytes
+                ):
+                    self._resident.popitem(last=False)  # freed once the requests running on it end
         return expert
 
     @staticmethod

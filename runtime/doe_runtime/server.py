@@ -129,6 +129,7 @@ def create_app(root: str | Path, router: Router | None = None, max_items: int = 
     class PredictResponse(BaseModel):
         task: str
         provider: str
+        precision: str
         predictions: list[Prediction]
 
     class ErrorBody(BaseModel):
@@ -210,7 +211,7 @@ def create_app(root: str | Path, router: Router | None = None, max_items: int = 
                 in_flight["count"] += 1
             try:
                 predictions = router.predict(task, items)
-                return {"task": task, "provider": router.provider(task),
+                return {"task": task, "provider": router.provider(task), "precision": router.info(task)["precision"],
                         "predictions": [p.to_dict() for p in predictions]}
             finally:
                 with counter_lock:
