@@ -11,8 +11,8 @@ Endpoints (OpenAPI document at ``/openapi.json``, interactive docs at ``/docs``)
 - ``POST /v1/tasks/{task}/predict``   ``{"inputs": [...]}`` -> labels and probabilities, in order
 
 Client errors are 4xx with a JSON body ``{"error": {"type": ..., "message": ...}}`` that says
-what was wrong: 404 unknown task, 413 body or item count over the limit, 422 inputs that do not
-fit the task (or malformed JSON), 503 a bundle that cannot be loaded (named in the message; the
+what was wrong: 404 unknown task, 413 body over the byte limit, 422 inputs that do not
+fit the task, malformed JSON, no inputs or more than ``max_items``, 503 a bundle that cannot be loaded (named in the message; the
 other tasks keep answering). Bundles are watched: a rebuilt bundle is loaded on its next request
 while requests already running finish on the old session.
 """
@@ -23,7 +23,7 @@ import json
 import logging
 import threading
 from pathlib import Path
-from typing import Any, Union
+from typing import Annotated, Any, Union
 
 from .bundle import BundleError, read_manifest
 from .router import DeviceError, InputError, Router, UnknownTaskError
@@ -116,10 +116,13 @@ def create_app(root: str | Path, router: Router | None = None, max_items: int = 
     in_flight = {"count": 0}
     counter_lock = threading.Lock()
 
+    pair = Annotated[list[str], Field(min_length=2, max_length=2)]
+
     class PredictRequest(BaseModel):
-        inputs: list[Union[str, list[str]]] = Field(
-            ..., description="single-text tasks: a list of strings; pair tasks: a list of [text_a, text_b] lists",
-            examples=[["A delightful film."]])
+        inputs: list[Union[str, pair]] = Field(
+            ..., min_length=1, max_length=max_items,
+            description=f"single-text tasks: a list of strings; pair tasks: a list of [text_a, text_b] lists; "
+                        f"1 to {max_items} items", examples=[["A delightful film."]])
 
     class Prediction(BaseModel):
         label: str
@@ -144,14 +147,16 @@ def create_app(root: str | Path, router: Router | None = None, max_items: int = 
                   description="Per-task DoE expert models (ONNX) behind one HTTP API.")
     app.state.router = router
 
-    def error(status: int, kind: str, message: str) -> JSONResponse:
-        return JSONResponse(status_code=status, content={"error": {"type": kind, "message": message}})
+    def error(status: int, kind: str, message: str, headers: dict | None = None) -> JSONResponse:
+        return JSONResponse(status_code=status, content={"error": {"type": kind, "message": message}},
+                            headers=headers)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException):
         kinds = {404: "not_found", 405: "method_not_allowed"}
         return error(exc.status_code, kinds.get(exc.status_code, "http_error"),
-                     f"{request.method} {request.url.path}: {exc.detail}; see /docs for the endpoints")
+                     f"{request.method} {request.url.path}: {exc.detail}; see /docs for the endpoints",
+                     getattr(exc, "headers", None))  # e.g. Allow on 405
 
     @app.exception_handler(RequestValidationError)
     async def invalid_body(request: Request, exc: RequestValidationError):
@@ -199,11 +204,6 @@ def create_app(root: str | Path, router: Router | None = None, max_items: int = 
 
     @app.post("/v1/tasks/{task}/predict", response_model=PredictResponse, responses=errors)
     def predict(task: str, body: PredictRequest):
-        if len(body.inputs) > max_items:
-            return error(413, "too_many_items", f"{len(body.inputs)} inputs exceed the limit of {max_items} per "
-                                                "request; split the request")
-        if not body.inputs:
-            return error(422, "invalid_inputs", "inputs is empty; send at least one input")
         items = [tuple(item) if isinstance(item, list) else item for item in body.inputs]
 
         def run():
