@@ -87,11 +87,12 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--no-progress", action="store_true", help="no progress bars")
     g = sub.add_parser("bench", help="benchmark suites (records + Markdown report + plots)",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    g.add_argument("--suite", choices=("grid", "layers", "peers", "switch", "e2e", "all"), default="grid",
+    g.add_argument("--suite", choices=("grid", "layers", "peers", "switch", "e2e", "load", "all"), default="grid",
                    help="grid: dense vs FFN experts over batch x tokens beside the FLOP bound; layers: FFN vs heads vs "
                         "both at matched budgets with task metrics; peers: PyTorch eager, ONNX dense, expert, fused, "
                         "int8; switch: round-robin over N experts, cold load, memory, router overhead; e2e: "
-                        "Router.predict with and without length sorting; all: every suite")
+                        "Router.predict with and without length sorting; load: the HTTP server under concurrent "
+                        "requests (errors, p50/p99, memory); all: every suite")
     g.add_argument("--data-dir", default=os.environ.get("DOE_DATA_DIR"),
                    help="GLUE layout folder for the layers and peers suites; env DOE_DATA_DIR")
     g.add_argument("--cache-dir", default=None, help="adapted models and statistics (default <cache>/study, shared "

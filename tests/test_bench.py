@@ -135,3 +135,16 @@ def test_layers_suite_without_data_dir_is_refused(tmp_path, capsys, monkeypatch)
     monkeypatch.delenv("DOE_DATA_DIR", raising=False)
     assert main(["bench", "--suite", "layers", "--out", str(tmp_path)]) == 2
     assert "need GLUE data: pass --data-dir" in capsys.readouterr().err
+
+
+def test_quick_load_suite_serves_without_errors(tmp_path):
+    """The real server process under the bounded client: counts are complete, answers match."""
+    pytest.importorskip("fastapi")
+    out = tmp_path / "results"
+    assert main(["bench", "--suite", "load", "--quick", "--out", str(out), "--work-dir", str(tmp_path / "w"),
+                 "--no-progress"]) == 0
+    (record,) = common.read_jsonl(out / "load.jsonl")[1:]
+    assert record["requests"] > 0 and record["errors"] == 0 and record["mismatches"] == 0
+    assert record["latency_s"]["p50"] <= record["latency_s"]["p99"] <= record["latency_s"]["max"]
+    assert record["graceful_shutdown"] is True and record["rss_samples"] >= 1
+    assert "answers differing" in (out / "load.md").read_text()

@@ -31,7 +31,7 @@ import numpy as np
 
 from . import common
 
-SUITES = ("grid", "layers", "peers", "switch", "e2e")
+SUITES = ("grid", "layers", "peers", "switch", "e2e", "load")
 
 
 @dataclass(frozen=True)
@@ -55,6 +55,10 @@ class SuiteConfig:
     switch_requests: int = 20
     e2e_items: int = 512
     e2e_batch: int = 32
+    load_seconds: float = 60.0
+    load_warmup_seconds: float = 10.0
+    load_connections: int = 32
+    load_tasks: int = 3
     seed: int = 0
     tiny: bool = False
     # adaptation, attribution and recovery (as in the localization study, so numbers compare)
@@ -70,7 +74,8 @@ class SuiteConfig:
 
 
 QUICK = dict(adapt="prompt", lr=None, layer_tasks=("toy",), peers_task="toy", budgets=(0.3,), batch=2, tokens=16, repeats=2, min_seconds=0.0,
-             switch_tasks=(2,), switch_requests=2, e2e_items=24, e2e_batch=8, tiny=True, epochs=1, max_train=48,
+             switch_tasks=(2,), switch_requests=2, e2e_items=24, e2e_batch=8, load_seconds=3.0,
+             load_warmup_seconds=1.0, load_connections=4, load_tasks=2, tiny=True, epochs=1, max_train=48,
              max_eval=24, max_length=24, calib_examples=16, recovery_examples=24, prompt_length=4)
 
 
@@ -483,6 +488,135 @@ def run_e2e(config: SuiteConfig, root: Path) -> list[dict]:
     return records
 
 
+# ----------------------------------------------------------------------------- load
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _process_rss(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise OSError(f"no VmRSS for process {pid}")
+
+
+def run_load(config: SuiteConfig, root: Path, progress: bool) -> list[dict]:
+    """``doe-runtime serve`` in its own process, a bounded asyncio client with ``load_connections``
+    concurrent connections over ``load_tasks`` tasks; every answer is compared with sequential
+    ``Router.predict``; the server's resident memory is sampled every second."""
+    import asyncio
+    import subprocess
+
+    import httpx
+
+    from doe_runtime import Router
+
+    names = make_bundles(config, root, config.load_tasks, progress)
+    texts = mixed_texts(64, config.seed, max_words=120)
+    requests = [(names[i % len(names)], texts[i: i + 1 + i % 4]) for i in range(len(texts) - 4)]
+    reference = Router(root, device="cpu", max_resident=len(names))
+    expected = [[p.label_id for p in reference.predict(task, items)] for task, items in requests]
+    del reference
+    port = _free_port()
+    server_log = root / "server.log"
+    log_handle = open(server_log, "w", encoding="utf-8")
+    server = subprocess.Popen([sys.executable, "-m", "doe_runtime.cli", "serve", str(root), "--port", str(port),
+                               "--max-resident", str(len(names)), "--threads", str(config.threads)],
+                              stdout=log_handle, stderr=subprocess.STDOUT, text=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if httpx.get(base + "/readyz", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if server.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"the server did not become ready: {server_log.read_text()[-2000:]}")
+            time.sleep(0.2)
+        result = asyncio.run(_load(base, server.pid, requests, expected, config))
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            server.kill()
+        log_handle.close()
+    # uvicorn drains running requests on SIGTERM, logs the shutdown, then re-raises the signal
+    result["graceful_shutdown"] = "Application shutdown complete" in server_log.read_text()
+    result["exit_code"] = server.returncode
+    log(f"[load] {result['requests']} requests, {result['errors']} errors, {result['mismatches']} mismatches, "
+        f"{result['requests_per_s']:.1f} req/s, p50 {1e3 * result['latency_s']['p50']:.1f} ms, p99 "
+        f"{1e3 * result['latency_s']['p99']:.1f} ms, memory growth {100 * result['rss_growth']:+.2f}%")
+    return [result]
+
+
+async def _load(base: str, pid: int, requests: list, expected: list, config: SuiteConfig) -> dict:
+    import asyncio
+
+    import httpx
+
+    latencies, errors, mismatches, samples = [], [], 0, []
+    measuring = asyncio.Event()
+    stop = asyncio.Event()
+    counter = {"next": 0}
+
+    async def worker(client):
+        nonlocal mismatches
+        while not stop.is_set():
+            index = counter["next"] % len(requests)
+            counter["next"] += 1
+            task, items = requests[index]
+            t0 = time.perf_counter()
+            try:
+                response = await client.post(f"{base}/v1/tasks/{task}/predict", json={"inputs": items})
+                ok = response.status_code == 200
+                labels = [p["label_id"] for p in response.json()["predictions"]] if ok else None
+            except (httpx.HTTPError, ValueError, KeyError) as exc:
+                ok, labels, response = False, None, exc
+            elapsed = time.perf_counter() - t0
+            if measuring.is_set() and not stop.is_set():
+                latencies.append(elapsed)
+                if not ok:
+                    errors.append(str(getattr(response, "status_code", response))[:200])
+                elif labels != expected[index]:
+                    mismatches += 1
+
+    async def sampler():
+        while not stop.is_set():
+            samples.append((time.monotonic(), measuring.is_set(), _process_rss(pid)))
+            await asyncio.sleep(1.0)
+
+    limits = httpx.Limits(max_connections=config.load_connections, max_keepalive_connections=config.load_connections)
+    async with httpx.AsyncClient(limits=limits, timeout=60) as client:
+        tasks = [asyncio.create_task(worker(client)) for _ in range(config.load_connections)]
+        tasks.append(asyncio.create_task(sampler()))
+        await asyncio.sleep(config.load_warmup_seconds)
+        measuring.set()
+        start = time.monotonic()
+        await asyncio.sleep(config.load_seconds)
+        stop.set()
+        elapsed = time.monotonic() - start
+        await asyncio.gather(*tasks)
+    rss = [r for _, during, r in samples if during] or [samples[-1][2]]
+    ordered = sorted(latencies)
+    pick = lambda q: ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")  # noqa: E731
+    return {"kind": "load", "connections": config.load_connections, "tasks": len({t for t, _ in requests}),
+            "seconds": elapsed, "warmup_seconds": config.load_warmup_seconds, "requests": len(latencies),
+            "errors": len(errors), "error_samples": errors[:5], "mismatches": mismatches,
+            "requests_per_s": len(latencies) / elapsed,
+            "latency_s": {"p50": pick(0.5), "p90": pick(0.9), "p99": pick(0.99), "max": ordered[-1] if ordered else None},
+            "rss_after_warmup_bytes": rss[0], "rss_end_bytes": rss[-1], "rss_max_bytes": max(rss),
+            "rss_growth": (rss[-1] - rss[0]) / rss[0], "rss_samples": len(rss)}
+
+
 # ----------------------------------------------------------------------------- driver + reports
 
 
@@ -498,7 +632,12 @@ def run(suite: str, config: SuiteConfig, out_dir: Path, work: Path, cache: Path,
     else:
         root = work / "bundles"
         root.mkdir(parents=True, exist_ok=True)
-        records = run_switch(config, root, progress) if suite == "switch" else run_e2e(config, _ensure(config, root, progress))
+        if suite == "switch":
+            records = run_switch(config, root, progress)
+        elif suite == "load":
+            records = run_load(config, work / "load-bundles", progress)
+        else:
+            records = run_e2e(config, _ensure(config, root, progress))
         shape = {}
     path = out_dir / f"{suite}.jsonl"
     common.write_jsonl(path, [header(config, suite, shape)] + records)
@@ -522,7 +661,8 @@ def render(records_path: Path, out_dir: Path) -> Path:
              f"onnxruntime {head['versions'].get('onnxruntime')}, torch {head['versions'].get('torch')}. "
              f"Recorded {head['created']}. Ratios are medians of per-repeat ratios of interleaved runs on the same "
              "inputs; [p25, p75] in brackets.", ""]
-    lines = {"layers": _render_layers, "peers": _render_peers, "switch": _render_switch, "e2e": _render_e2e}[suite](
+    lines = {"layers": _render_layers, "peers": _render_peers, "switch": _render_switch, "e2e": _render_e2e,
+             "load": _render_load}[suite](
         rows, cfg, intro, Path(out_dir))
     path = Path(out_dir) / f"{suite}.md"
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
@@ -673,4 +813,23 @@ def _render_e2e(rows, cfg, intro, out_dir) -> list[str]:
             lines.append(f"| {r['order']} | {r['items_per_s']:.0f} | {_q(r['latency_s'], 1e3, '{:.1f}')} | "
                          f"{r['padded_tokens']} ({r['real_tokens']}) | x{_q(r['speedup_vs_arrival'])} |")
         lines.append("")
+    return lines
+
+
+def _render_load(rows, cfg, intro, out_dir) -> list[str]:
+    lines = ["# Load: `doe-runtime serve` under concurrent requests", ""] + intro
+    for r in rows:
+        lines += [f"{r['connections']} concurrent connections (one asyncio client) on loopback, requests of 1-4 texts "
+                  f"(mixed lengths) round-robin over {r['tasks']} tasks, {r['seconds']:.0f} s measured after "
+                  f"{r['warmup_seconds']:.0f} s of warm-up; every answer compared with sequential `Router.predict`.", "",
+                  "| requests | errors | answers differing | requests/s | p50 ms | p90 ms | p99 ms | max ms | RSS after "
+                  "warm-up → end (MiB) | growth |", "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+                  f"| {r['requests']} | {r['errors']} | {r['mismatches']} | {r['requests_per_s']:.1f} | "
+                  f"{1e3 * r['latency_s']['p50']:.1f} | {1e3 * r['latency_s']['p90']:.1f} | "
+                  f"{1e3 * r['latency_s']['p99']:.1f} | {1e3 * r['latency_s']['max']:.1f} | "
+                  f"{r['rss_after_warmup_bytes'] / 2**20:.0f} → {r['rss_end_bytes'] / 2**20:.0f} | "
+                  f"{100 * r['rss_growth']:+.2f}% |", "",
+                  f"SIGTERM at the end: graceful shutdown logged: {r['graceful_shutdown']} (exit code "
+                  f"{r['exit_code']}; uvicorn re-raises the signal after draining)."
+                  + (f" Error samples: {r['error_samples']}" if r["errors"] else ""), ""]
     return lines
