@@ -164,6 +164,27 @@ def _restore_orphan(root: Path, task: str) -> None:
         shutil.rmtree(previous, ignore_errors=True)
 
 
+def _remove_dead_writers(root: Path, task: str) -> list[str]:
+    """Remove temp folders of writers of ``task`` that no longer run (killed with SIGKILL, power cut):
+    their names carry the writer's pid. Returns the removed folder names."""
+    removed = []
+    for folder in root.glob(f".{task}.tmp-*"):
+        try:
+            pid = int(folder.name[len(f".{task}.tmp-"):].split("-", 1)[0])
+        except ValueError:
+            continue
+        if pid == os.getpid():
+            continue
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            shutil.rmtree(folder, ignore_errors=True)
+            removed.append(folder.name)
+        except PermissionError:  # alive, another user's
+            continue
+    return removed
+
+
 def write_bundle(root: Path, task: str, fill, manifest: dict) -> Path:
     """Build ``root/task`` atomically.
 
@@ -177,7 +198,8 @@ def write_bundle(root: Path, task: str, fill, manifest: dict) -> Path:
     root.mkdir(parents=True, exist_ok=True)
     with _task_lock(root, task):  # a writer killed mid-swap left the old bundle aside: put it back
         _restore_orphan(root, task)
-    work = Path(tempfile.mkdtemp(prefix=f".{task}.tmp-", dir=root))
+        _remove_dead_writers(root, task)
+    work = Path(tempfile.mkdtemp(prefix=f".{task}.tmp-{os.getpid()}-", dir=root))
     try:
         manifest = {**manifest, **fill(work)}
         validate_manifest(manifest, f"manifest for {task}")

@@ -366,3 +366,51 @@ def test_max_resident_bytes_evicts_least_recently_used(bundles):
     assert roomy.resident() == ["toy-single", "toy-pair"]
     with pytest.raises(ValueError, match="max_resident_bytes"):
         Router(root, max_resident_bytes=0)
+
+
+def test_export_killed_with_sigkill_keeps_previous_bundle_served(bundles, tmp_path):
+    """A writer process killed with SIGKILL half-way: the old bundle stays whole and served, and the
+    next writer removes the dead writer's temp folder."""
+    import os
+    import signal
+    import time
+
+    root, _ = bundles
+    before = (root / "toy-single" / "model.onnx").read_bytes()
+    ready = tmp_path / "ready"
+    script = f"""
+import time
+from pathlib import Path
+from doe_export import export
+from doe_runtime.bundle import read_manifest
+root = Path({str(root)!r})
+manifest = read_manifest(root / "toy-single")
+def fill(folder):
+    (folder / "model.onnx").write_bytes(b"half a model")
+    Path({str(ready)!r}).write_text("x")
+    time.sleep(60)
+export.write_bundle(root, "toy-single", fill, manifest)
+"""
+    writer = subprocess.Popen([sys.executable, "-c", script])
+    deadline = time.monotonic() + 60
+    while not ready.exists():
+        assert writer.poll() is None and time.monotonic() < deadline, "writer did not start"
+        time.sleep(0.05)
+    os.kill(writer.pid, signal.SIGKILL)
+    writer.wait()
+    leftovers = [p.name for p in root.iterdir() if p.name.startswith(".toy-single.tmp-")]
+    assert len(leftovers) == 1  # SIGKILL leaves its temp folder; readers ignore it
+    assert (root / "toy-single" / "model.onnx").read_bytes() == before
+    assert Router(root, device="cpu").predict("toy-single", ["good"])[0].label in ("no", "yes")
+
+    manifest = read_manifest(root / "toy-single")
+    model = (root / "toy-single" / "model.onnx").read_bytes()
+    tokenizer = (root / "toy-single" / "tokenizer.json").read_bytes()
+
+    def fill(folder):
+        (folder / "model.onnx").write_bytes(model)
+        (folder / "tokenizer.json").write_bytes(tokenizer)
+        return {}
+
+    export.write_bundle(root, "toy-single", fill, manifest)
+    assert not [p for p in root.iterdir() if p.name.startswith(".toy-single.tmp-")]
