@@ -148,3 +148,15 @@ def test_quick_load_suite_serves_without_errors(tmp_path):
     assert record["latency_s"]["p50"] <= record["latency_s"]["p99"] <= record["latency_s"]["max"]
     assert record["graceful_shutdown"] is True and record["rss_samples"] >= 1
     assert "answers differing" in (out / "load.md").read_text()
+
+
+def test_gpu_check_script_runs_on_cpu_in_quick_mode(tmp_path):
+    """The prepared GPU script (PyTorch proxy path) runs here on the CPU, so it cannot rot."""
+    from doe_export.bench import gpu
+
+    assert gpu.main(["--out", str(tmp_path), "--quick", "--repeats", "2", "--device", "cpu"]) == 0
+    records = common.read_jsonl(tmp_path / "gpu.jsonl")
+    assert records[0]["suite"] == "gpu" and records[0]["random_weights"] is True
+    rows = [r for r in records[1:] if r["kind"] == "gpu"]
+    assert {r["expert"] for r in rows} == {"ffn-0.65", "both-0.65"} and len(rows) == 8
+    assert all(r["bound"] > 1 and r["speedup"]["median"] > 0 for r in rows)
