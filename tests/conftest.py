@@ -87,3 +87,14 @@ def tiny_bundles(tmp_path_factory, _tiny_backbones, hf_tokenizer):
         loaded = LoadedModel(copy.deepcopy(_tiny_backbones["bert"]), hf_tokenizer, "tiny-bert", "config", None)
         results[name] = build_task(config, loaded, synthetic_task(name, kind))
     return root, results
+
+
+@pytest.fixture
+def bundles(tiny_bundles, tmp_path):
+    """A private copy of the session's bundles, so tests may damage them."""
+    import shutil
+
+    root, results = tiny_bundles
+    copy = tmp_path / "artifacts"
+    shutil.copytree(root, copy)
+    return copy, results

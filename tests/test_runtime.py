@@ -2,7 +2,6 @@
 clear error (with nothing lost) for every kind of bad input."""
 
 import json
-import shutil
 import subprocess
 import sys
 import threading
@@ -14,15 +13,6 @@ from doe_export import export
 from doe_runtime import BundleError, InputError, Router, UnknownTaskError
 from doe_runtime.bundle import discover, read_manifest
 from doe_runtime.cli import main as runtime_cli
-
-
-@pytest.fixture
-def bundles(tiny_bundles, tmp_path):
-    """A private copy of the session's bundles, so tests may damage them."""
-    root, results = tiny_bundles
-    copy = tmp_path / "artifacts"
-    shutil.copytree(root, copy)
-    return copy, results
 
 
 def run_threads(target, count: int) -> list[Exception]:

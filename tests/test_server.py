@@ -18,14 +18,6 @@ from doe_runtime.server import create_app, is_loopback, serve  # noqa: E402
 
 
 @pytest.fixture
-def bundles(tiny_bundles, tmp_path):
-    root, results = tiny_bundles
-    copy = tmp_path / "artifacts"
-    shutil.copytree(root, copy)
-    return copy, results
-
-
-@pytest.fixture
 def client(bundles):
     root, _ = bundles
     with TestClient(create_app(root, max_items=8, max_body_bytes=20_000, device="cpu")) as c:

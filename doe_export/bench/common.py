@@ -102,6 +102,17 @@ def ratios(times: dict[str, list[float]], base: str, other: str) -> list[float]:
     return [b / o for b, o in zip(times[base], times[other])]
 
 
+def session(path: Path, threads: int):
+    """A CPU onnxruntime session with ``threads`` intra-op threads, one inter-op thread, sequential."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    return ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
+
+
 def write_jsonl(path: Path, records: list[dict]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")

@@ -98,16 +98,6 @@ def build_graphs(config: GridConfig, folder: Path, log=print) -> tuple[dict[str,
     return paths, shape
 
 
-def _session(path: Path, threads: int):
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    return ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
-
-
 def measure(config: GridConfig, paths: dict[str, Path], shape: dict, progress: bool = True) -> list[dict]:
     """Each cell and rate: a fresh dense + expert session pair, interleaved on the same inputs.
 
@@ -139,7 +129,8 @@ def measure(config: GridConfig, paths: dict[str, Path], shape: dict, progress: b
         seq = tokens + shape["prompt_length"]
         for rate in config.rates:
             name = f"p{rate:g}"
-            sessions = {"dense": _session(paths["dense"], threads), name: _session(paths[name], threads)}
+            sessions = {"dense": common.session(paths["dense"], threads),
+                        name: common.session(paths[name], threads)}
             runners = {key: (lambda s=s: s.run(None, feeds)) for key, s in sessions.items()}
             times = common.paired_timing(runners, config.repeats, warmup=1, min_seconds=config.min_seconds)
             del sessions, runners  # frees both arenas before the next pair

@@ -24,7 +24,7 @@ import os
 import shutil
 import sys
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -92,16 +92,6 @@ def rss_bytes() -> int:
         import resource
 
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
-def session(path: Path, threads: int):
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    return ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
 
 
 def random_feeds(vocab: int, batch: int, tokens: int, seed: int) -> dict[str, np.ndarray]:
@@ -193,7 +183,7 @@ class Workbench:
         from .. import evaluate
 
         runner = self.runner(task)
-        sess = session(path, max(1, os.cpu_count() or 1))
+        sess = common.session(path, max(1, os.cpu_count() or 1))
         logits = evaluate.onnx_logits(sess, runner.tokenizer, runner.test.inputs)
         return evaluate.metric_value(runner.data.metric, runner.test.labels, logits.argmax(1).tolist())
 
@@ -215,7 +205,7 @@ def header(config: SuiteConfig, suite: str, shape: dict) -> dict:
 
 def time_sessions(paths: dict[str, Path], feeds: dict, config: SuiteConfig, extra: dict | None = None) -> dict:
     """Interleaved timing of sessions (and other callables in ``extra``) on the same feeds."""
-    sessions = {name: session(path, config.threads) for name, path in paths.items()}
+    sessions = {name: common.session(path, config.threads) for name, path in paths.items()}
     runners = {name: (lambda s=s: s.run(None, feeds)) for name, s in sessions.items()}
     runners.update(extra or {})
     return common.paired_timing(runners, config.repeats, warmup=1, min_seconds=config.min_seconds)
