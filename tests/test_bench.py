@@ -160,3 +160,12 @@ def test_gpu_check_script_runs_on_cpu_in_quick_mode(tmp_path):
     rows = [r for r in records[1:] if r["kind"] == "gpu"]
     assert {r["expert"] for r in rows} == {"ffn-0.65", "both-0.65"} and len(rows) == 8
     assert all(r["bound"] > 1 and r["speedup"]["median"] > 0 for r in rows)
+
+
+def test_optimum_peer_without_optimum_says_how_to_get_it(tmp_path):
+    import sys
+
+    from doe_export.bench import suites
+
+    with pytest.raises(ValueError, match="optimum-onnx is not importable there.*pip install torch==2.13.0 optimum-onnx"):
+        suites.export_with_optimum(sys.executable, "unused", tmp_path, 2)

@@ -59,6 +59,9 @@ class SuiteConfig:
     load_warmup_seconds: float = 10.0
     load_connections: int = 32
     load_tasks: int = 3
+    # a separate Python with optimum-onnx (it needs transformers < 4.58, so it cannot share ours):
+    # the peers suite then also times the dense model exported by `optimum-cli export onnx`
+    optimum_python: str | None = None
     seed: int = 0
     tiny: bool = False
     # adaptation, attribution and recovery (as in the localization study, so numbers compare)
@@ -302,6 +305,20 @@ def run_peers(config: SuiteConfig, bench: Workbench) -> list[dict]:
                                 f"(heads {both_report['head_counts']}); PyTorch metric {100 * both_value:.1f}")
 
     feeds = random_feeds(shape["vocab"], config.batch, config.tokens, config.seed)
+    extra_sessions = {}
+    if config.optimum_python:
+        optimum_path, optimum_version = export_with_optimum(config.optimum_python, bench.loaded.path,
+                                                            bench.work / "optimum", len(runner.data.labels))
+        optimum_session = common.session(optimum_path, config.threads)
+        optimum_feeds = {i.name: (feeds[i.name] if i.name in feeds else np.zeros_like(feeds["input_ids"]))
+                         for i in optimum_session.get_inputs()}
+        extra_sessions["optimum-cli dense (base model, own head)"] = (
+            lambda: optimum_session.run(None, optimum_feeds))
+        notes["optimum-cli dense (base model, own head)"] = (
+            f"optimum-onnx {optimum_version}, exported in a separate environment from the base model with its "
+            f"untrained classification head and no soft prompt ({config.prompt_length} fewer positions): a speed "
+            "peer only, no task metric")
+        values["optimum-cli dense (base model, own head)"] = None
     torch_ids, torch_mask = torch.from_numpy(feeds["input_ids"]), torch.from_numpy(feeds["attention_mask"])
     threads = torch.get_num_threads()
     torch.set_num_threads(config.threads)
@@ -310,13 +327,13 @@ def run_peers(config: SuiteConfig, bench: Workbench) -> list[dict]:
             with torch.inference_mode():
                 dense(torch_ids, torch_mask)
 
-        times = time_sessions(paths, feeds, config, extra={"pytorch eager dense": eager})
+        times = time_sessions(paths, feeds, config, extra={"pytorch eager dense": eager, **extra_sessions})
     finally:
         torch.set_num_threads(threads)
     values["pytorch eager dense"] = dense_value
     records = []
     base = "pytorch eager dense"
-    for name in [base] + list(paths):
+    for name in [base] + list(paths) + list(extra_sessions):
         speedup = common.quantiles(common.ratios(times, base, name))
         over_onnx = common.quantiles(common.ratios(times, "onnx dense", name))
         records.append({"kind": "peer", "task": task, "peer": name, "metric": metric, "value": values[name],
@@ -327,6 +344,27 @@ def run_peers(config: SuiteConfig, bench: Workbench) -> list[dict]:
         log(f"[peers] {name}: {metric} {100 * values[name]:.1f}, x{speedup['median']:.2f} vs eager, "
             f"x{over_onnx['median']:.2f} vs ONNX dense")
     return records
+
+
+def export_with_optimum(python: str, model_dir: str, out: Path, num_labels: int) -> tuple[Path, str]:
+    """Run ``optimum-cli export onnx`` in another Python environment; return the graph and the version."""
+    import subprocess
+
+    out.mkdir(parents=True, exist_ok=True)
+    probe = subprocess.run([python, "-c", "from importlib.metadata import version; print(version('optimum-onnx'))"],
+                           capture_output=True, text=True)
+    if probe.returncode != 0:
+        raise ValueError(f"--optimum-python {python}: optimum-onnx is not importable there "
+                         f"({(probe.stderr.strip().splitlines() or ['no output'])[-1][-300:]}); "
+                         "create that environment with: python -m venv ENV && ENV/bin/pip install torch==2.13.0 "
+                         "optimum-onnx onnx onnxruntime 'transformers<4.58'")
+    command = [python, "-m", "optimum.exporters.onnx", "--model", str(model_dir), "--task", "text-classification",
+               str(out)]
+    done = subprocess.run(command, capture_output=True, text=True)
+    path = out / "model.onnx"
+    if done.returncode != 0 or not path.is_file():
+        raise ValueError(f"optimum export failed ({' '.join(command)}): {done.stderr.strip()[-1000:]}")
+    return path, probe.stdout.strip()
 
 
 # ----------------------------------------------------------------------------- switch + e2e
@@ -732,14 +770,18 @@ def _render_peers(rows, cfg, intro, out_dir) -> list[str]:
     if rows:
         r0 = rows[0]
         lines += [f"Task {r0['task']}: {r0['metric']} on {r0['metric_split']} (n={r0['metric_split_size']}), "
-                  f"speed at batch {r0['batch']} x {r0['tokens']} tokens (+ prompt). Not measured here: the dense "
-                  "model exported by `optimum-cli export onnx` (optimum-onnx needs transformers < 4.58, i.e. a "
-                  "separate environment, which this machine's package registry could only provide with a separate "
-                  "multi-GB torch; see the closing notes). fp16 belongs to the GPU run.", "",
+                  f"speed at batch {r0['batch']} x {r0['tokens']} tokens (+ prompt). "
+                  + ("The optimum-cli row is the base model exported by optimum-onnx in a separate environment "
+                     "(transformers < 4.58), run here through a plain onnxruntime session interleaved with the "
+                     "others; `ORTModelForSequenceClassification` adds its own Python wrapper on top. "
+                     if any(r["peer"].startswith("optimum") for r in rows) else
+                     "The optimum-cli peer needs `--optimum-python` (a separate environment). ")
+                  + "fp16 belongs to the GPU run.", "",
                   "| peer | metric x100 | latency ms | speed-up vs PyTorch eager | speed-up vs ONNX dense | note |",
                   "|---|---:|---:|---:|---:|---|"]
         for r in rows:
-            lines.append(f"| {r['peer']} | {100 * r['value']:.1f} | {_q(r['latency_s'], 1e3)} | "
+            value = "n/a" if r["value"] is None else f"{100 * r['value']:.1f}"
+            lines.append(f"| {r['peer']} | {value} | {_q(r['latency_s'], 1e3)} | "
                          f"x{_q(r['speedup_vs_eager'])} | x{_q(r['speedup_vs_onnx_dense'])} | {r['note']} |")
         lines.append("")
         import matplotlib
@@ -751,7 +793,8 @@ def _render_peers(rows, cfg, intro, out_dir) -> list[str]:
         names = [r["peer"] for r in rows]
         ax.barh(names, [r["speedup_vs_onnx_dense"]["median"] for r in rows], color="tab:blue")
         for i, r in enumerate(rows):
-            ax.text(r["speedup_vs_onnx_dense"]["median"], i, f"  {100 * r['value']:.1f}", va="center", fontsize=8)
+            label = "" if r["value"] is None else f"  {100 * r['value']:.1f}"
+            ax.text(r["speedup_vs_onnx_dense"]["median"], i, label, va="center", fontsize=8)
         ax.axvline(1.0, color="grey", linewidth=0.8)
         ax.set_xlabel(f"speed-up over ONNX dense fp32 (label: {rows[0]['metric']} x100)")
         ax.invert_yaxis()
