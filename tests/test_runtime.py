@@ -404,3 +404,12 @@ export.write_bundle(root, "toy-single", fill, manifest)
 
     export.write_bundle(root, "toy-single", fill, manifest)
     assert not [p for p in root.iterdir() if p.name.startswith(".toy-single.tmp-")]
+
+
+def test_thread_counts_are_configurable_and_reported(bundles):
+    root, _ = bundles
+    router = Router(root, device="cpu", intra_op_threads=1, inter_op_threads=1)
+    info = router.info("toy-single")
+    assert info["intra_op_threads"] == 1 and info["inter_op_threads"] == 1
+    with pytest.raises(ValueError, match="inter_op_threads must be an int >= 1"):
+        Router(root, inter_op_threads=0)

@@ -200,8 +200,10 @@ class Expert:
         return binding.copy_outputs_to_cpu()[0]
 
     def info(self) -> dict:
+        options = self.session.get_session_options()
         return {"task": self.task, "provider": self.provider, "precision": self.precision,
-                "io_binding": self.io_binding, "model_bytes": self.model_bytes}
+                "io_binding": self.io_binding, "model_bytes": self.model_bytes,
+                "intra_op_threads": options.intra_op_num_threads, "inter_op_threads": options.inter_op_num_threads}
 
 
 def configure_tokenizer(tokenizer: Any, max_length: int, pad_id: int, pad_token: str) -> Any:
@@ -274,8 +276,8 @@ class Router:
     ``device``: ``"cpu"``, ``"cuda"`` (error unless the session really gets CUDA) or ``"auto"``
     (CUDA when the session gets it, else CPU). ``max_resident``: sessions kept loaded at once.
     ``batch_size``: items per ``session.run``; ``max_batch_tokens``: cap on items x longest item
-    per run (``None``: no cap). ``intra_op_threads``: onnxruntime threads per session (``None``:
-    onnxruntime's default). ``sort_by_length``: batch items of similar length together (default;
+    per run (``None``: no cap). ``intra_op_threads`` / ``inter_op_threads``: onnxruntime threads
+    per session (``None``: onnxruntime's default; ``Router.info`` reports what each session got). ``sort_by_length``: batch items of similar length together (default;
     ``False`` batches them in arrival order, padding each batch to its longest item).
     ``precision`` / ``io_binding``: see :class:`Expert`. ``max_resident_bytes``: cap on the summed
     size of the resident experts' model files (their weights dominate a session's memory; the
@@ -294,6 +296,7 @@ class Router:
         max_resident: int = 4,
         batch_size: int = 32,
         intra_op_threads: int | None = None,
+        inter_op_threads: int | None = None,
         max_batch_tokens: int | None = None,
         sort_by_length: bool = True,
         auto_reload: bool = False,
@@ -314,7 +317,11 @@ class Router:
             raise ValueError(f"max_batch_tokens must be an int >= 1 or None, got {max_batch_tokens!r}")
         self.batch_size = batch_size
         self.max_batch_tokens = max_batch_tokens
+        for name, value in (("intra_op_threads", intra_op_threads), ("inter_op_threads", inter_op_threads)):
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise ValueError(f"{name} must be an int >= 1 or None (onnxruntime's default), got {value!r}")
         self.intra_op_threads = intra_op_threads
+        self.inter_op_threads = inter_op_threads
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {list(PRECISIONS)}, got {precision!r}")
         if io_binding not in ("auto", True, False):
@@ -369,13 +376,14 @@ class Router:
         return folder
 
     def _session_options(self) -> Any:
-        if self.intra_op_threads is None:
+        if self.intra_op_threads is None and self.inter_op_threads is None:
             return None
         import onnxruntime as ort
 
         options = ort.SessionOptions()
-        options.intra_op_num_threads = self.intra_op_threads
-        options.inter_op_num_threads = 1
+        if self.intra_op_threads is not None:
+            options.intra_op_num_threads = self.intra_op_threads
+        options.inter_op_num_threads = self.inter_op_threads if self.inter_op_threads is not None else 1
         return options
 
     def _expert(self, task: str) -> Expert:
