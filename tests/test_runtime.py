@@ -413,3 +413,17 @@ def test_thread_counts_are_configurable_and_reported(bundles):
     assert info["intra_op_threads"] == 1 and info["inter_op_threads"] == 1
     with pytest.raises(ValueError, match="inter_op_threads must be an int >= 1"):
         Router(root, inter_op_threads=0)
+
+
+def test_no_pickle_on_the_load_path():
+    """Bundles are JSON + ONNX protobuf + tokenizers JSON: nothing on the runtime's load path unpickles."""
+    from pathlib import Path
+
+    import doe_runtime
+
+    sources = sorted(Path(doe_runtime.__file__).parent.glob("*.py"))
+    assert len(sources) >= 4
+    for source in sources:
+        text = source.read_text()
+        for banned in ("import pickle", "pickle.load", "allow_pickle", "np.load(", "torch.load", "joblib", "dill"):
+            assert banned not in text, f"{source.name} uses {banned}"
