@@ -326,6 +326,9 @@ def render(records_path: Path, out_dir: Path) -> Path:
             lines.append(f"| {method} | " + " | ".join(cells) + " |")
         lines += ["", "Cells: after recovery (before recovery); random: mean ± std over seeds.", ""]
     lines += _averages(rows, dense, tasks, cfg) + _ablations(rows, dense, tasks) + _targets(rows, dense, tasks, cfg)
+    notes = Path(records_path).with_name("localization.notes.md")
+    if notes.is_file():  # hand-written: what was tried where a target is missed (kept beside the records)
+        lines += notes.read_text(encoding="utf-8").rstrip().splitlines() + [""]
     plot = _plot(rows, dense, tasks, cfg, Path(out_dir))
     if plot:
         lines += ["## Plot", "", f"![metric vs pruning rate]({plot.name})", ""]
@@ -334,22 +337,29 @@ def render(records_path: Path, out_dir: Path) -> Path:
     return path
 
 
-def _average(rows, tasks, method, rate):
-    values = [_table(rows, t, method, rate)[0] for t in tasks]
+def _average(rows, tasks, method, rate, field: str = "value"):
+    values = [_table(rows, t, method, rate, field)[0] for t in tasks]
     return float(np.mean(values)) if values and not any(np.isnan(values)) else float("nan")
 
 
 def _averages(rows, dense, tasks, cfg) -> list[str]:
     if not tasks:
         return []
-    lines = [f"## Average over {', '.join(tasks)}", "", "| method | " + " | ".join(f"p={r:g}" for r in cfg["rates"])
-             + " |", "|---|" + "---:|" * len(cfg["rates"]),
-             "| dense | " + " | ".join(f"{100 * np.mean([dense[t]['value'] for t in tasks]):.1f}"
-                                        for _ in cfg["rates"]) + " |"]
-    for method in cfg["methods"]:
-        cells = [_average(rows, tasks, method, rate) for rate in cfg["rates"]]
-        lines.append(f"| {method} | " + " | ".join("—" if np.isnan(c) else f"{100 * c:.1f}" for c in cells) + " |")
-    return lines + [""]
+    lines = []
+    for field, title in (("value", "after recovery"), ("value_before_recovery", "before recovery (pruning alone)")):
+        lines += [f"## Average over {', '.join(tasks)}: {title}", "",
+                  "| method | " + " | ".join(f"p={r:g}" for r in cfg["rates"]) + " |",
+                  "|---|" + "---:|" * len(cfg["rates"]),
+                  "| dense | " + " | ".join(f"{100 * np.mean([dense[t]['value'] for t in tasks]):.1f}"
+                                             for _ in cfg["rates"]) + " |"]
+        for method in cfg["methods"]:
+            cells = [_average(rows, tasks, method, rate, field) for rate in cfg["rates"]]
+            best = [max((_average(rows, tasks, m, rate, field), m) for m in cfg["methods"])[1] for rate in cfg["rates"]]
+            lines.append(f"| {method} | " + " | ".join(
+                "—" if np.isnan(c) else (f"**{100 * c:.1f}**" if b == method else f"{100 * c:.1f}")
+                for c, b in zip(cells, best)) + " |")
+        lines += ["", "Bold: the best method at that rate.", ""]
+    return lines
 
 
 def _ablations(rows, dense, tasks) -> list[str]:
