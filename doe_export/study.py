@@ -390,7 +390,20 @@ VARIANT_LABELS = {"no-prompt-tuning": "no-prompt-tuning (attribution on the un-a
 
 
 def _targets(rows, dense, tasks, cfg) -> list[str]:
-    lines = ["## Targets", ""]
+    run_minutes = sum(r.get("seconds", 0.0) for r in rows) / 60
+    lines = ["## Targets", "", f"(The {len(rows)} pruning runs took {run_minutes:.0f} min of compute in total, adaptation "
+             "and calibration passes not included.)", ""]
+    lines += _target_lines(rows, dense, tasks, cfg)
+    learned = [t for t in tasks if "majority" in dense[t] and dense[t]["value"] - dense[t]["majority"]["value"] >= 0.05]
+    if learned and learned != tasks:
+        lines += ["", f"On the tasks the dense model learned (at least 5 points above always answering the majority "
+                      f"label: {', '.join(learned)}):", ""]
+        lines += _target_lines(rows, dense, learned, cfg)
+    return lines + [""]
+
+
+def _target_lines(rows, dense, tasks, cfg) -> list[str]:
+    lines = []
     if ABLATION_RATE in cfg["rates"] and tasks:
         gaps = {t: 100 * (dense[t]["value"] - _table(rows, t, "doe", ABLATION_RATE)[0]) for t in tasks}
         if not any(np.isnan(list(gaps.values()))):
@@ -412,7 +425,7 @@ def _targets(rows, dense, tasks, cfg) -> list[str]:
         lines.append(f"- DoE beats every baseline on the average at p={rate:g}: "
                      f"{'met' if doe > others[best] else 'missed'} (DoE {100 * doe:.1f}, best baseline {best} "
                      f"{100 * others[best]:.1f})")
-    return lines + [""]
+    return lines
 
 
 def _plot(rows, dense, tasks, cfg, out_dir: Path) -> Path | None:
