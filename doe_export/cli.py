@@ -102,6 +102,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--adapt", choices=("prompt", "finetune"), default="finetune",
                    help="layers/peers: how the task models are adapted before pruning (as `doe study`; the same "
                         "settings reuse the study's cached models)")
+    g.add_argument("--load-seconds", type=float, default=60.0, help="load: measured seconds")
+    g.add_argument("--load-warmup", type=float, default=10.0, help="load: warm-up seconds before measuring")
+    g.add_argument("--load-connections", type=int, default=32, help="load: concurrent connections")
     g.add_argument("--optimum-python", default=None, metavar="PYTHON",
                    help="peers: a Python with optimum-onnx installed (transformers < 4.58, so a separate environment);"
                         " adds the dense model exported by `optimum-cli export onnx`")
@@ -237,7 +240,9 @@ def bench_main(args) -> int:
             suite_cfg = suites.SuiteConfig(model=args.model, data_dir=args.data_dir, batch=args.batch,
                                            tokens=args.token_count, threads=_numbers(args.threads)[0],
                                            repeats=args.repeats, min_seconds=args.min_seconds, adapt=args.adapt,
-                                           lr=args.lr, epochs=args.epochs, optimum_python=args.optimum_python)
+                                           lr=args.lr, epochs=args.epochs, optimum_python=args.optimum_python,
+                                           load_seconds=args.load_seconds, load_warmup_seconds=args.load_warmup,
+                                           load_connections=args.load_connections)
             if set(suites_to_run) & {"layers", "peers"} and not args.data_dir:
                 raise ValueError("the layers and peers suites need GLUE data: pass --data-dir (GLUE layout, e.g. "
                                  "../shared/data/glue) or set DOE_DATA_DIR")

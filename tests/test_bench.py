@@ -169,3 +169,20 @@ def test_optimum_peer_without_optimum_says_how_to_get_it(tmp_path):
 
     with pytest.raises(ValueError, match="optimum-onnx is not importable there.*pip install torch==2.13.0 optimum-onnx"):
         suites.export_with_optimum(sys.executable, "unused", tmp_path, 2)
+
+
+def test_peers_with_an_optimum_graph_records_speed_only(tmp_path, monkeypatch):
+    """The optimum peer path (its graph is faked by our own dense export: no optimum here)."""
+    from doe_export.bench import suites
+
+    def fake_export(python, model_dir, out, num_labels):
+        return out.parent / "peers-toy-dense.onnx", "test"
+
+    monkeypatch.setattr(suites, "export_with_optimum", fake_export)
+    config = suites.SuiteConfig(threads=1, optimum_python="unused", **suites.QUICK)
+    suites.run("peers", config, tmp_path / "out", tmp_path / "w", tmp_path / "cache", progress=False)
+    rows = common.read_jsonl(tmp_path / "out" / "peers.jsonl")[1:]
+    optimum = [r for r in rows if r["peer"].startswith("optimum")]
+    assert len(optimum) == 1 and optimum[0]["value"] is None and optimum[0]["latency_s"]["median"] > 0
+    report = (tmp_path / "out" / "peers.md").read_text()
+    assert "| n/a |" in report and "separate environment" in report

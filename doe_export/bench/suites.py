@@ -341,7 +341,8 @@ def run_peers(config: SuiteConfig, bench: Workbench) -> list[dict]:
                         "batch": config.batch, "tokens": config.tokens, "repeats": len(times[name]),
                         "latency_s": common.quantiles(times[name]), "speedup_vs_eager": speedup,
                         "speedup_vs_onnx_dense": over_onnx, "note": notes.get(name, "")})
-        log(f"[peers] {name}: {metric} {100 * values[name]:.1f}, x{speedup['median']:.2f} vs eager, "
+        shown = "n/a" if values[name] is None else f"{100 * values[name]:.1f}"
+        log(f"[peers] {name}: {metric} {shown}, x{speedup['median']:.2f} vs eager, "
             f"x{over_onnx['median']:.2f} vs ONNX dense")
     return records
 
