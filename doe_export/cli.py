@@ -105,6 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--load-seconds", type=float, default=60.0, help="load: measured seconds")
     g.add_argument("--load-warmup", type=float, default=10.0, help="load: warm-up seconds before measuring")
     g.add_argument("--load-connections", type=int, default=32, help="load: concurrent connections")
+    g.add_argument("--load-no-arena", action="store_true", help="load: serve with onnxruntime's memory arena off")
     g.add_argument("--optimum-python", default=None, metavar="PYTHON",
                    help="peers: a Python with optimum-onnx installed (transformers < 4.58, so a separate environment);"
                         " adds the dense model exported by `optimum-cli export onnx`")
@@ -242,7 +243,8 @@ def bench_main(args) -> int:
                                            repeats=args.repeats, min_seconds=args.min_seconds, adapt=args.adapt,
                                            lr=args.lr, epochs=args.epochs, optimum_python=args.optimum_python,
                                            load_seconds=args.load_seconds, load_warmup_seconds=args.load_warmup,
-                                           load_connections=args.load_connections)
+                                           load_connections=args.load_connections,
+                                           load_memory_arena=not args.load_no_arena)
             if set(suites_to_run) & {"layers", "peers"} and not args.data_dir:
                 raise ValueError("the layers and peers suites need GLUE data: pass --data-dir (GLUE layout, e.g. "
                                  "../shared/data/glue) or set DOE_DATA_DIR")

@@ -413,6 +413,10 @@ def test_thread_counts_are_configurable_and_reported(bundles):
     assert info["intra_op_threads"] == 1 and info["inter_op_threads"] == 1
     with pytest.raises(ValueError, match="inter_op_threads must be an int >= 1"):
         Router(root, inter_op_threads=0)
+    no_arena = Router(root, device="cpu", memory_arena=False)
+    assert no_arena._expert("toy-single").session.get_session_options().enable_cpu_mem_arena is False
+    want = router.predict("toy-single", ["a good film"])[0].probabilities
+    assert no_arena.predict("toy-single", ["a good film"])[0].probabilities == pytest.approx(want, abs=1e-6)
 
 
 def test_no_pickle_on_the_load_path():

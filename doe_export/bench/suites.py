@@ -59,6 +59,7 @@ class SuiteConfig:
     load_warmup_seconds: float = 10.0
     load_connections: int = 32
     load_tasks: int = 3
+    load_memory_arena: bool = True
     # a separate Python with optimum-onnx (it needs transformers < 4.58, so it cannot share ours):
     # the peers suite then also times the dense model exported by `optimum-cli export onnx`
     optimum_python: str | None = None
@@ -556,7 +557,8 @@ def run_load(config: SuiteConfig, root: Path, progress: bool) -> list[dict]:
     server_log = root / "server.log"
     log_handle = open(server_log, "w", encoding="utf-8")
     server = subprocess.Popen([sys.executable, "-m", "doe_runtime.cli", "serve", str(root), "--port", str(port),
-                               "--max-resident", str(len(names)), "--threads", str(config.threads)],
+                               "--max-resident", str(len(names)), "--threads", str(config.threads)]
+                              + ([] if config.load_memory_arena else ["--no-memory-arena"]),
                               stdout=log_handle, stderr=subprocess.STDOUT, text=True)
     base = f"http://127.0.0.1:{port}"
     try:
@@ -609,7 +611,7 @@ async def _load(base: str, pid: int, requests: list, expected: list, config: Sui
                 ok = response.status_code == 200
                 labels = [p["label_id"] for p in response.json()["predictions"]] if ok else None
             except (httpx.HTTPError, ValueError, KeyError) as exc:
-                ok, labels, response = False, None, exc
+                ok, labels, response = False, None, f"{type(exc).__name__}: {exc}"
             elapsed = time.perf_counter() - t0
             if measuring.is_set() and not stop.is_set():
                 latencies.append(elapsed)
@@ -637,7 +639,7 @@ async def _load(base: str, pid: int, requests: list, expected: list, config: Sui
     rss = [r for _, during, r in samples if during] or [samples[-1][2]]
     ordered = sorted(latencies)
     pick = lambda q: ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")  # noqa: E731
-    return {"kind": "load", "connections": config.load_connections, "tasks": len({t for t, _ in requests}),
+    return {"kind": "load", "connections": config.load_connections, "memory_arena": config.load_memory_arena, "tasks": len({t for t, _ in requests}),
             "seconds": elapsed, "warmup_seconds": config.load_warmup_seconds, "requests": len(latencies),
             "errors": len(errors), "error_samples": errors[:5], "mismatches": mismatches,
             "requests_per_s": len(latencies) / elapsed,
@@ -855,7 +857,8 @@ def _render_load(rows, cfg, intro, out_dir) -> list[str]:
     for r in rows:
         lines += [f"{r['connections']} concurrent connections (one asyncio client) on loopback, requests of 1-4 texts "
                   f"(mixed lengths) round-robin over {r['tasks']} tasks, {r['seconds']:.0f} s measured after "
-                  f"{r['warmup_seconds']:.0f} s of warm-up; every answer compared with sequential `Router.predict`.", "",
+                  f"{r['warmup_seconds']:.0f} s of warm-up; every answer compared with sequential `Router.predict`; "
+                  f"onnxruntime CPU memory arena {'on' if r.get('memory_arena', True) else 'off'}.", "",
                   "| requests | errors | answers differing | requests/s | p50 ms | p90 ms | p99 ms | max ms | RSS after "
                   "warm-up → end (MiB) | growth |", "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
                   f"| {r['requests']} | {r['errors']} | {r['mismatches']} | {r['requests_per_s']:.1f} | "

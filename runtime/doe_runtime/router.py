@@ -282,7 +282,9 @@ class Router:
     ``precision`` / ``io_binding``: see :class:`Expert`. ``max_resident_bytes``: cap on the summed
     size of the resident experts' model files (their weights dominate a session's memory; the
     switch benchmark measures the real resident memory per expert); the least recently used are
-    dropped until the cap holds, the newest always stays.
+    dropped until the cap holds, the newest always stays. ``memory_arena=False`` turns off
+    onnxruntime's CPU memory arena (buffers go back to the allocator after each run instead of the
+    arena keeping its peak).
     ``auto_reload``: before each request, compare the task's bundle files with those the resident
     session was loaded from; a rebuilt bundle is loaded anew (requests already running finish on
     the old session, which is freed when they end). While a bundle is being swapped (its folder
@@ -303,6 +305,7 @@ class Router:
         precision: str = "auto",
         io_binding: bool | str = "auto",
         max_resident_bytes: int | None = None,
+        memory_arena: bool = True,
     ):
         if device not in DEVICES:
             raise ValueError(f"device must be one of {list(DEVICES)}, got {device!r}")
@@ -331,6 +334,7 @@ class Router:
         self.precision = precision
         self.io_binding = io_binding
         self.max_resident_bytes = max_resident_bytes
+        self.memory_arena = bool(memory_arena)
         self.sort_by_length = bool(sort_by_length)
         self.auto_reload = bool(auto_reload)
         self._bundles = discover(self.root)
@@ -376,11 +380,12 @@ class Router:
         return folder
 
     def _session_options(self) -> Any:
-        if self.intra_op_threads is None and self.inter_op_threads is None:
+        if self.intra_op_threads is None and self.inter_op_threads is None and self.memory_arena:
             return None
         import onnxruntime as ort
 
         options = ort.SessionOptions()
+        options.enable_cpu_mem_arena = self.memory_arena
         if self.intra_op_threads is not None:
             options.intra_op_num_threads = self.intra_op_threads
         options.inter_op_num_threads = self.inter_op_threads if self.inter_op_threads is not None else 1
