@@ -188,3 +188,34 @@ def test_huge_and_odd_inputs(bundles):
     assert len(router.predict("toy-single", odd)) == len(odd)
     many = ["short text"] * 5000
     assert len(router.predict("toy-single", many)) == 5000
+
+
+def test_admission_limit_caps_concurrent_predictions(bundles):
+    root, _ = bundles
+    router = Router(root, device="cpu", auto_reload=True)
+    active, peak, lock = [0], [0], threading.Lock()
+    original = router.predict
+
+    def counting(task, items):
+        with lock:
+            active[0] += 1
+            peak[0] = max(peak[0], active[0])
+        try:
+            time.sleep(0.02)
+            return original(task, items)
+        finally:
+            with lock:
+                active[0] -= 1
+
+    router.predict = counting
+    with TestClient(create_app(root, router=router, max_concurrency=1)) as c:
+        statuses = []
+        threads = [threading.Thread(target=lambda: statuses.append(
+            c.post("/v1/tasks/toy-single/predict", json={"inputs": ["a good film"]}).status_code)) for _ in range(6)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    assert statuses == [200] * 6 and peak[0] == 1
+    with pytest.raises(ValueError, match="max_concurrency must be an int >= 1"):
+        create_app(root, max_concurrency=0)

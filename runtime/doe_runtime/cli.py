@@ -99,6 +99,8 @@ def main(argv: list[str] | None = None) -> int:
     p_serve.add_argument("--batch-size", type=int, default=32, help="items per session run")
     p_serve.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads per session")
     p_serve.add_argument("--precision", choices=PRECISIONS, default="auto")
+    p_serve.add_argument("--max-concurrency", type=int, default=None,
+                         help="predictions running at once (default: CPU count); others wait their turn")
     p_serve.add_argument("--no-memory-arena", action="store_true",
                          help="turn off onnxruntime's CPU memory arena (it keeps the peak of concurrent runs)")
     p_serve.add_argument("--max-resident-bytes", type=int, default=None,
@@ -132,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
                   max_items=args.max_items, max_body_bytes=args.max_body_bytes, device=args.device,
                   max_resident=args.max_resident, batch_size=args.batch_size, intra_op_threads=args.threads,
                   precision=args.precision, max_resident_bytes=args.max_resident_bytes,
-                  memory_arena=not args.no_memory_arena)
+                  memory_arena=not args.no_memory_arena, max_concurrency=args.max_concurrency)
         else:
             items: list = list(args.texts)
             if args.pair:

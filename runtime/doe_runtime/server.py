@@ -99,8 +99,12 @@ async def _send_json(send, status: int, kind: str, message: str) -> None:
 
 
 def create_app(root: str | Path, router: Router | None = None, max_items: int = DEFAULT_MAX_ITEMS,
-               max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, **router_options: Any):
-    """The FastAPI application serving the bundles under ``root``."""
+               max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, max_concurrency: int | None = None,
+               **router_options: Any):
+    """The FastAPI application serving the bundles under ``root``.
+
+    ``max_concurrency``: predictions running at once (default: the CPU count); further requests
+    wait their turn instead of all sharing the cores, which keeps latency and memory bounded."""
     try:
         from fastapi import FastAPI, Request
         from fastapi.exceptions import RequestValidationError
@@ -113,6 +117,12 @@ def create_app(root: str | Path, router: Router | None = None, max_items: int = 
     if not isinstance(max_items, int) or max_items < 1:
         raise ValueError(f"max_items must be an int >= 1, got {max_items!r}")
     router = router or Router(root, auto_reload=True, **router_options)
+    import os
+
+    limit = max_concurrency if max_concurrency is not None else (os.cpu_count() or 1)
+    if not isinstance(limit, int) or limit < 1:
+        raise ValueError(f"max_concurrency must be an int >= 1, got {max_concurrency!r}")
+    admission = threading.BoundedSemaphore(limit)
     in_flight = {"count": 0}
     counter_lock = threading.Lock()
 
@@ -210,7 +220,8 @@ def create_app(root: str | Path, router: Router | None = None, max_items: int = 
             with counter_lock:
                 in_flight["count"] += 1
             try:
-                predictions = router.predict(task, items)
+                with admission:
+                    predictions = router.predict(task, items)
                 return {"task": task, "provider": router.provider(task), "precision": router.info(task)["precision"],
                         "predictions": [p.to_dict() for p in predictions]}
             finally:
@@ -233,7 +244,8 @@ def is_loopback(host: str) -> bool:
 
 
 def serve(root: str | Path, host: str = "127.0.0.1", port: int = 8000, allow_remote: bool = False,
-          max_items: int = DEFAULT_MAX_ITEMS, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, **router_options) -> None:
+          max_items: int = DEFAULT_MAX_ITEMS, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+          max_concurrency: int | None = None, **router_options) -> None:
     """Run the server until SIGINT/SIGTERM (uvicorn drains running requests before it exits)."""
     if not is_loopback(host) and not allow_remote:
         raise ValueError(f"refusing to listen on {host!r}, which is reachable from other machines; pass "
@@ -244,7 +256,8 @@ def serve(root: str | Path, host: str = "127.0.0.1", port: int = 8000, allow_rem
         raise ImportError("the HTTP server needs the [serve] extra: pip install 'doe-runtime[serve]'") from exc
     if not Path(root).is_dir():
         raise ValueError(f"bundle folder {root} does not exist; build bundles with `doe build --out {root}`")
-    app = create_app(root, max_items=max_items, max_body_bytes=max_body_bytes, **router_options)
+    app = create_app(root, max_items=max_items, max_body_bytes=max_body_bytes, max_concurrency=max_concurrency,
+                     **router_options)
     uvicorn.run(app, host=host, port=port, timeout_graceful_shutdown=30, log_level="info")
 
 
