@@ -162,9 +162,10 @@ def collect_stats(model, batches, total: int | None = None, progress: bool = Tru
             with torch.enable_grad():
                 logits = model(ids, mask)
                 gold = torch.log_softmax(logits.float(), dim=-1).gather(1, labels[:, None]).sum()
-                grads = torch.autograd.grad(gold, tap.acts, retain_graph=True)
-                if heads_tap:
-                    head_grads = torch.autograd.grad(gold, heads_tap.acts, retain_graph=True)
+                # one backward pass for the FFN activations and the heads' context vectors together
+                head_acts = heads_tap.acts if heads_tap else []
+                all_grads = torch.autograd.grad(gold, tap.acts + head_acts, retain_graph=True)
+                grads, head_grads = all_grads[: len(tap.acts)], all_grads[len(tap.acts):]
                 (-gold).backward()  # accumulates dL/dw of the FFN weights for the Taylor scorer
             full_mask = model.full_mask(mask)  # [B, P+T], prompt positions count as real
             weights = full_mask.unsqueeze(-1).double()
@@ -182,7 +183,7 @@ def collect_stats(model, batches, total: int | None = None, progress: bool = Tru
                     prompt_act[index].append(act[:, :prompt].mean(dim=1).float())
                 else:
                     prompt_act[index].append(masked_token_agg(act, full_mask, "mean").float())
-            for index, (ctx, grad) in enumerate(zip(heads_tap.acts if heads_tap else [], head_grads if heads_tap else [])):
+            for index, (ctx, grad) in enumerate(zip(head_acts, head_grads)):
                 batch, length, _ = ctx.shape  # [B, P+T, heads*head_dim] -> per head: sum over head_dim
                 product = (ctx.detach().double() * grad.double()).reshape(batch, length, head_counts[index], -1).sum(-1)
                 head_ag[index] += masked_token_agg(product, full_mask, "mean").sum(dim=0)

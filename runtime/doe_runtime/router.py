@@ -277,8 +277,9 @@ class Router:
     (CUDA when the session gets it, else CPU). ``max_resident``: sessions kept loaded at once.
     ``batch_size``: items per ``session.run``; ``max_batch_tokens``: cap on items x longest item
     per run (``None``: no cap). ``intra_op_threads`` / ``inter_op_threads``: onnxruntime threads
-    per session (``None``: onnxruntime's default; ``Router.info`` reports what each session got). ``sort_by_length``: batch items of similar length together (default;
-    ``False`` batches them in arrival order, padding each batch to its longest item).
+    per session (``None``: onnxruntime's default; ``Router.info`` reports what each session got).
+    ``sort_by_length``: batch items of similar length together (default; ``False`` batches them in
+    arrival order, padding each batch to its longest item).
     ``precision`` / ``io_binding``: see :class:`Expert`. ``max_resident_bytes``: cap on the summed
     size of the resident experts' model files (their weights dominate a session's memory; the
     switch benchmark measures the real resident memory per expert); the least recently used are
@@ -399,7 +400,6 @@ class Router:
             with self._lock:
                 if self._resident.get(task) is expert:
                     del self._resident[task]  # in-flight requests still hold the old expert
-            expert = None
         with self._lock:
             expert = self._resident.get(task)
             if expert is not None:
@@ -428,11 +428,6 @@ class Router:
             return bundle_signature(expert.folder) == expert.signature
         except FileNotFoundError:  # mid-swap (between the two renames): keep serving the loaded session
             return True
-
-    def unload(self, task: str) -> bool:
-        """Drop a task's resident session (it is freed once running requests end); True if one was resident."""
-        with self._lock:
-            return self._resident.pop(task, None) is not None
 
     def predict(self, task: str, inputs: Sequence[Any]) -> list[Prediction]:
         """Labels and probabilities for ``inputs`` (texts, or (text_a, text_b) pairs), in order.
