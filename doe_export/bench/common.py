@@ -102,6 +102,19 @@ def ratios(times: dict[str, list[float]], base: str, other: str) -> list[float]:
     return [b / o for b, o in zip(times[base], times[other])]
 
 
+def random_check_batches(vocab: int, seed: int, low: int = 5):
+    """Random token ids for exporting and validating a benchmark graph: (sample batch [2, 12], the
+    validation batches: the sample and a [3, 20] batch with one padded row)."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    sample = rng.integers(low, vocab, size=(2, 12)).astype(np.int64)
+    check = rng.integers(low, vocab, size=(3, 20)).astype(np.int64)
+    check_mask = np.ones_like(check)
+    check_mask[1, 9:] = 0  # one padded row
+    return (sample, np.ones_like(sample)), [(sample, np.ones_like(sample)), (check, check_mask)]
+
+
 def session(path: Path, threads: int):
     """A CPU onnxruntime session with ``threads`` intra-op threads, one inter-op thread, sequential."""
     import onnxruntime as ort

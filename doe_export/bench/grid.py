@@ -71,12 +71,7 @@ def build_graphs(config: GridConfig, folder: Path, log=print) -> tuple[dict[str,
              "layers": backbone.config.num_hidden_layers, "vocab": backbone.config.vocab_size,
              "prompt_length": config.prompt_length,
              "max_positions": getattr(backbone.config, "max_position_embeddings", None)}
-    rng = np.random.default_rng(config.seed)
-    sample_ids = rng.integers(5, shape["vocab"], size=(2, 12)).astype(np.int64)
-    sample_mask = np.ones_like(sample_ids)
-    check_ids = rng.integers(5, shape["vocab"], size=(3, 20)).astype(np.int64)
-    check_mask = np.ones_like(check_ids)
-    check_mask[1, 9:] = 0  # one padded row
+    (sample_ids, sample_mask), checks = common.random_check_batches(shape["vocab"], config.seed)
     models = {"dense": dense}
     for rate in config.rates:
         expert = copy.deepcopy(dense)
@@ -91,7 +86,7 @@ def build_graphs(config: GridConfig, folder: Path, log=print) -> tuple[dict[str,
             fused = folder / f"{name}.fused.onnx"
             fuse_for_ort(path, fused)
             path = fused
-        report = validate_onnx(model, path, [(sample_ids, sample_mask), (check_ids, check_mask)])
+        report = validate_onnx(model, path, checks)
         log(f"[grid] exported {name}{' (fused)' if config.fused else ''}: FFN widths {model.ffn_widths()}, "
             f"max|ORT - torch| {report['max_abs_diff']:.1e}")
         paths[name] = path

@@ -166,15 +166,9 @@ class Workbench:
         """Export (and optionally fuse) ``model``; validated against PyTorch after every rewrite."""
         from ..export import export_onnx, fuse_for_ort, validate_onnx
 
-        shape = self.shape
-        rng = np.random.default_rng(self.config.seed)
-        sample = rng.integers(1000, shape["vocab"], size=(2, 12)).astype(np.int64)
-        check = rng.integers(1000, shape["vocab"], size=(3, 20)).astype(np.int64)
-        check_mask = np.ones_like(check)
-        check_mask[1, 9:] = 0
-        batches = [(sample, np.ones_like(sample)), (check, check_mask)]
+        (sample, sample_mask), batches = common.random_check_batches(self.shape["vocab"], self.config.seed, low=1000)
         path = self.work / f"{name}.onnx"
-        export_onnx(model, path, sample, np.ones_like(sample))
+        export_onnx(model, path, sample, sample_mask)
         report = {"plain": validate_onnx(model, path, batches)["max_abs_diff"]}
         if fuse:
             fused = self.work / f"{name}.fused.onnx"
