@@ -222,7 +222,8 @@ def create_app(root: str | Path, router: Router | None = None, max_items: int = 
             try:
                 with admission:
                     predictions = router.predict(task, items)
-                return {"task": task, "provider": router.provider(task), "precision": router.info(task)["precision"],
+                info = router.info(task)  # one lookup (a bundle scan with auto_reload), not one per field
+                return {"task": task, "provider": info["provider"], "precision": info["precision"],
                         "predictions": [p.to_dict() for p in predictions]}
             finally:
                 with counter_lock:
