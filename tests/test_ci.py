@@ -1,0 +1,50 @@
+"""CI must do what the README tells a new user to do, in a fresh environment, with pinned versions."""
+
+import re
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def readme_commands() -> list[str]:
+    """The commands of the README's first shell block (comments and blank lines dropped)."""
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    block = re.search(r"```bash\n(.*?)```", text, re.S).group(1)
+    return [line.strip() for line in block.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+
+
+def test_ci_runs_the_readme_install_and_test_commands_in_a_fresh_venv():
+    install, main_job, tests = readme_commands()
+    assert main_job == "doe build"
+    ci = [line.strip() for line in (ROOT / ".ci" / "run").read_text().splitlines()]
+    assert install in ci and tests in ci, "the README's install/test commands and .ci/run have drifted apart"
+    assert ci.index(install) < ci.index(tests)
+    # a fresh environment: the install command creates and activates it before installing anything
+    assert install.startswith("python -m venv .venv && . .venv/bin/activate && ")
+    assert "rm -rf .venv" in ci[: ci.index(install)]
+    assert install.count("-c constraints.txt") == install.count("pip install")
+
+
+def test_constraints_pin_every_declared_dependency():
+    pins = {}
+    for line in (ROOT / "constraints.txt").read_text().splitlines():
+        line = line.split("#", 1)[0].strip()
+        if line:
+            name, _, version = line.partition("==")
+            assert version, f"constraints.txt: {line!r} is not an exact pin (name==version)"
+            pins[re.sub(r"[-_.]+", "-", name).lower()] = version
+    declared = []
+    for path in (ROOT / "pyproject.toml", ROOT / "runtime" / "pyproject.toml"):
+        text = path.read_text()
+        # every quoted requirement with a version operator: dependencies and extras, one or many per line
+        declared += re.findall(r'"([A-Za-z0-9_.\-]+)(?:\[[^\]]*\])?((?:[<>=!~]=?[^",]+,?)+)"', text)
+    checked = 0
+    for name, spec in declared:
+        key = re.sub(r"[-_.]+", "-", name).lower()
+        if key in ("doe-runtime", "setuptools", "onnxruntime-gpu"):  # gpu: not installable beside the cpu build
+            continue
+        assert key in pins, f"{name} is a dependency but constraints.txt does not pin it"
+        # every fast-moving dependency has both bounds
+        assert ">=" in spec and "<" in spec.replace("<=", ""), f"{name}{spec}: needs a lower and an upper bound"
+        checked += 1
+    assert checked >= 15
