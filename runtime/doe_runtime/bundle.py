@@ -13,11 +13,17 @@ Rules (MUST unless said otherwise):
 - Every path in a manifest is relative and MUST stay inside the bundle folder.
 - The reader MUST check the sha256 of ``model.onnx`` and ``tokenizer.json`` before use.
 - Folders whose names start with ``.`` are work areas of a writer and MUST be ignored by readers.
-- ``onnx.variants`` MAY map a precision (e.g. ``fp16``) to another graph of the same model with
-  the same inputs and outputs (``file``, ``sha256``, ``precision``, ``validation``); a reader
-  that uses a variant MUST check its sha256 like the main graph's.
+- ``onnx.variants`` MAY map a precision (``fp16``, ``int8``) to another graph of the same model
+  with the same inputs and outputs (``file``, ``sha256``, ``precision``, ``validation``; MAY carry
+  ``quality`` and ``speed`` measured by the exporter); a reader that uses a variant MUST check its
+  sha256 like the main graph's. A writer MUST NOT list a variant that failed its validation.
+- ``adaptation.prompt_length`` (MAY, default 0) is the number of positions the graph adds to
+  every call beside the text (a soft prompt); readers report it.
+- ``task.labels`` MUST have as many entries as the graph's ``logits`` has columns; a reader MUST
+  refuse a bundle where they differ, at load time.
 
-This module uses the standard library only, so both sides can import it cheaply.
+The typed form of the manifest is :class:`doe_runtime.manifest.Manifest`. This module and
+``manifest.py`` use the standard library only, so both sides can import them cheaply.
 """
 
 from __future__ import annotations
@@ -25,31 +31,18 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 from pathlib import Path
 from typing import Any
 
-SCHEMA_VERSION = 1
-KNOWN_SCHEMA_VERSIONS = (1,)
+from .errors import BundleError, TaskNameError
+from .manifest import (INPUT_KINDS, KNOWN_SCHEMA_VERSIONS, SCHEMA_VERSION, TASK_NAME_PATTERN, FileRef, Manifest,
+                       check_task_name)
+
 MANIFEST_FILE = "manifest.json"
-TASK_NAME_PATTERN = re.compile(r"[a-z0-9][a-z0-9._-]*")
-INPUT_KINDS = ("single", "pair")
 
-
-class BundleError(ValueError):
-    """A bundle on disk is missing, malformed, tampered with or of an unknown version."""
-
-
-def check_task_name(name: object) -> str:
-    """Return ``name`` if it is a valid task name, else raise ``ValueError`` saying why."""
-    if not isinstance(name, str):
-        raise ValueError(f"task name must be a string, got {type(name).__name__}: {name!r}")
-    if not TASK_NAME_PATTERN.fullmatch(name) or name in (".", ".."):
-        raise ValueError(
-            f"invalid task name {name!r}: task names must match [a-z0-9][a-z0-9._-]* "
-            "(lower-case letters, digits, '.', '_' and '-', starting with a letter or digit)"
-        )
-    return name
+__all__ = ["BundleError", "TaskNameError", "FileRef", "Manifest", "INPUT_KINDS", "KNOWN_SCHEMA_VERSIONS",
+           "MANIFEST_FILE", "SCHEMA_VERSION", "TASK_NAME_PATTERN", "check_task_name", "discover", "read_manifest",
+           "resolve_inside", "sha256_file", "validate_manifest", "verify_file", "verify_files"]
 
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
@@ -82,57 +75,13 @@ def resolve_inside(folder: Path, relative: object, what: str) -> Path:
     return target
 
 
-def _require(mapping: Any, key: str, kind: type | tuple[type, ...], where: str) -> Any:
-    if not isinstance(mapping, dict) or key not in mapping:
-        raise BundleError(f"{where}: missing field {key!r}")
-    value = mapping[key]
-    if not isinstance(value, kind):
-        names = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
-        raise BundleError(f"{where}: field {key!r} must be {names}, found {type(value).__name__}: {value!r}")
-    return value
+def validate_manifest(manifest: Any, where: str) -> Manifest:
+    """Check a manifest document (a dict); return it typed or raise ``BundleError`` naming the field."""
+    return Manifest.from_json(manifest, where)
 
 
-def validate_manifest(manifest: Any, where: str) -> dict:
-    """Check the fields the runtime relies on; raise ``BundleError`` naming ``where`` and the field."""
-    if not isinstance(manifest, dict):
-        raise BundleError(f"{where}: manifest must be a JSON object, found {type(manifest).__name__}")
-    version = manifest.get("schema_version")
-    if version not in KNOWN_SCHEMA_VERSIONS:
-        raise BundleError(
-            f"{where}: unknown schema_version {version!r}; this doe-runtime reads schema versions "
-            f"{list(KNOWN_SCHEMA_VERSIONS)}. Upgrade doe-runtime or re-export the bundle."
-        )
-    task = _require(manifest, "task", dict, where)
-    try:
-        check_task_name(_require(task, "name", str, where + " task"))
-    except ValueError as exc:
-        raise BundleError(f"{where}: {exc}") from None
-    kind = _require(task, "input", str, where + " task")
-    if kind not in INPUT_KINDS:
-        raise BundleError(f"{where}: task.input must be one of {list(INPUT_KINDS)}, found {kind!r}")
-    labels = _require(task, "labels", list, where + " task")
-    if not labels or not all(isinstance(label, str) for label in labels):
-        raise BundleError(f"{where}: task.labels must be a non-empty list of strings, found {labels!r}")
-    onnx_spec = _require(manifest, "onnx", dict, where)
-    _require(onnx_spec, "file", str, where + " onnx")
-    _require(onnx_spec, "sha256", str, where + " onnx")
-    for key in ("inputs", "outputs"):
-        specs = _require(onnx_spec, key, list, where + " onnx")
-        for spec in specs:
-            _require(spec, "name", str, f"{where} onnx.{key}")
-            _require(spec, "dtype", str, f"{where} onnx.{key}")
-    tok = _require(manifest, "tokenizer", dict, where)
-    _require(tok, "file", str, where + " tokenizer")
-    _require(tok, "sha256", str, where + " tokenizer")
-    max_length = _require(tok, "max_length", int, where + " tokenizer")
-    if max_length < 2:
-        raise BundleError(f"{where}: tokenizer.max_length must be >= 2, found {max_length}")
-    _require(tok, "pad_id", int, where + " tokenizer")
-    return manifest
-
-
-def read_manifest(folder: str | os.PathLike) -> dict:
-    """Read and validate ``<folder>/manifest.json`` (no hashing; see :func:`verify_files`)."""
+def read_manifest(folder: str | os.PathLike) -> Manifest:
+    """Read and check ``<folder>/manifest.json`` (no hashing; see :func:`verify_files`)."""
     folder = Path(folder)
     path = folder / MANIFEST_FILE
     if not path.is_file():
@@ -140,46 +89,43 @@ def read_manifest(folder: str | os.PathLike) -> dict:
             f"{folder}: no {MANIFEST_FILE}; not a bundle (an export that did not finish leaves no manifest)"
         )
     try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
+        document = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise BundleError(f"{path}: not valid JSON ({exc}); re-export the bundle") from None
-    validate_manifest(manifest, str(path))
-    name = manifest["task"]["name"]
-    if name != folder.name:
+    manifest = Manifest.from_json(document, str(path))
+    if manifest.task.name != folder.name:
         raise BundleError(
-            f"{path}: task name {name!r} does not match the folder name {folder.name!r}; "
+            f"{path}: task name {manifest.task.name!r} does not match the folder name {folder.name!r}; "
             "rename the folder to the task name"
         )
-    for section in ("onnx", "tokenizer"):
-        resolve_inside(folder, manifest[section]["file"], f"{section}.file")
-    variants = manifest["onnx"].get("variants", {})
-    if not isinstance(variants, dict):
-        raise BundleError(f"{path}: onnx.variants must be an object, found {type(variants).__name__}")
-    for precision, spec in variants.items():
-        where = f"{path} onnx.variants.{precision}"
-        _require(spec, "sha256", str, where)
-        resolve_inside(folder, _require(spec, "file", str, where), f"onnx.variants.{precision}.file")
+    resolve_inside(folder, manifest.onnx.file, "onnx.file")
+    resolve_inside(folder, manifest.tokenizer.file, "tokenizer.file")
+    for precision, variant in manifest.onnx.variants.items():
+        resolve_inside(folder, variant.file, f"onnx.variants.{precision}.file")
     return manifest
 
 
-def verify_file(folder: Path, spec: dict, field: str) -> Path:
-    """Check one file named by a manifest entry ({file, sha256}); return its path."""
-    path = resolve_inside(folder, spec["file"], field)
+def verify_file(folder: Path, ref: FileRef, field: str) -> Path:
+    """Check one file named by a manifest entry (file + sha256); return its path."""
+    path = resolve_inside(folder, ref.file, field)
     if not path.is_file():
         raise BundleError(f"{path}: file named by {field} in {folder / MANIFEST_FILE} is missing")
     found = sha256_file(path)
-    if found != spec["sha256"]:
+    if found != ref.sha256:
         raise BundleError(
-            f"{path}: sha256 mismatch (manifest says {spec['sha256']}, file has {found}); "
+            f"{path}: sha256 mismatch (manifest says {ref.sha256}, file has {found}); "
             "the file was changed or truncated after export. Re-export this task's bundle."
         )
     return path
 
 
-def verify_files(folder: str | os.PathLike, manifest: dict) -> tuple[Path, Path]:
-    """Check sha256 of the model and tokenizer files; return their paths."""
+def verify_files(folder: str | os.PathLike, manifest: Manifest) -> list[Path]:
+    """Check the sha256 of the model, the tokenizer and every variant; return their paths."""
     folder = Path(folder)
-    return verify_file(folder, manifest["onnx"], "onnx.file"), verify_file(folder, manifest["tokenizer"], "tokenizer.file")
+    paths = [verify_file(folder, manifest.onnx, "onnx.file"), verify_file(folder, manifest.tokenizer, "tokenizer.file")]
+    for precision, variant in sorted(manifest.onnx.variants.items()):
+        paths.append(verify_file(folder, variant, f"onnx.variants.{precision}.file"))
+    return paths
 
 
 def discover(root: str | os.PathLike) -> dict[str, Path]:

@@ -15,8 +15,9 @@ import json
 import sys
 from pathlib import Path
 
-from .bundle import BundleError, discover, read_manifest, verify_files
-from .router import DEVICES, PRECISIONS, DeviceError, InputError, Router, UnknownTaskError
+from .bundle import discover, read_manifest, verify_files
+from .errors import DoeRuntimeError, InputError
+from .router import DEVICES, PRECISIONS, Router
 
 
 def _read_jsonl(path: str) -> list:
@@ -44,24 +45,6 @@ def _read_jsonl(path: str) -> list:
                 value = tuple(value)
             items.append(value)
     return items
-
-
-def _summary(folder: Path, manifest: dict) -> dict:
-    arch = manifest.get("architecture", {})
-    pruning = manifest.get("pruning", {})
-    return {
-        "task": manifest["task"]["name"],
-        "input": manifest["task"]["input"],
-        "labels": manifest["task"]["labels"],
-        "metric": manifest["task"].get("metric"),
-        "base_model": manifest.get("base_model", {}).get("name"),
-        "ffn_widths": arch.get("ffn_widths"),
-        "pruning": {k: pruning.get(k) for k in ("method", "rate", "layer_types", "budget") if k in pruning},
-        "params": {k: pruning.get(k) for k in ("params_before", "params_after") if k in pruning},
-        "quality": manifest.get("quality"),
-        "validation": manifest.get("validation"),
-        "path": str(folder),
-    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -114,19 +97,30 @@ def main(argv: list[str] | None = None) -> int:
         args.texts = list(args.texts) + extra
     try:
         if args.command == "list":
+            broken = 0
             for task, folder in discover(args.root).items():
-                manifest = read_manifest(folder)
-                quality = manifest.get("quality", {})
+                try:
+                    manifest = read_manifest(folder)
+                except DoeRuntimeError as exc:  # one broken bundle does not hide the others
+                    broken += 1
+                    print(f"{task}\tBROKEN\t{exc}")
+                    continue
+                quality = manifest.quality
                 print(
-                    f"{task}\t{manifest['task']['input']}\t{len(manifest['task']['labels'])} labels\t"
-                    f"{quality.get('metric', '?')} dense={quality.get('dense')} expert={quality.get('expert')}"
+                    f"{task}\t{manifest.task.input}\t{len(manifest.task.labels)} labels\t"
+                    f"{quality.get('metric', '?')} dense={quality.get('dense')} expert={quality.get('expert')}\t"
+                    f"precisions {','.join([manifest.onnx.precision] + sorted(manifest.onnx.variants))}"
                 )
+            if broken:
+                print(f"doe-runtime: {broken} bundle(s) cannot be read (marked BROKEN above)", file=sys.stderr)
+                return 1
         elif args.command == "inspect":
             folder = Path(args.bundle)
             manifest = read_manifest(folder)
             verify_files(folder, manifest)
-            print(json.dumps(manifest if args.full else _summary(folder, manifest), indent=2))
-            print("files verified: sha256 of model and tokenizer match the manifest", file=sys.stderr)
+            print(json.dumps(manifest.to_json() if args.full else manifest.summary(), indent=2))
+            print(f"{folder}: files verified (sha256 of model, tokenizer and every variant match the manifest)",
+                  file=sys.stderr)
         elif args.command == "serve":
             from .server import serve
 
@@ -148,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
             info = router.info(args.task)
             print(f"task {args.task}: {len(predictions)} predictions on {info['provider']} ({info['precision']}"
                   f"{', IOBinding' if info['io_binding'] else ''})", file=sys.stderr)
-    except (BundleError, UnknownTaskError, InputError, DeviceError, ValueError, OSError, ImportError) as exc:
+    except (DoeRuntimeError, ValueError, OSError, ImportError) as exc:
         print(f"doe-runtime: error: {exc}", file=sys.stderr)
         return 2
     return 0

@@ -17,26 +17,17 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from .bundle import BundleError, check_task_name, discover, read_manifest, verify_file
+from .bundle import FileRef, check_task_name, discover, read_manifest, verify_file
+from .errors import BundleError, ConfigError, DeviceError, InputError, UnknownTaskError
+from .manifest import Manifest
+from .tokenization import configure_tokenizer, encode_batch, length_sorted_batches, plan_batches
 
 DEVICES = ("auto", "cpu", "cuda")
 CPU = "CPUExecutionProvider"
 CUDA = "CUDAExecutionProvider"
 
-
-class UnknownTaskError(LookupError):
-    """The router has no bundle for the requested task."""
-
-    def __str__(self) -> str:  # LookupError would quote the message
-        return str(self.args[0])
-
-
-class InputError(TypeError):
-    """The inputs given to ``predict`` do not fit the task."""
-
-
-class DeviceError(RuntimeError):
-    """``device='cuda'`` was demanded but the session did not get the CUDA provider."""
+__all__ = ["CPU", "CUDA", "DEVICES", "PRECISIONS", "DeviceError", "Expert", "InputError", "Prediction", "Router",
+           "UnknownTaskError", "configure_tokenizer", "encode_batch", "length_sorted_batches", "plan_batches"]
 
 
 @dataclass(frozen=True)
@@ -61,14 +52,24 @@ def bundle_signature(folder: Path) -> tuple:
     return tuple(sorted(entries))
 
 
-PRECISIONS = ("auto", "fp32", "fp16")
+PRECISIONS = ("auto", "fp32", "fp16", "int8")
+
+
+def choose_precision(requested: str, provider: str, available: Sequence[str]) -> str:
+    """The graph to serve: ``requested`` if not ``"auto"``; on CUDA the fp16 variant, on CPU the int8
+    variant, when the bundle has it (a variant is only written when it passed validation), else fp32."""
+    if requested != "auto":
+        return requested
+    preferred = "fp16" if provider == CUDA else "int8"
+    return preferred if preferred in available else "fp32"
 
 
 class Expert:
     """One loaded bundle: tokenizer + onnxruntime session + manifest.
 
-    ``precision``: ``"fp32"`` (the main graph), ``"fp16"`` (the bundle's fp16 variant; error if it
-    has none) or ``"auto"`` (fp16 when the session runs on CUDA and the variant exists, else fp32).
+    ``precision``: ``"fp32"`` (the main graph), ``"fp16"`` / ``"int8"`` (the bundle's variant of that
+    precision; error if it has none) or ``"auto"`` (:func:`choose_precision`: fp16 on CUDA, int8 on
+    CPU, when the bundle has them, else fp32).
     ``io_binding``: ``"auto"`` (on CUDA), ``True`` or ``False``: with it, each call binds the inputs
     once and lets onnxruntime allocate the output on the session's device.
     """
@@ -79,21 +80,20 @@ class Expert:
         from tokenizers import Tokenizer
 
         if precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {list(PRECISIONS)}, got {precision!r}")
+            raise ConfigError(f"precision must be one of {list(PRECISIONS)}, got {precision!r}")
         self.folder = folder
         self.signature = bundle_signature(folder)  # taken before reading: a change during the load shows next time
-        self.manifest = read_manifest(folder)
-        tokenizer_path = verify_file(folder, self.manifest["tokenizer"], "tokenizer.file")
-        self.task = self.manifest["task"]["name"]
-        self.labels = list(self.manifest["task"]["labels"])
-        self.pair = self.manifest["task"]["input"] == "pair"
-
-        tok_spec = self.manifest["tokenizer"]
+        self.manifest: Manifest = read_manifest(folder)
+        tok_spec = self.manifest.tokenizer
+        tokenizer_path = verify_file(folder, tok_spec, "tokenizer.file")
+        self.task = self.manifest.task.name
+        self.labels = list(self.manifest.task.labels)
+        self.pair = self.manifest.task.pair
         try:
             tokenizer = Tokenizer.from_file(str(tokenizer_path))
         except Exception as exc:  # tokenizers raises a bare Exception on malformed files
             raise BundleError(f"{tokenizer_path}: cannot be read as a tokenizers file ({exc})") from exc
-        self.tokenizer = configure_tokenizer(tokenizer, tok_spec["max_length"], tok_spec["pad_id"], tok_spec.get("pad_token", "[PAD]"))
+        self.tokenizer = configure_tokenizer(tokenizer, tok_spec.max_length, tok_spec.pad_id, tok_spec.pad_token)
 
         available = ort.get_available_providers()
         if device == "cpu":
@@ -107,19 +107,21 @@ class Expert:
             )
         else:
             providers = [CPU]
-        variants = self.manifest["onnx"].get("variants", {})
-        if precision == "fp16" and "fp16" not in variants:
-            raise BundleError(f"{folder}: precision='fp16' asked for but the bundle has no fp16 variant "
-                              "(onnx.variants); rebuild it with `doe build` (fp16 variants are on by default)")
-        want_fp16 = precision == "fp16" or (precision == "auto" and providers[0] == CUDA and "fp16" in variants)
-        self.session = self._session(ort, variants["fp16"] if want_fp16 else self.manifest["onnx"], providers,
-                                     session_options, "onnx.variants.fp16.file" if want_fp16 else "onnx.file")
+        variants = self.manifest.onnx.variants
+        if precision not in ("auto", self.manifest.onnx.precision) and precision not in variants:
+            have = [self.manifest.onnx.precision] + sorted(variants)
+            raise BundleError(f"{folder}: precision={precision!r} asked for but the bundle has no {precision} "
+                              f"variant (it has: {', '.join(have)}); rebuild it with `doe build` (fp16 and int8 "
+                              "variants are written when they pass validation), or use precision='auto'")
+        # the provider decides "auto", and the provider is only known once a session exists
+        chosen = choose_precision(precision, CUDA if providers[0] == CUDA else CPU, variants)
+        self.session = self._session(ort, chosen, providers, session_options)
         self.provider = self.session.get_providers()[0]
-        if want_fp16 and precision == "auto" and self.provider != CUDA:  # fp16 on CPU is slow: use fp32
-            want_fp16 = False
-            self.session = self._session(ort, self.manifest["onnx"], providers, session_options, "onnx.file")
+        if precision == "auto" and choose_precision("auto", self.provider, variants) != chosen:
+            chosen = choose_precision("auto", self.provider, variants)  # CUDA was listed but not granted
+            self.session = self._session(ort, chosen, providers, session_options)
             self.provider = self.session.get_providers()[0]
-        self.precision = "fp16" if want_fp16 else self.manifest["onnx"].get("precision", "fp32")
+        self.precision = chosen
         if device == "cuda" and self.provider != CUDA:
             raise DeviceError(
                 f"task {self.task!r}: device='cuda' demanded but the session got {self.session.get_providers()} "
@@ -130,24 +132,38 @@ class Expert:
         self._check_io()
         self.run(np.asarray([[1, 2]], dtype=np.int64), np.ones((1, 2), dtype=np.int64))  # warm-up at load
 
-    def _session(self, ort, spec: dict, providers: list[str], options: Any, field: str):
-        path = verify_file(self.folder, spec, field)
+    def _session(self, ort, precision: str, providers: list[str], options: Any):
+        main = self.manifest.onnx
+        ref: FileRef = main if precision == main.precision else main.variants[precision]
+        field = "onnx.file" if ref is main else f"onnx.variants.{precision}.file"
+        path = verify_file(self.folder, ref, field)
         self.model_bytes = path.stat().st_size
+        disabled = main.session.get("disabled_optimizers") or []
         try:
+            if disabled:  # the optimizers the exporter measured to slow this graph down (manifest onnx.session)
+                return ort.InferenceSession(str(path), sess_options=options, providers=providers,
+                                            disabled_optimizers=list(disabled))
             return ort.InferenceSession(str(path), sess_options=options, providers=providers)
         except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph types
             raise BundleError(f"{path}: onnxruntime cannot load this model ({exc}); re-export the bundle") from exc
 
     def _check_io(self) -> None:
-        spec = self.manifest["onnx"]
-        want_in = [item["name"] for item in spec["inputs"]]
-        want_out = [item["name"] for item in spec["outputs"]]
+        spec = self.manifest.onnx
+        want_in, want_out = spec.input_names, spec.output_names
         got_in = [item.name for item in self.session.get_inputs()]
-        got_out = [item.name for item in self.session.get_outputs()]
+        outputs = self.session.get_outputs()
+        got_out = [item.name for item in outputs]
         if got_in != want_in or got_out != want_out:
             raise BundleError(
                 f"{self.folder}: model inputs/outputs {got_in} -> {got_out} do not match the manifest's "
                 f"{want_in} -> {want_out}; re-export the bundle"
+            )
+        width = outputs[0].shape[-1] if outputs[0].shape else None
+        if isinstance(width, int) and width != len(self.labels):
+            raise BundleError(
+                f"{self.folder}: the model's {want_out[0]!r} has {width} columns but task.labels in the manifest "
+                f"names {len(self.labels)} labels ({list(self.labels)}); the manifest does not belong to this "
+                "model. Re-export the bundle"
             )
         self.input_names = got_in
         self.output_name = want_out[0]
@@ -206,57 +222,6 @@ class Expert:
                 "intra_op_threads": options.intra_op_num_threads, "inter_op_threads": options.inter_op_num_threads}
 
 
-def configure_tokenizer(tokenizer: Any, max_length: int, pad_id: int, pad_token: str) -> Any:
-    """Truncate each item to ``max_length`` tokens (pairs: longest first) and pad to the batch's longest.
-
-    The export side tokenizes through this same function, so training, validation and serving
-    see identical ids.
-    """
-    tokenizer.enable_truncation(max_length=max_length, strategy="longest_first")
-    tokenizer.enable_padding(direction="right", pad_id=pad_id, pad_token=pad_token)
-    return tokenizer
-
-
-def encode_batch(tokenizer: Any, items: list) -> tuple[np.ndarray, np.ndarray]:
-    """Texts or (text_a, text_b) pairs -> (input_ids, attention_mask), both [B, T] int64."""
-    encodings = tokenizer.encode_batch(items)
-    ids = np.asarray([enc.ids for enc in encodings], dtype=np.int64)
-    mask = np.asarray([enc.attention_mask for enc in encodings], dtype=np.int64)
-    return ids, mask
-
-
-def plan_batches(lengths: np.ndarray, batch_size: int, max_tokens: int | None = None,
-                 sort: bool = True) -> list[np.ndarray]:
-    """Group item indices by length (shortest first) into batches of at most ``batch_size`` items
-    and, if given, at most ``max_tokens`` padded tokens (items x longest); one item always fits.
-    ``sort=False`` keeps the arrival order (the baseline the length sorting is measured against)."""
-    order = np.argsort(lengths, kind="stable") if sort else np.arange(len(lengths))
-    batches, current, longest = [], [], 0
-    for index in order:
-        new_longest = max(longest, int(lengths[index]))
-        if current and (len(current) == batch_size or (max_tokens and (len(current) + 1) * new_longest > max_tokens)):
-            batches.append(np.asarray(current))
-            current, new_longest = [], int(lengths[index])
-        current.append(int(index))
-        longest = new_longest
-    if current:
-        batches.append(np.asarray(current))
-    return batches
-
-
-def length_sorted_batches(tokenizer: Any, items: list, batch_size: int, max_tokens: int | None = None,
-                          sort: bool = True):
-    """Tokenize once, then yield (indices, ids, mask) batches of similar lengths, each cut to its
-    own longest item (right padding makes that exact)."""
-    if not items:
-        return
-    ids, mask = encode_batch(tokenizer, items)  # right-padded to the longest item
-    lengths = mask.sum(axis=1)
-    for chunk in plan_batches(lengths, batch_size, max_tokens, sort):
-        width = int(lengths[chunk].max())
-        yield chunk, np.ascontiguousarray(ids[chunk, :width]), np.ascontiguousarray(mask[chunk, :width])
-
-
 def _describe(item: Any) -> str:
     text = repr(item)
     if len(text) > 60:
@@ -309,29 +274,29 @@ class Router:
         memory_arena: bool = True,
     ):
         if device not in DEVICES:
-            raise ValueError(f"device must be one of {list(DEVICES)}, got {device!r}")
+            raise ConfigError(f"device must be one of {list(DEVICES)}, got {device!r}")
         if not isinstance(max_resident, int) or max_resident < 1:
-            raise ValueError(f"max_resident must be an int >= 1, got {max_resident!r}")
+            raise ConfigError(f"max_resident must be an int >= 1, got {max_resident!r}")
         if not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+            raise ConfigError(f"batch_size must be an int >= 1, got {batch_size!r}")
         self.root = Path(root)
         self.device = device
         self.max_resident = max_resident
         if max_batch_tokens is not None and (not isinstance(max_batch_tokens, int) or max_batch_tokens < 1):
-            raise ValueError(f"max_batch_tokens must be an int >= 1 or None, got {max_batch_tokens!r}")
+            raise ConfigError(f"max_batch_tokens must be an int >= 1 or None, got {max_batch_tokens!r}")
         self.batch_size = batch_size
         self.max_batch_tokens = max_batch_tokens
         for name, value in (("intra_op_threads", intra_op_threads), ("inter_op_threads", inter_op_threads)):
             if value is not None and (not isinstance(value, int) or value < 1):
-                raise ValueError(f"{name} must be an int >= 1 or None (onnxruntime's default), got {value!r}")
+                raise ConfigError(f"{name} must be an int >= 1 or None (onnxruntime's default), got {value!r}")
         self.intra_op_threads = intra_op_threads
         self.inter_op_threads = inter_op_threads
         if precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {list(PRECISIONS)}, got {precision!r}")
+            raise ConfigError(f"precision must be one of {list(PRECISIONS)}, got {precision!r}")
         if io_binding not in ("auto", True, False):
-            raise ValueError(f"io_binding must be 'auto', True or False, got {io_binding!r}")
+            raise ConfigError(f"io_binding must be 'auto', True or False, got {io_binding!r}")
         if max_resident_bytes is not None and (not isinstance(max_resident_bytes, int) or max_resident_bytes < 1):
-            raise ValueError(f"max_resident_bytes must be an int >= 1 or None, got {max_resident_bytes!r}")
+            raise ConfigError(f"max_resident_bytes must be an int >= 1 or None, got {max_resident_bytes!r}")
         self.precision = precision
         self.io_binding = io_binding
         self.max_resident_bytes = max_resident_bytes
@@ -354,7 +319,8 @@ class Router:
             self._bundles = found
         return self.tasks
 
-    def manifest(self, task: str) -> dict:
+    def manifest(self, task: str) -> Manifest:
+        """The task's manifest, read and checked (no hashing; the session load checks the files)."""
         return read_manifest(self._folder(task))
 
     def resident(self) -> list[str]:
@@ -377,7 +343,7 @@ class Router:
             folder = self._bundles.get(task)
         if folder is None:
             known = ", ".join(self.tasks) or "none"
-            raise UnknownTaskError(f"unknown task {task!r} under {self.root}; known tasks: {known}")
+            raise UnknownTaskError(f"unknown task {task!r}; known tasks: {known}")
         return folder
 
     def _session_options(self) -> Any:

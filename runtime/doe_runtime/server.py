@@ -25,35 +25,15 @@ import threading
 from pathlib import Path
 from typing import Annotated, Any, Union
 
-from .bundle import BundleError, read_manifest
-from .router import DeviceError, InputError, Router, UnknownTaskError
+from .bundle import read_manifest
+from .errors import (BundleError, ConfigError, DeviceError, DoeRuntimeError, InputError, TaskNameError,
+                     UnknownTaskError)
+from .router import Router
 
 log = logging.getLogger("doe_runtime.server")
 
 DEFAULT_MAX_BODY_BYTES = 4 * 1024 * 1024
 DEFAULT_MAX_ITEMS = 256
-
-
-def summary(task: str, manifest: dict, provider: str | None = None) -> dict:
-    """The parts of a manifest a client needs (never local paths)."""
-    arch = manifest.get("architecture", {})
-    pruning = manifest.get("pruning", {})
-    onnx = manifest.get("onnx", {})
-    return {
-        "task": task,
-        "input": manifest["task"]["input"],
-        "labels": manifest["task"]["labels"],
-        "metric": manifest["task"].get("metric"),
-        "base_model": manifest.get("base_model", {}).get("name"),
-        "architecture": {k: arch.get(k) for k in ("family", "num_layers", "ffn_widths", "num_heads") if k in arch},
-        "pruning": {k: pruning.get(k) for k in ("method", "rate", "head_rate", "layer_types", "params_before",
-                                                "params_after") if k in pruning},
-        "precision": onnx.get("precision"),
-        "max_length": manifest.get("tokenizer", {}).get("max_length"),
-        "quality": manifest.get("quality"),
-        "created": manifest.get("created"),
-        "provider": provider,
-    }
 
 
 class BodyLimit:
@@ -115,13 +95,13 @@ def create_app(root: str | Path, router: Router | None = None, max_items: int = 
         raise ImportError("the HTTP server needs the [serve] extra: pip install 'doe-runtime[serve]'") from exc
 
     if not isinstance(max_items, int) or max_items < 1:
-        raise ValueError(f"max_items must be an int >= 1, got {max_items!r}")
+        raise ConfigError(f"max_items must be an int >= 1, got {max_items!r}")
     router = router or Router(root, auto_reload=True, **router_options)
     import os
 
     limit = max_concurrency if max_concurrency is not None else (os.cpu_count() or 1)
     if not isinstance(limit, int) or limit < 1:
-        raise ValueError(f"max_concurrency must be an int >= 1, got {max_concurrency!r}")
+        raise ConfigError(f"max_concurrency must be an int >= 1, got {max_concurrency!r}")
     admission = threading.BoundedSemaphore(limit)
     in_flight = {"count": 0}
     counter_lock = threading.Lock()
@@ -174,43 +154,46 @@ def create_app(root: str | Path, router: Router | None = None, max_items: int = 
         return error(422, "invalid_request", f"the request does not match the schema: {problems}. Expected "
                                               '{"inputs": ["text", ...]} or {"inputs": [["text_a", "text_b"], ...]}')
 
+    # Health and listing are async: they run on the event loop, never in the thread pool where
+    # predictions wait for an admission slot, so a liveness probe answers under any load.
     @app.get("/healthz")
-    def healthz() -> dict:
+    async def healthz() -> dict:
         return {"status": "ok"}
 
     @app.get("/readyz", responses={503: {"model": ErrorResponse}})
-    def readyz():
+    async def readyz():
         tasks = router.refresh()
         if not tasks:
-            return error(503, "not_ready", f"no bundles under {router.root.name!r} yet")
+            return error(503, "not_ready", "no bundles under the served folder yet; build some with `doe build`")
         return {"status": "ready", "tasks": len(tasks), "in_flight": in_flight["count"]}
 
     @app.get("/v1/tasks")
-    def list_tasks() -> dict:
+    async def list_tasks() -> dict:
         out = []
         for task in router.refresh():
             try:
-                out.append(summary(task, router.manifest(task)))
+                out.append(router.manifest(task).summary())
             except (BundleError, OSError) as exc:
-                out.append({"task": task, "error": f"bundle cannot be read: {exc}"})
+                out.append({"task": task, "error": _public(exc, router.root)})
         return {"tasks": out}
 
     def _task_response(task: str, call):
         try:
             return call()
-        except UnknownTaskError as exc:
-            return error(404, "unknown_task", str(exc))
+        except (TaskNameError, UnknownTaskError) as exc:
+            return error(404, "unknown_task", _public(exc, router.root))
         except InputError as exc:
-            return error(422, "invalid_inputs", str(exc))
+            return error(422, "invalid_inputs", _public(exc, router.root))
         except (BundleError, DeviceError, OSError) as exc:
             log.warning("task %s unavailable: %s", task, exc)
-            return error(503, "bundle_unavailable", f"task {task!r} cannot be served now: {exc}")
-        except ValueError as exc:  # invalid task name (checked before touching the filesystem)
-            return error(404, "unknown_task", str(exc))
+            return error(503, "bundle_unavailable", f"task {task!r} cannot be served now: {_public(exc, router.root)}")
+        except DoeRuntimeError as exc:  # every other error of ours: still JSON, still no local path
+            log.exception("task %s failed", task)
+            return error(500, type(exc).__name__, _public(exc, router.root))
 
     @app.get("/v1/tasks/{task}", responses=errors)
     def describe(task: str):
-        return _task_response(task, lambda: summary(task, router.manifest(task)))
+        return _task_response(task, lambda: router.manifest(task).summary())
 
     @app.post("/v1/tasks/{task}/predict", response_model=PredictResponse, responses=errors)
     def predict(task: str, body: PredictRequest):
@@ -235,6 +218,14 @@ def create_app(root: str | Path, router: Router | None = None, max_items: int = 
     return app
 
 
+def _public(exc: BaseException, root: Path) -> str:
+    """An error message fit for a client: the served folder's absolute path replaced by its name."""
+    text = str(exc)
+    for form in {str(Path(root)), str(Path(root).resolve())}:
+        text = text.replace(form + "/", "").replace(form, Path(root).name)
+    return text if len(text) <= 2000 else text[:2000] + "..."
+
+
 def is_loopback(host: str) -> bool:
     if host == "localhost":
         return True
@@ -249,17 +240,17 @@ def serve(root: str | Path, host: str = "127.0.0.1", port: int = 8000, allow_rem
           max_concurrency: int | None = None, **router_options) -> None:
     """Run the server until SIGINT/SIGTERM (uvicorn drains running requests before it exits)."""
     if not is_loopback(host) and not allow_remote:
-        raise ValueError(f"refusing to listen on {host!r}, which is reachable from other machines; pass "
+        raise ConfigError(f"refusing to listen on {host!r}, which is reachable from other machines; pass "
                          "--allow-remote if that is intended (there is no authentication)")
     try:
         import uvicorn
     except ImportError as exc:
         raise ImportError("the HTTP server needs the [serve] extra: pip install 'doe-runtime[serve]'") from exc
     if not Path(root).is_dir():
-        raise ValueError(f"bundle folder {root} does not exist; build bundles with `doe build --out {root}`")
+        raise ConfigError(f"bundle folder {root} does not exist; build bundles with `doe build --out {root}`")
     app = create_app(root, max_items=max_items, max_body_bytes=max_body_bytes, max_concurrency=max_concurrency,
                      **router_options)
     uvicorn.run(app, host=host, port=port, timeout_graceful_shutdown=30, log_level="info")
 
 
-__all__ = ["create_app", "serve", "summary", "is_loopback", "read_manifest"]
+__all__ = ["create_app", "serve", "is_loopback", "read_manifest"]
