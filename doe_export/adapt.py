@@ -1,11 +1,15 @@
-"""Adaptation of a TaskModel to a task: prompt tuning (paper default) or full fine-tuning.
+"""The training loop shared by adaptation and recovery.
 
-- ``prompt``: only the soft prompt and the head train; the backbone is frozen and kept in eval
-  mode (no dropout), as in the DoE paper.
-- ``finetune``: every parameter trains.
+- ``params="prompt"``: only the soft prompt and the head train; the backbone is frozen and kept in
+  eval mode (no dropout), as in the DoE paper's prompt tuning.
+- ``params="all"``: every parameter trains (fine-tuning; full recovery).
 
-The same loop does the *recovery* step after pruning (a shorter run of the same mode).
-After each epoch the dev metric is measured and the best epoch's trainable weights are kept.
+With a ``teacher`` the loss is logit distillation plus cross-entropy (Hinton et al.)::
+
+    loss = distill * T^2 * KL(softmax(teacher / T) || softmax(student / T)) + (1 - distill) * CE(student, gold)
+
+The teacher's logits are computed once for the whole training split (they do not change between
+epochs). After each epoch the dev metric is measured and the best epoch's weights are kept.
 """
 
 from __future__ import annotations
@@ -14,34 +18,63 @@ import random
 import time
 from dataclasses import dataclass
 
+import numpy as np
 import torch
-from torch import nn
+from torch.nn import functional as F
 from tqdm.auto import tqdm
 
-from doe_runtime.router import encode_batch
+from doe_runtime.tokenization import encode_batch
 
-from .evaluate import evaluate_torch
+from .console import log
+from .errors import ConfigError
+from .evaluate import evaluate_torch, torch_logits
 from .tasks import Split
 
-DEFAULT_LR = {"prompt": 1e-2, "finetune": 8e-5}
+PARAMS = ("prompt", "all")
+DEFAULT_LR = {"prompt": 1e-2, "all": 8e-5}
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    mode: str = "prompt"  # "prompt" | "finetune"
+    params: str = "prompt"  # "prompt" (soft prompt + head) | "all"
     epochs: int = 2
-    lr: float | None = None  # None: DEFAULT_LR[mode]
+    lr: float | None = None  # None: DEFAULT_LR[params]
     batch_size: int = 16
     seed: int = 0
     max_grad_norm: float = 1.0
+    distill: float = 0.0  # weight of the distillation term (needs a teacher); 0: cross-entropy only
+    temperature: float = 2.0
+
+    def check(self) -> "TrainConfig":
+        if self.params not in PARAMS:
+            raise ConfigError(f"trained parameters must be one of {PARAMS}, got {self.params!r}")
+        if self.epochs < 0 or self.batch_size < 1:
+            raise ConfigError(f"epochs must be >= 0 and batch size >= 1, got {self.epochs} and {self.batch_size}")
+        if self.lr is not None and not self.lr > 0:
+            raise ConfigError(f"learning rate must be > 0, got {self.lr}")
+        if not 0.0 <= self.distill <= 1.0 or not self.temperature > 0:
+            raise ConfigError(f"distillation weight must be in [0, 1] and temperature > 0, got {self.distill} and "
+                              f"{self.temperature}")
+        return self
 
     def learning_rate(self) -> float:
-        return self.lr if self.lr is not None else DEFAULT_LR[self.mode]
+        return self.lr if self.lr is not None else DEFAULT_LR[self.params]
 
 
 def set_seed(seed: int) -> None:
     random.seed(seed)
     torch.manual_seed(seed)
+
+
+def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor, weight: float,
+                      temperature: float) -> torch.Tensor:
+    """``weight * T^2 * KL(teacher_T || student_T) + (1 - weight) * CE(student, labels)``."""
+    hard = F.cross_entropy(student, labels)
+    if weight == 0.0:
+        return hard
+    soft = F.kl_div(F.log_softmax(student / temperature, dim=-1), F.log_softmax(teacher / temperature, dim=-1),
+                    reduction="batchmean", log_target=True) * temperature ** 2
+    return weight * soft + (1.0 - weight) * hard
 
 
 def train(
@@ -53,36 +86,45 @@ def train(
     config: TrainConfig,
     desc: str = "train",
     progress: bool = True,
+    teacher=None,
 ) -> dict:
     """Train in place; return a record (losses, dev metric per epoch, best epoch, seconds)."""
-    if config.epochs < 0:
-        raise ValueError(f"epochs must be >= 0, got {config.epochs}")
+    config.check()
+    if config.distill > 0 and teacher is None:
+        raise ConfigError(f"{desc}: distillation weight {config.distill} needs a teacher model")
     start = time.perf_counter()
-    record = {"mode": config.mode, "epochs": config.epochs, "lr": config.learning_rate(),
+    record = {"params": config.params, "epochs": config.epochs, "lr": config.learning_rate(),
               "batch_size": config.batch_size, "examples": len(train_split), "seed": config.seed,
+              "distill": config.distill if teacher is not None else 0.0, "temperature": config.temperature,
               "epoch_loss": [], "dev_metric": []}
     if config.epochs == 0 or len(train_split) == 0:
         record["seconds"] = 0.0
         return record
     set_seed(config.seed)
-    params = model.trainable(config.mode)
-    optimizer = torch.optim.AdamW(params, lr=config.learning_rate(), weight_decay=0.0 if config.mode == "prompt" else 0.01)
+    teacher_logits = None
+    if teacher is not None and config.distill > 0:
+        teacher_logits = torch.from_numpy(torch_logits(teacher, tokenizer, train_split.inputs))  # [N, K], once
+    params = model.trainable("prompt" if config.params == "prompt" else "finetune")
+    optimizer = torch.optim.AdamW(params, lr=config.learning_rate(),
+                                  weight_decay=0.0 if config.params == "prompt" else 0.01)
     steps_per_epoch = (len(train_split) + config.batch_size - 1) // config.batch_size
     total = steps_per_epoch * config.epochs
     warmup = max(1, total // 10)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: min((step + 1) / warmup, max(0.0, (total - step) / max(1, total - warmup)))
     )
-    loss_fn = nn.CrossEntropyLoss()
     rng = random.Random(config.seed)
     best = (float("-inf"), None, -1)
     order = list(range(len(train_split)))
     for epoch in range(config.epochs):
         model.train()
-        if config.mode == "prompt":
+        if config.params == "prompt":
             model.backbone.eval()  # frozen backbone: no dropout, as in prompt tuning
         rng.shuffle(order)
         losses = []
+        epoch_start = time.perf_counter()
+        if not progress:
+            log(f"{desc}: epoch {epoch + 1}/{config.epochs} ({steps_per_epoch} batches of {config.batch_size})")
         bar = tqdm(range(steps_per_epoch), desc=f"{desc} epoch {epoch + 1}/{config.epochs}", disable=not progress,
                    leave=False, unit="batch")
         for step in bar:
@@ -90,7 +132,10 @@ def train(
             ids, mask = encode_batch(tokenizer, [train_split.inputs[i] for i in chunk])
             labels = torch.tensor([train_split.labels[i] for i in chunk])
             logits = model(torch.from_numpy(ids), torch.from_numpy(mask))
-            loss = loss_fn(logits, labels)
+            if teacher_logits is not None:
+                loss = distillation_loss(logits, teacher_logits[chunk], labels, config.distill, config.temperature)
+            else:
+                loss = F.cross_entropy(logits, labels)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
@@ -105,6 +150,11 @@ def train(
             record["dev_metric"].append(value)
             if value > best[0]:
                 best = (value, {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}, epoch)
+        if not progress:
+            spent = time.perf_counter() - epoch_start
+            dev = f", dev {metric} {record['dev_metric'][-1]:.4f}" if record["dev_metric"] else ""
+            log(f"{desc}: epoch {epoch + 1}/{config.epochs} done in {spent:.0f}s (loss {record['epoch_loss'][-1]:.3f}"
+                f"{dev}); about {spent * (config.epochs - epoch - 1):.0f}s left")
     if best[1] is not None and best[2] != config.epochs - 1:
         with torch.no_grad():
             named = dict(model.named_parameters())
@@ -116,3 +166,34 @@ def train(
     for param in model.parameters():
         param.requires_grad_(False)
     return record
+
+
+def examples_per_second(model, tokenizer, split: Split, config: TrainConfig, batches: int = 4) -> float:
+    """Training throughput measured on a few batches of ``split`` (weights restored afterwards)."""
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    params = model.trainable("prompt" if config.params == "prompt" else "finetune")
+    optimizer = torch.optim.AdamW(params, lr=config.learning_rate())
+    model.train()
+    rng = np.random.default_rng(config.seed)
+    seen, start = 0, None
+    for index in range(batches + 1):  # the first batch warms up and is not timed
+        if index == 1:
+            start = time.perf_counter()
+        chunk = rng.choice(len(split), size=min(config.batch_size, len(split)), replace=False)
+        ids, mask = encode_batch(tokenizer, [split.inputs[i] for i in chunk])
+        loss = F.cross_entropy(model(torch.from_numpy(ids), torch.from_numpy(mask)),
+                               torch.tensor([split.labels[i] for i in chunk]))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if index >= 1:
+            seen += len(chunk)
+    rate = seen / (time.perf_counter() - start)
+    model.load_state_dict(state)
+    model.eval()
+    for param in model.parameters():
+        param.requires_grad_(False)
+    return rate
+
+
+__all__ = ["DEFAULT_LR", "PARAMS", "TrainConfig", "distillation_loss", "examples_per_second", "set_seed", "train"]

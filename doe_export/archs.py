@@ -19,6 +19,8 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from .errors import UnsupportedModelError
+
 
 @dataclass(frozen=True)
 class ArchSpec:
@@ -105,10 +107,6 @@ ARCHS: dict[str, ArchSpec] = {
         ),
     )
 }
-
-
-class UnsupportedModelError(ValueError):
-    pass
 
 
 def supported_model_types() -> list[str]:

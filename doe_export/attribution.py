@@ -29,9 +29,10 @@ from dataclasses import dataclass, field
 import torch
 from tqdm.auto import tqdm
 
-from doe_runtime.router import encode_batch
+from doe_runtime.tokenization import encode_batch
 
 from .tasks import Split
+from .errors import ConfigError
 
 TOKEN_AGGS = ("mean", "max")
 
@@ -44,28 +45,43 @@ class Scores:
     info: dict = field(default_factory=dict)
 
 
+STATS = ("ag_mean", "ag_max", "abs_ag_mean", "act", "abs_act", "abs_grad", "taylor", "prompt_act", "head_ag_mean")
+
+
 @dataclass
 class CalibrationStats:
-    """Per-layer sums over the calibration data (see the module docstring for the notation)."""
+    """Per-layer sums over the calibration data (see the module docstring for the notation).
+
+    Only the statistics a scorer declares in ``Scorer.needs`` are gathered; the others stay None.
+    """
 
     examples: int
     tokens: int
-    ag_mean: list[torch.Tensor]  # sum over examples of mean_tokens(h*g)
-    ag_max: list[torch.Tensor]  # sum over examples of max_tokens(h*g)
-    abs_ag_mean: list[torch.Tensor]  # sum over examples of mean_tokens |h*g|
-    act: list[torch.Tensor]  # sum over tokens of h
-    abs_act: list[torch.Tensor]  # sum over tokens of |h|
-    abs_grad: list[torch.Tensor]  # sum over tokens of |g|
-    taylor: list[torch.Tensor]  # sum over the neuron's weights of |w * accumulated dL/dw|
-    prompt_act: list[torch.Tensor]  # [N, I]: mean activation over prompt positions, per example
-    labels: torch.Tensor  # [N]
-    num_labels: int
+    ag_mean: list[torch.Tensor] | None = None  # sum over examples of mean_tokens(h*g)
+    ag_max: list[torch.Tensor] | None = None  # sum over examples of max_tokens(h*g)
+    abs_ag_mean: list[torch.Tensor] | None = None  # sum over examples of mean_tokens |h*g|
+    act: list[torch.Tensor] | None = None  # sum over tokens of h
+    abs_act: list[torch.Tensor] | None = None  # sum over tokens of |h|
+    abs_grad: list[torch.Tensor] | None = None  # sum over tokens of |g|
+    taylor: list[torch.Tensor] | None = None  # sum over the neuron's weights of |w * accumulated dL/dw|
+    prompt_act: list[torch.Tensor] | None = None  # [N, I]: mean activation over prompt positions, per example
+    labels: torch.Tensor | None = None  # [N]
+    num_labels: int = 0
     # per layer [heads]: sum over examples of mean_tokens(sum over the head's dims of c*dF/dc), where
     # c is the input of the attention output projection (the heads' context vectors)
     head_ag_mean: list[torch.Tensor] | None = None
+    gathered: tuple[str, ...] = STATS
 
     def mean_activation(self) -> list[torch.Tensor]:
+        if self.act is None:
+            raise ConfigError("mean activations were not gathered: pass needs including 'act' to collect_stats")
         return [(s / self.tokens).float() for s in self.act]
+
+    def require(self, names, who: str) -> None:
+        missing = sorted(set(names) - set(self.gathered))
+        if missing:
+            raise ConfigError(f"{who} needs calibration statistics {missing}, which were not gathered "
+                             f"(gathered: {list(self.gathered)})")
 
 
 class ActivationTap:
@@ -109,7 +125,7 @@ def masked_token_agg(values: torch.Tensor, mask: torch.Tensor, agg: str) -> torc
 def calibration_batches(tokenizer, split: Split, examples: int, batch_size: int, seed: int):
     """Seeded sample of ``examples`` items of ``split``, batched: (ids, mask, labels) tensors."""
     if examples > len(split):
-        raise ValueError(f"calibration needs {examples} examples but the split ({split.name}) has {len(split)}")
+        raise ConfigError(f"calibration needs {examples} examples but the split ({split.name}) has {len(split)}")
     picked = random.Random(seed).sample(range(len(split)), examples)
     for start in range(0, examples, batch_size):
         chunk = picked[start : start + batch_size]
@@ -134,55 +150,79 @@ def _taylor(model, layer) -> torch.Tensor:
     return total + (down.weight * down.weight.grad).abs().sum(dim=0).double()
 
 
-def collect_stats(model, batches, total: int | None = None, progress: bool = True) -> CalibrationStats:
-    """One pass over the calibration batches; gradients of log p(gold) w.r.t. activations and FFN weights."""
+def collect_stats(model, batches, total: int | None = None, progress: bool = True,
+                  needs=STATS) -> CalibrationStats:
+    """One pass over the calibration batches, gathering only the statistics in ``needs``.
+
+    Gradients of log p(gold) w.r.t. the FFN activations (and the heads' context vectors) are taken
+    only if a gradient statistic is needed; the extra backward pass for the weights' gradients only
+    for ``taylor``."""
+    needs = tuple(name for name in STATS if name in set(needs))
+    unknown = sorted(set(needs) - set(STATS))
+    if unknown:
+        raise ConfigError(f"unknown statistics {unknown}; known: {list(STATS)}")
+    want = set(needs)
+    grad_stats = want & {"ag_mean", "ag_max", "abs_ag_mean", "abs_grad", "head_ag_mean", "taylor"}
+    heads = "head_ag_mean" in want and model.spec.heads_module is not None
     model.eval()
     layers = list(model.spec.layer_list(model.backbone))
-    ffn_params = [p for layer in layers for p in _ffn_params(model, layer)]
+    ffn_params = [p for layer in layers for p in _ffn_params(model, layer)] if "taylor" in want else []
     all_params = list(model.parameters())
     flags = [p.requires_grad for p in all_params]
     saved_grads = [p.grad for p in ffn_params]
-    for param in all_params:  # only the FFN weights collect gradients during the pass
+    for param in all_params:  # only the FFN weights collect gradients during the pass (taylor)
         param.requires_grad_(False)
     for param in ffn_params:
         param.requires_grad_(True)
         param.grad = None
     tap = ActivationTap(model)
-    heads_tap = ActivationTap(model, "attention") if model.spec.heads_module is not None else None
+    heads_tap = ActivationTap(model, "attention") if heads else None
     head_counts = model.spec.head_counts(model.backbone) if heads_tap else []
-    head_ag = [torch.zeros(h, dtype=torch.float64) for h in head_counts]
     widths = model.ffn_widths()
     zeros = lambda: [torch.zeros(w, dtype=torch.float64) for w in widths]  # noqa: E731
-    ag_mean, ag_max, abs_ag_mean, act_sum, abs_act, abs_grad = zeros(), zeros(), zeros(), zeros(), zeros(), zeros()
+    sums = {name: zeros() for name in ("ag_mean", "ag_max", "abs_ag_mean", "act", "abs_act", "abs_grad") if name in want}
+    head_ag = [torch.zeros(h, dtype=torch.float64) for h in head_counts]
     prompt_act: list[list[torch.Tensor]] = [[] for _ in widths]
     labels_seen, tokens, examples = [], 0, 0
     try:
         for ids, mask, labels in tqdm(batches, total=total, desc="attribution", disable=not progress,
                                       leave=False, unit="batch"):
-            with torch.enable_grad():
+            with torch.set_grad_enabled(bool(grad_stats)):
                 logits = model(ids, mask)
-                gold = torch.log_softmax(logits.float(), dim=-1).gather(1, labels[:, None]).sum()
-                # one backward pass for the FFN activations and the heads' context vectors together
-                head_acts = heads_tap.acts if heads_tap else []
-                all_grads = torch.autograd.grad(gold, tap.acts + head_acts, retain_graph=True)
-                grads, head_grads = all_grads[: len(tap.acts)], all_grads[len(tap.acts):]
-                (-gold).backward()  # accumulates dL/dw of the FFN weights for the Taylor scorer
+                grads, head_grads, head_acts = [None] * len(tap.acts), [], []
+                if grad_stats:
+                    gold = torch.log_softmax(logits.float(), dim=-1).gather(1, labels[:, None]).sum()
+                    # one backward pass for the FFN activations and the heads' context vectors together
+                    head_acts = heads_tap.acts if heads_tap else []
+                    all_grads = torch.autograd.grad(gold, tap.acts + head_acts, retain_graph="taylor" in want)
+                    grads, head_grads = all_grads[: len(tap.acts)], all_grads[len(tap.acts):]
+                    if "taylor" in want:
+                        (-gold).backward()  # accumulates dL/dw of the FFN weights for the Taylor scorer
             full_mask = model.full_mask(mask)  # [B, P+T], prompt positions count as real
             weights = full_mask.unsqueeze(-1).double()
             prompt = model.prompt_length
             for index, (act, grad) in enumerate(zip(tap.acts, grads)):
-                act, grad = act.detach().double(), grad.double()
-                product = act * grad  # [B, P+T, I]
-                ag_mean[index] += masked_token_agg(product, full_mask, "mean").sum(dim=0)
-                ag_max[index] += masked_token_agg(product, full_mask, "max").sum(dim=0)
-                abs_ag_mean[index] += masked_token_agg(product.abs(), full_mask, "mean").sum(dim=0)
-                act_sum[index] += (act * weights).sum(dim=(0, 1))
-                abs_act[index] += (act.abs() * weights).sum(dim=(0, 1))
-                abs_grad[index] += (grad.abs() * weights).sum(dim=(0, 1))
-                if prompt:
-                    prompt_act[index].append(act[:, :prompt].mean(dim=1).float())
-                else:
-                    prompt_act[index].append(masked_token_agg(act, full_mask, "mean").float())
+                act = act.detach().double()
+                if grad is not None:
+                    grad = grad.double()
+                    product = act * grad  # [B, P+T, I]
+                    if "ag_mean" in sums:
+                        sums["ag_mean"][index] += masked_token_agg(product, full_mask, "mean").sum(dim=0)
+                    if "ag_max" in sums:
+                        sums["ag_max"][index] += masked_token_agg(product, full_mask, "max").sum(dim=0)
+                    if "abs_ag_mean" in sums:
+                        sums["abs_ag_mean"][index] += masked_token_agg(product.abs(), full_mask, "mean").sum(dim=0)
+                    if "abs_grad" in sums:
+                        sums["abs_grad"][index] += (grad.abs() * weights).sum(dim=(0, 1))
+                if "act" in sums:
+                    sums["act"][index] += (act * weights).sum(dim=(0, 1))
+                if "abs_act" in sums:
+                    sums["abs_act"][index] += (act.abs() * weights).sum(dim=(0, 1))
+                if "prompt_act" in want:
+                    if prompt:
+                        prompt_act[index].append(act[:, :prompt].mean(dim=1).float())
+                    else:
+                        prompt_act[index].append(masked_token_agg(act, full_mask, "mean").float())
             for index, (ctx, grad) in enumerate(zip(head_acts, head_grads)):
                 batch, length, _ = ctx.shape  # [B, P+T, heads*head_dim] -> per head: sum over head_dim
                 product = (ctx.detach().double() * grad.double()).reshape(batch, length, head_counts[index], -1).sum(-1)
@@ -191,8 +231,8 @@ def collect_stats(model, batches, total: int | None = None, progress: bool = Tru
             tokens += int(full_mask.sum())
             examples += ids.shape[0]
         if examples == 0:
-            raise ValueError("attribution got no calibration examples")
-        taylor = [_taylor(model, layer) for layer in layers]
+            raise ConfigError("attribution got no calibration examples")
+        taylor = [_taylor(model, layer) for layer in layers] if "taylor" in want else None
     finally:
         tap.close()
         if heads_tap:
@@ -201,16 +241,24 @@ def collect_stats(model, batches, total: int | None = None, progress: bool = Tru
             param.grad = grad
         for param, flag in zip(all_params, flags):
             param.requires_grad_(flag)
-    return CalibrationStats(examples, tokens, ag_mean, ag_max, abs_ag_mean, act_sum, abs_act, abs_grad, taylor,
-                            [torch.cat(chunks) for chunks in prompt_act], torch.cat(labels_seen), model.num_labels,
-                            head_ag if heads_tap else None)
+    gathered = tuple(n for n in needs if n != "head_ag_mean" or heads)
+    return CalibrationStats(
+        examples, tokens, taylor=taylor, labels=torch.cat(labels_seen), num_labels=model.num_labels,
+        prompt_act=[torch.cat(chunks) for chunks in prompt_act] if "prompt_act" in want else None,
+        head_ag_mean=head_ag if heads else None, gathered=gathered, **sums)
 
 
 class Scorer:
-    """Base of the plug-ins: ``needs_data`` says whether :func:`collect_stats` must run first."""
+    """Base of the plug-ins: ``needs`` names the statistics :func:`collect_stats` must gather for
+    the FFN scores (empty: data-free), ``head_needs`` those for head scores."""
 
     name = "base"
-    needs_data = True
+    needs: tuple[str, ...] = ()
+    head_needs: tuple[str, ...] = ()
+
+    @property
+    def needs_data(self) -> bool:
+        return bool(self.needs)
 
     def config(self) -> dict:
         return {"scorer": self.name}
@@ -220,22 +268,27 @@ class Scorer:
 
     def head_importance(self, model, stats: CalibrationStats | None) -> list[torch.Tensor]:
         """One value per attention head and layer (higher = keep); scorers that cannot score heads refuse."""
-        raise ValueError(f"scorer {self.name!r} scores FFN neurons only; attention heads can be scored by: "
+        raise ConfigError(f"scorer {self.name!r} scores FFN neurons only; attention heads can be scored by: "
                          f"{', '.join(HEAD_SCORERS)}")
 
     def score_heads(self, model, stats: CalibrationStats | None) -> list[torch.Tensor]:
         if model.spec.heads_module is None:
-            raise ValueError(f"attention heads of the {model.spec.family!r} family cannot be scored or removed; "
+            raise ConfigError(f"attention heads of the {model.spec.family!r} family cannot be scored or removed; "
                              "use layer types 'ffn'")
-        if self.needs_data and (stats is None or stats.head_ag_mean is None):
-            raise ValueError(f"scorer {self.name!r} needs calibration statistics with head sums (collect_stats)")
+        if self.head_needs:
+            if stats is None:
+                raise ConfigError(f"scorer {self.name!r} needs calibration statistics (collect_stats) to score heads")
+            stats.require(self.head_needs, f"scorer {self.name!r} (heads)")
         return [t.float() for t in self.head_importance(model, stats)]
 
     def score(self, model, stats: CalibrationStats | None) -> Scores:
-        if self.needs_data and stats is None:
-            raise ValueError(f"scorer {self.name!r} needs calibration statistics (collect_stats)")
+        if self.needs:
+            if stats is None:
+                raise ConfigError(f"scorer {self.name!r} needs calibration statistics (collect_stats)")
+            stats.require(self.needs, f"scorer {self.name!r}")
         importance = [t.float() for t in self.importance(model, stats)]
-        mean_act = stats.mean_activation() if stats is not None else [torch.zeros(w) for w in model.ffn_widths()]
+        mean_act = (stats.mean_activation() if stats is not None and stats.act is not None
+                    else [torch.zeros(w) for w in model.ffn_widths()])
         return Scores(importance, mean_act, stats.examples if stats is not None else 0, self.config())
 
 
@@ -246,11 +299,13 @@ class DoEScorer(Scorer):
 
     def __init__(self, token_agg: str = "mean", rank: str = "abs-of-mean"):
         if token_agg not in TOKEN_AGGS:
-            raise ValueError(f"token_agg must be one of {TOKEN_AGGS}, got {token_agg!r}")
+            raise ConfigError(f"token_agg must be one of {TOKEN_AGGS}, got {token_agg!r}")
         if rank not in ("abs-of-mean", "mean-abs"):
-            raise ValueError(f"rank must be 'abs-of-mean' or 'mean-abs', got {rank!r}")
+            raise ConfigError(f"rank must be 'abs-of-mean' or 'mean-abs', got {rank!r}")
         self.token_agg = token_agg
         self.rank = rank
+        self.needs = ("abs_ag_mean",) if rank == "mean-abs" else ("ag_mean",) if token_agg == "mean" else ("ag_max",)
+        self.head_needs = ("head_ag_mean",)
 
     def config(self) -> dict:
         return {"scorer": self.name, "token_agg": self.token_agg, "objective": "log p(gold)",
@@ -270,7 +325,6 @@ class DoEScorer(Scorer):
 
 class RandomScorer(Scorer):
     name = "random"
-    needs_data = False
 
     def __init__(self, seed: int = 0):
         self.seed = seed
@@ -289,6 +343,7 @@ class RandomScorer(Scorer):
 
 class ActivationScorer(Scorer):
     name = "activation"
+    needs = ("abs_act",)
 
     def importance(self, model, stats):
         return [s / stats.tokens for s in stats.abs_act]
@@ -296,6 +351,7 @@ class ActivationScorer(Scorer):
 
 class GradientScorer(Scorer):
     name = "gradient"
+    needs = ("abs_grad",)
 
     def importance(self, model, stats):
         return [s / stats.tokens for s in stats.abs_grad]
@@ -303,7 +359,6 @@ class GradientScorer(Scorer):
 
 class MagnitudeScorer(Scorer):
     name = "magnitude"
-    needs_data = False
 
     def importance(self, model, stats):
         out = []
@@ -316,6 +371,7 @@ class MagnitudeScorer(Scorer):
 
 class TaylorScorer(Scorer):
     name = "taylor"
+    needs = ("taylor",)
 
     def importance(self, model, stats):
         return stats.taylor
@@ -323,6 +379,7 @@ class TaylorScorer(Scorer):
 
 class SkillScorer(Scorer):
     name = "skill"
+    needs = ("prompt_act",)
 
     def importance(self, model, stats):
         onehot = torch.nn.functional.one_hot(stats.labels, stats.num_labels).float()  # [N, C]
@@ -344,7 +401,7 @@ HEAD_SCORERS = ("doe", "random")
 
 def make_scorer(name: str, **options) -> Scorer:
     if name not in SCORERS:
-        raise ValueError(f"unknown scorer {name!r}; available: {', '.join(sorted(SCORERS))}")
+        raise ConfigError(f"unknown scorer {name!r}; available: {', '.join(sorted(SCORERS))}")
     cls = SCORERS[name]
     accepted = {"doe": ("token_agg", "rank"), "random": ("seed",)}.get(name, ())
     return cls(**{key: value for key, value in options.items() if key in accepted})

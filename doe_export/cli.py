@@ -17,6 +17,9 @@ import os
 import sys
 
 
+from .errors import ConfigError
+
+
 def _positive_or_none(text: str) -> int | None:
     if text.lower() in ("none", "all", "0"):
         return None
@@ -52,12 +55,21 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--cache-dir", default=None, help="where downloads (SNLI sdist) are kept; env DOE_CACHE_DIR, "
                                                       "default ~/.cache/doe-export")
     b.add_argument("--out", default="artifacts", help="bundle output folder (one sub-folder per task)")
-    b.add_argument("--adapt", choices=("prompt", "finetune"), default="prompt",
-                   help="prompt tuning (soft prompt + head, frozen backbone; the paper's setting) or full fine-tuning")
-    b.add_argument("--prompt-length", type=int, default=20, help="soft prompt tokens (prompt tuning)")
+    b.add_argument("--adapt", choices=("finetune", "prompt"), default="finetune",
+                   help="finetune: train everything, the shipped graph has no soft prompt (no extra positions per "
+                        "call); prompt: the paper's prompt tuning (soft prompt + head, frozen backbone; the graph "
+                        "carries --prompt-length extra positions in every call)")
+    b.add_argument("--prompt-length", type=int, default=20, help="soft prompt tokens (--adapt prompt only)")
     b.add_argument("--epochs", type=int, default=3, help="adaptation epochs (best dev epoch is kept)")
-    b.add_argument("--recovery-epochs", type=int, default=1, help="re-tuning epochs after pruning (0: none)")
-    b.add_argument("--lr", type=float, default=None, help="learning rate (default 1e-2 prompt, 8e-5 finetune)")
+    b.add_argument("--lr", type=float, default=None, help="adaptation learning rate (default 1e-2 prompt, 8e-5 finetune)")
+    b.add_argument("--recovery-epochs", type=int, default=1, help="re-training epochs after pruning (0: none)")
+    b.add_argument("--recovery-params", choices=("all", "prompt"), default=None,
+                   help="what recovery trains: every remaining weight, or the soft prompt + head (default: all after "
+                        "--adapt finetune, prompt after --adapt prompt)")
+    b.add_argument("--distill", type=float, default=0.5,
+                   help="weight of logit distillation from the dense model in recovery (0: cross-entropy only)")
+    b.add_argument("--temperature", type=float, default=2.0, help="distillation temperature")
+    b.add_argument("--recovery-lr", type=float, default=None, help="recovery learning rate (default as --lr)")
     b.add_argument("--batch-size", type=int, default=16)
     b.add_argument("--scorer", default="doe",
                    help="neuron scorer plug-in: doe (the paper), random, activation, gradient, magnitude, taylor, skill")
@@ -72,23 +84,31 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--round-to", type=int, default=1, help="round kept widths up to a multiple of this (e.g. 8)")
     b.add_argument("--fold-bias", action="store_true",
                    help="fold removed neurons' mean activation into the down-projection bias")
+    b.add_argument("--exporter", choices=("torchscript", "dynamo"), default="torchscript",
+                   help="torch.onnx exporter: TorchScript (dynamo=False; faster graphs on CPU here) or dynamo")
     b.add_argument("--fuse", action="store_true",
                    help="rewrite the graph with onnxruntime fusions (fused attention, SkipLayerNorm, BiasGelu); "
                         "validated against PyTorch like the plain graph")
     b.add_argument("--no-fp16", action="store_true",
                    help="skip the fp16 variant of each bundle (model.fp16.onnx, used on CUDA)")
+    b.add_argument("--no-int8", action="store_true",
+                   help="skip the int8 variant of each bundle (model.int8.onnx, dynamic quantization, used on CPU)")
     b.add_argument("--calib-examples", type=int, default=256, help="training examples used for attribution")
     b.add_argument("--max-train", type=_positive_or_none, default=1000, help="cap on training examples ('none': all)")
     b.add_argument("--max-dev", type=_positive_or_none, default=200, help="cap on dev examples for epoch selection")
-    b.add_argument("--max-eval", type=_positive_or_none, default=1000, help="cap on test examples reported")
+    b.add_argument("--max-eval", type=_positive_or_none, default=1000,
+                   help="cap on test examples reported: a seeded stratified sample ('none': the whole split)")
     b.add_argument("--max-length", type=int, default=128, help="max tokens per input (prompt excluded)")
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--json", dest="json_out", default=None, help="also write the results as JSON to this file")
     b.add_argument("--no-progress", action="store_true", help="no progress bars")
     g = sub.add_parser("bench", help="benchmark suites (records + Markdown report + plots)",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    g.add_argument("--suite", choices=("grid", "layers", "peers", "switch", "e2e", "load", "all"), default="grid",
-                   help="grid: dense vs FFN experts over batch x tokens beside the FLOP bound; layers: FFN vs heads vs "
+    g.add_argument("--suite", choices=("grid", "replace", "layers", "peers", "switch", "e2e", "load", "all"),
+                   default="grid",
+                   help="grid: dense vs FFN experts over batch x tokens beside the FLOP bound; replace: the bundle as "
+                        "`doe build` ships it, through Router, against the plain dense export of the same fine-tuned "
+                        "model in fp32 and int8, on real texts and fixed shapes, metric beside speed; layers: FFN vs heads vs "
                         "both at matched budgets with task metrics; peers: PyTorch eager, ONNX dense, expert, fused, "
                         "int8; switch: round-robin over N experts, cold load, memory, router overhead; e2e: "
                         "Router.predict with and without length sorting; load: the HTTP server under concurrent "
@@ -100,8 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--batch", type=int, default=8, help="layers/peers/switch: batch size of the timed requests")
     g.add_argument("--token-count", type=int, default=128, help="layers/peers/switch: tokens per timed request")
     g.add_argument("--adapt", choices=("prompt", "finetune"), default="finetune",
-                   help="layers/peers: how the task models are adapted before pruning (as `doe study`; the same "
-                        "settings reuse the study's cached models)")
+                   help="layers/peers: how the task models are adapted before pruning (default: as `doe build`)")
     g.add_argument("--load-seconds", type=float, default=60.0, help="load: measured seconds")
     g.add_argument("--load-warmup", type=float, default=10.0, help="load: warm-up seconds before measuring")
     g.add_argument("--load-connections", type=int, default=32, help="load: concurrent connections")
@@ -109,8 +128,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--optimum-python", default=None, metavar="PYTHON",
                    help="peers: a Python with optimum-onnx installed (transformers < 4.58, so a separate environment);"
                         " adds the dense model exported by `optimum-cli export onnx`")
-    g.add_argument("--lr", type=float, default=5e-5, help="layers/peers: adaptation learning rate")
-    g.add_argument("--epochs", type=int, default=3, help="layers/peers: adaptation epochs")
+    g.add_argument("--lr", type=float, default=None, help="layers/peers: adaptation learning rate (default as doe build)")
+    g.add_argument("--epochs", type=int, default=3, help="layers/peers: adaptation epochs (default as doe build)")
     g.add_argument("--quick", action="store_true", help="tiny model and grid: checks the code path in seconds")
     g.add_argument("--model", default="packaged:all-MiniLM-L6-v2", help="model folder or hub id")
     g.add_argument("--out", default="benchmarks/results", help="where records, report and plots go")
@@ -120,7 +139,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--tokens", default="16,32,64,128,256,512", help="comma-separated token counts (prompt excluded)")
     g.add_argument("--threads", default="1,2", help="comma-separated intra-op thread counts")
     g.add_argument("--rates", default="0.3,0.5,0.65,0.8", help="comma-separated pruning rates")
-    g.add_argument("--prompt-length", type=int, default=20, help="soft prompt tokens inside the graphs")
+    g.add_argument("--prompt-length", type=int, default=0,
+                   help="soft prompt tokens inside the graphs (grid; layers/peers with --adapt prompt)")
     g.add_argument("--repeats", type=int, default=5, help="minimum interleaved repeats per cell")
     g.add_argument("--min-seconds", type=float, default=0.5, help="keep repeating a cell until this much time")
     g.add_argument("--max-work", type=int, default=16384,
@@ -176,7 +196,7 @@ def study_main(args) -> int:
         methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
         unknown = sorted(set(methods) - set(study.METHODS))
         if unknown:
-            raise ValueError(f"unknown methods {unknown}; available: {', '.join(study.METHODS)}")
+            raise ConfigError(f"unknown methods {unknown}; available: {', '.join(study.METHODS)}")
         if args.quick:
             from .loading import tiny_model
 
@@ -204,16 +224,29 @@ def _numbers(text: str, kind=int) -> tuple:
     try:
         values = tuple(kind(part) for part in text.split(",") if part.strip())
     except ValueError:
-        raise ValueError(f"expected comma-separated {kind.__name__}s, got {text!r}") from None
+        raise ConfigError(f"expected comma-separated {kind.__name__}s, got {text!r}") from None
     if not values:
-        raise ValueError(f"expected at least one value, got {text!r}")
+        raise ConfigError(f"expected at least one value, got {text!r}")
     return values
+
+
+def _bench_flow(args):
+    """doe build's flow with the bench's --adapt / --lr / --epochs / --prompt-length applied."""
+    import dataclasses
+
+    from .pipeline import BuildConfig
+    from .study import StudyConfig
+
+    build = BuildConfig(model=args.model, adapt=args.adapt, lr=args.lr, epochs=args.epochs,
+                        prompt_length=args.prompt_length or 20)
+    return dataclasses.replace(StudyConfig.from_specs(*build.specs()[:4]), model=args.model)
 
 
 def bench_main(args) -> int:
     from pathlib import Path
 
     from .bench import grid, suites
+    from .bench.workbench import quick_flow
     from .tasks import default_cache_dir
 
     out = Path(args.out)
@@ -234,22 +267,25 @@ def bench_main(args) -> int:
                 repeats=args.repeats, min_seconds=args.min_seconds, max_work=args.max_work or None, fused=args.fused,
             )
         if any(not 0 < r < 1 for r in config.rates) or min(config.batches + config.tokens + config.threads) < 1:
-            raise ValueError("rates must be in (0, 1); batches, tokens and threads must be >= 1")
+            raise ConfigError("rates must be in (0, 1); batches, tokens and threads must be >= 1")
         if args.quick:
-            suite_cfg = suites.SuiteConfig(model=args.model, threads=1, **suites.QUICK)
+            suite_cfg = suites.SuiteConfig(model=args.model, threads=1, flow=quick_flow(), **suites.QUICK)
         else:
+            flow = None  # doe build's defaults
+            if args.adapt != "finetune" or args.lr is not None or args.epochs != 3:
+                flow = _bench_flow(args)
             suite_cfg = suites.SuiteConfig(model=args.model, data_dir=args.data_dir, batch=args.batch,
                                            tokens=args.token_count, threads=_numbers(args.threads)[0],
-                                           repeats=args.repeats, min_seconds=args.min_seconds, adapt=args.adapt,
-                                           lr=args.lr, epochs=args.epochs, optimum_python=args.optimum_python,
+                                           repeats=args.repeats, min_seconds=args.min_seconds, flow=flow,
+                                           optimum_python=args.optimum_python,
                                            load_seconds=args.load_seconds, load_warmup_seconds=args.load_warmup,
                                            load_connections=args.load_connections,
                                            load_memory_arena=not args.load_no_arena)
-            if set(suites_to_run) & {"layers", "peers"} and not args.data_dir:
-                raise ValueError("the layers and peers suites need GLUE data: pass --data-dir (GLUE layout, e.g. "
+            if set(suites_to_run) & {"layers", "peers", "replace"} and not args.data_dir:
+                raise ConfigError("the layers, peers and replace suites need GLUE data: pass --data-dir (GLUE layout, e.g. "
                                  "../shared/data/glue) or set DOE_DATA_DIR")
         if suite_cfg.batch < 1 or suite_cfg.tokens < 1:
-            raise ValueError("--batch and --token-count must be >= 1")
+            raise ConfigError("--batch and --token-count must be >= 1")
     except ValueError as exc:
         print(f"doe bench: error: {exc}", file=sys.stderr)
         return 2
@@ -262,7 +298,7 @@ def bench_main(args) -> int:
             continue
         try:
             written = suites.run(name, suite_cfg, out, work, cache, progress=not args.no_progress)
-        except (ValueError, LookupError) as exc:  # TaskDataError is a ValueError: missing data, bad labels
+        except (ValueError, LookupError) as exc:  # DoeExportError subclasses ValueError: data, settings
             print(f"doe bench: error: suite {name}: {exc}", file=sys.stderr)
             return 2
         print(f"records: {written[0]}\nreport:  {written[1]}")
@@ -283,25 +319,28 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "study":
         return study_main(args)
 
-    from .archs import UnsupportedModelError
-    from .export import ExportValidationError
-    from .loading import ModelLoadError
+    from doe_runtime.errors import DoeRuntimeError
+
+    from .errors import DoeExportError
     from .pipeline import BuildConfig, build, results_as_dicts, summary_table
-    from .tasks import TaskDataError, parse_user_task
+    from .tasks import parse_user_task
 
     try:
         user_tasks = {t.name: t for t in map(parse_user_task, args.user_task)}
         config = BuildConfig(
             model=args.model, tasks=tuple(t.strip() for t in args.tasks.split(",") if t.strip()),
             data_dir=args.data_dir, cache_dir=args.cache_dir, out_dir=args.out, adapt=args.adapt,
-            prompt_length=args.prompt_length, epochs=args.epochs, recovery_epochs=args.recovery_epochs,
-            lr=args.lr, batch_size=args.batch_size, scorer=args.scorer, token_agg=args.token_agg, rate=args.rate,
-            layer_types=args.layer_types, head_rate=args.head_rate, budget=args.budget, round_to=args.round_to, fold_bias=args.fold_bias, calib_examples=args.calib_examples,
-            max_train=args.max_train, max_dev=args.max_dev, max_eval=args.max_eval, max_length=args.max_length,
-            seed=args.seed, progress=not args.no_progress, fuse=args.fuse, fp16=not args.no_fp16,
+            prompt_length=args.prompt_length, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
+            scorer=args.scorer, token_agg=args.token_agg, rate=args.rate, layer_types=args.layer_types,
+            head_rate=args.head_rate, budget=args.budget, round_to=args.round_to, fold_bias=args.fold_bias,
+            calib_examples=args.calib_examples, recovery_epochs=args.recovery_epochs,
+            recovery_params=args.recovery_params, distill=args.distill, temperature=args.temperature,
+            recovery_lr=args.recovery_lr, max_train=args.max_train, max_dev=args.max_dev, max_eval=args.max_eval,
+            max_length=args.max_length, seed=args.seed, progress=not args.no_progress, exporter=args.exporter,
+            fuse=args.fuse, fp16=not args.no_fp16, int8=not args.no_int8,
         )
         results = build(config, user_tasks)
-    except (TaskDataError, ModelLoadError, UnsupportedModelError, ExportValidationError, ValueError) as exc:
+    except (DoeExportError, DoeRuntimeError) as exc:
         print(f"doe build: error: {exc}", file=sys.stderr)
         return 2
     print(summary_table(results))

@@ -8,7 +8,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from doe_runtime.router import length_sorted_batches
+from doe_runtime.tokenization import length_sorted_batches
 
 from .tasks import Split
 
@@ -66,6 +66,16 @@ def onnx_logits(session, tokenizer, inputs: list, batch_size: int = 64) -> np.nd
             out = np.zeros((len(inputs), logits.shape[1]), dtype=np.float32)
         out[chunk] = logits
     return out
+
+
+def onnx_file_logits(path, tokenizer, inputs: list, batch_size: int = 32, disabled_optimizers=()) -> np.ndarray:
+    """Logits of an ONNX file on CPU, batched as the runtime's Router batches by default (32 items,
+    length-sorted): int8 graphs quantize activations per batch, so batching is part of the result."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"],
+                                   disabled_optimizers=list(disabled_optimizers))
+    return onnx_logits(session, tokenizer, inputs, batch_size)
 
 
 def evaluate_torch(model, tokenizer, split: Split, metric: str, batch_size: int = 64) -> float:

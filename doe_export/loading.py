@@ -12,15 +12,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from doe_runtime.router import configure_tokenizer
+from doe_runtime.tokenization import configure_tokenizer
+
+from .errors import ModelLoadError
 
 DEFAULT_MODEL = "packaged:all-MiniLM-L6-v2"
 DEFAULT_MODEL_NAME = "sentence-transformers/all-MiniLM-L6-v2"
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
-
-
-class ModelLoadError(ValueError):
-    pass
 
 
 def packaged_minilm_dir() -> Path:

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from .archs import set_module
+from .errors import ConfigError
 
 BUDGETS = ("per-layer", "global")
 
@@ -32,11 +33,11 @@ class PruneConfig:
 
     def check(self) -> "PruneConfig":
         if not 0.0 <= self.rate < 1.0:
-            raise ValueError(f"pruning rate must be in [0, 1), got {self.rate}")
+            raise ConfigError(f"pruning rate must be in [0, 1), got {self.rate}")
         if self.budget not in BUDGETS:
-            raise ValueError(f"budget must be one of {BUDGETS}, got {self.budget!r}")
+            raise ConfigError(f"budget must be one of {BUDGETS}, got {self.budget!r}")
         if self.round_to < 1 or self.min_keep < 1:
-            raise ValueError(f"round_to and min_keep must be >= 1, got {self.round_to}, {self.min_keep}")
+            raise ConfigError(f"round_to and min_keep must be >= 1, got {self.round_to}, {self.min_keep}")
         return self
 
 
@@ -88,14 +89,14 @@ def prune_ffn(model, keep: list[torch.Tensor], mean_activation: list[torch.Tenso
     spec = model.spec
     layers = spec.layer_list(model.backbone)
     if len(keep) != len(layers):
-        raise ValueError(f"keep has {len(keep)} entries but the model has {len(layers)} layers")
+        raise ConfigError(f"keep has {len(keep)} entries but the model has {len(layers)} layers")
     before = count_parameters(model)
     widths_before = model.ffn_widths()
     for index, (layer, kept) in enumerate(zip(layers, keep)):
         down = spec.down_linear(layer)
         width = down.in_features
         if kept.numel() == 0 or int(kept.max()) >= width:
-            raise ValueError(f"layer {index}: keep indices must be non-empty and < {width}")
+            raise ConfigError(f"layer {index}: keep indices must be non-empty and < {width}")
         for path in spec.up:
             set_module(layer, path, _sliced(layer.get_submodule(path), kept, dim=0))
         new_down = _sliced(down, kept, dim=1)
@@ -142,20 +143,20 @@ def prune_heads(model, keep: list[torch.Tensor]) -> dict:
     """
     spec = model.spec
     if spec.heads_module is None:
-        raise ValueError(
+        raise ConfigError(
             f"attention heads of the {spec.family!r} family cannot be removed by this toolchain "
             "(supported: bert, roberta, electra, distilbert); use --layer-types ffn"
         )
     layers = spec.layer_list(model.backbone)
     if len(keep) != len(layers):
-        raise ValueError(f"keep has {len(keep)} entries but the model has {len(layers)} layers")
+        raise ConfigError(f"keep has {len(keep)} entries but the model has {len(layers)} layers")
     head_dim = spec.head_dim(model.backbone)
     before = count_parameters(model)
     heads_before = spec.head_counts(model.backbone)
     for index, (layer, kept) in enumerate(zip(layers, keep)):
         count = heads_before[index]
         if kept.numel() == 0 or int(kept.max()) >= count or int(kept.min()) < 0:
-            raise ValueError(f"layer {index}: keep must name 1..{count} heads in [0, {count}), got {kept.tolist()}")
+            raise ConfigError(f"layer {index}: keep must name 1..{count} heads in [0, {count}), got {kept.tolist()}")
         rows = head_rows(kept, head_dim)
         for path, dim in zip(spec.attention, (0, 0, 0, 1)):
             set_module(layer, path, _sliced(layer.get_submodule(path), rows, dim=dim))
@@ -182,7 +183,7 @@ def prune_model(model, layer_types: str, config: PruneConfig, importance: list[t
     (default: ``config.rate``) with the same budget, at least one head per layer.
     """
     if layer_types not in LAYER_TYPES:
-        raise ValueError(f"layer types must be one of {LAYER_TYPES}, got {layer_types!r}")
+        raise ConfigError(f"layer types must be one of {LAYER_TYPES}, got {layer_types!r}")
     config.check()
     spec = model.spec
     report = {"params_before": count_parameters(model), "ffn_widths_before": model.ffn_widths(),

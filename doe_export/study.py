@@ -13,24 +13,23 @@ prompt tuning (on the un-adapted model), calibration sizes; "without recovery" i
 
 from __future__ import annotations
 
-import copy
 import hashlib
-from collections import Counter
 import json
-import os
-import sys
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from . import adapt, attribution, evaluate, prune
-from .bench import common
+from . import attribution, evaluate, stages
+from . import records as record_io
+from .cache import cached_adapted, cached_stats
+from .console import log as default_log
+from .errors import ConfigError, TaskDataError
 from .loading import DEFAULT_MODEL, fast_tokenizer, load_model
-from .taskmodel import TaskModel
-from .tasks import TaskData, TaskDataError, load_task
+from .tasks import TaskData, load_task
 
 METHODS = ("doe", "random", "activation", "gradient", "magnitude", "taylor", "skill")
 ABLATION_RATE = 0.65
@@ -41,7 +40,7 @@ class StudyConfig:
     model: str = DEFAULT_MODEL
     tasks: tuple[str, ...] = ("sst2", "mrpc", "rte", "cola", "qnli")
     # "prompt": soft prompt + head on the frozen backbone (the paper); "finetune": everything trains
-    # (prompt included). Recovery after pruning is prompt + head in both cases.
+    # (the soft prompt included when prompt_length > 0).
     adapt: str = "prompt"
     lr: float | None = None  # adaptation learning rate (None: adapt.DEFAULT_LR of the mode)
     rates: tuple[float, ...] = (0.3, 0.5, 0.65, 0.8, 0.9)
@@ -54,12 +53,48 @@ class StudyConfig:
     epochs: int = 2
     recovery_epochs: int = 1
     max_train: int = 1024  # >= the largest calibration size (1024)
-    recovery_examples: int = 500
+    recovery_examples: int | None = 500  # None: the whole (capped) training split
     max_dev: int = 200
-    max_eval: int = 1000
+    max_eval: int | None = 1000  # None: the whole reporting split
     max_length: int = 64
     batch_size: int = 16
     seed: int = 0
+    # recovery: what trains after pruning and from what (the first studies: prompt + head, no teacher)
+    recovery_params: str = "prompt"
+    distill: float = 0.0
+    temperature: float = 2.0
+    recovery_on_dev: bool = False  # keep the best dev epoch of the recovery (build does)
+
+    @classmethod
+    def from_specs(cls, data: stages.DataSpec, adapt: stages.AdaptSpec, prune: stages.PruneSpec,
+                   recovery: stages.RecoverySpec, **rest) -> "StudyConfig":
+        """A study config whose flow is exactly these stage specs (e.g. `doe build`'s defaults)."""
+        return cls(adapt=adapt.mode, lr=adapt.lr, prompt_length=adapt.prompt_length, epochs=adapt.epochs,
+                   batch_size=adapt.batch_size, seed=adapt.seed, max_train=data.max_train, max_dev=data.max_dev,
+                   max_eval=data.max_eval, max_length=data.max_length, calib_examples=prune.calib_examples,
+                   recovery_epochs=recovery.epochs, recovery_params=recovery.params, distill=recovery.distill,
+                   temperature=recovery.temperature, recovery_examples=recovery.max_examples,
+                   recovery_on_dev=recovery.select_on_dev, **rest)
+
+    def data_spec(self) -> stages.DataSpec:
+        return stages.DataSpec(self.max_train, self.max_dev, self.max_eval, self.max_length, self.seed).check()
+
+    def adapt_spec(self) -> stages.AdaptSpec:
+        return stages.AdaptSpec(self.adapt, self.prompt_length, None, self.epochs, self.lr, self.batch_size,
+                                self.seed).check()
+
+    def recovery_spec(self) -> stages.RecoverySpec:
+        return stages.RecoverySpec(self.recovery_epochs, self.recovery_params, self.distill, self.temperature, None,
+                                   self.batch_size, self.recovery_examples, self.recovery_on_dev,
+                                   self.seed + 1).check()
+
+    def prune_spec(self, run: dict) -> stages.PruneSpec:
+        """The pruning spec of one run (method x rate x seed, or a DoE ablation variant)."""
+        variant = run["variant"]
+        calib = int(variant.split("-")[1]) if variant.startswith("calib-") else self.calib_examples
+        return stages.PruneSpec(run["method"], "max" if variant == "max-tokens" else "mean", "abs-of-mean", run["rate"],
+                                "ffn", None, "global" if variant == "global-budget" else "per-layer", 1,
+                                variant == "fold-bias", calib, self.batch_size, run["seed"])
 
     def adapt_key(self, task: str) -> str:
         fields = (self.model, task, self.prompt_length, self.epochs, self.max_train, self.max_dev, self.max_length,
@@ -71,7 +106,8 @@ class StudyConfig:
 
 # Settings that change the result of a single run; the others only choose which runs exist.
 RESULT_FIELDS = ("model", "adapt", "lr", "calib_examples", "prompt_length", "epochs", "recovery_epochs", "max_train",
-                 "recovery_examples", "max_dev", "max_eval", "max_length", "batch_size", "seed")
+                 "recovery_examples", "max_dev", "max_eval", "max_length", "batch_size", "seed", "recovery_params",
+                 "distill", "temperature", "recovery_on_dev")
 
 QUICK = dict(tasks=("toy",), rates=(0.5, 0.8), random_seeds=(0, 1), calib_examples=16, ablation_calib_sizes=(8,),
              prompt_length=4, epochs=1, max_train=48, recovery_examples=24, max_dev=8, max_eval=24, max_length=24,
@@ -113,98 +149,58 @@ def majority_baseline(data: TaskData, config: StudyConfig) -> dict:
     """The metric of always answering the most frequent training label, on the reporting split."""
     counts = Counter(data.train.head(config.max_train).labels)
     label = max(sorted(counts), key=counts.get)
-    test = data.test.head(config.max_eval)
+    test = data.test.sample(config.max_eval, config.seed)
     return {"label": data.labels[label], "value": evaluate.metric_value(data.metric, test.labels, [label] * len(test))}
 
 
 class TaskRunner:
-    """Everything one task's runs share: data, tokenizer, adapted model, cached statistics."""
+    """Everything one task's runs share: data, tokenizer, adapted model (cached), statistics (cached)."""
 
     def __init__(self, config: StudyConfig, data: TaskData, loaded, cache: Path, progress: bool):
-        self.config, self.data, self.loaded, self.cache, self.progress = config, data, loaded, cache, progress
+        self.config, self.data, self.loaded, self.cache, self.progress = config, data, loaded, Path(cache), progress
         self.tokenizer = fast_tokenizer(loaded.hf_tokenizer, config.max_length)
-        self.train = data.train.head(config.max_train)
-        self.dev = data.dev.head(config.max_dev)
-        self.test = data.test.head(config.max_eval)
-        self.recovery = data.train.head(config.recovery_examples)
+        self.splits = stages.Splits.of(data, config.data_spec())
+        self.train, self.dev, self.test = self.splits.train, self.splits.dev, self.splits.test
         self._stats: dict[str, attribution.CalibrationStats] = {}
-        self.adapted = self._adapted()
-
-    def fresh_model(self) -> TaskModel:
-        return TaskModel(copy.deepcopy(self.loaded.backbone), num_labels=len(self.data.labels),
-                         prompt_length=self.config.prompt_length, sep_token_id=self.loaded.hf_tokenizer.sep_token_id,
-                         seed=self.config.seed)
-
-    def _adapted(self) -> TaskModel:
-        model = self.fresh_model()
-        path = self.cache / f"{self.data.name}-adapted-{self.config.adapt_key(self.data.name)}.pt"
-        if path.is_file():
-            state = torch.load(path, weights_only=True)
-            model.load_state_dict(state, strict=self.config.adapt == "finetune")  # prompt mode: prompt + head only
-            return model.eval()
-        cfg = adapt.TrainConfig(self.config.adapt, self.config.epochs, self.config.lr, self.config.batch_size,
-                                self.config.seed)
-        self.adapt_record = adapt.train(model, self.tokenizer, self.train, self.dev, self.data.metric, cfg,
-                                        f"[{self.data.name}] adapt ({self.config.adapt})", self.progress)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        state = model.state_dict() if self.config.adapt == "finetune" else {
-            "prompt": model.prompt.detach(), "head.weight": model.head.weight.detach(),
-            "head.bias": model.head.bias.detach()}
-        tmp = path.with_suffix(".tmp")
-        torch.save(state, tmp)
-        os.replace(tmp, path)  # a stopped study never leaves half a cache file behind
-        return model.eval()
-
-    @property
-    def recovery_mode(self) -> str:
-        return "prompt" if self.config.prompt_length > 0 else "finetune"
+        self.key = config.adapt_key(data.name)
+        self.adapted = cached_adapted(self.cache / f"{data.name}-adapted-{self.key}.pt", loaded, data,
+                                      config.adapt_spec(), self.tokenizer, self.splits, progress)
 
     def stats(self, examples: int, adapted: bool = True) -> attribution.CalibrationStats:
+        """Every statistic of every scorer for ``examples`` calibration examples (one pass, cached)."""
         key = f"{examples}-{'adapted' if adapted else 'unadapted'}"
         if key not in self._stats:
-            path = self.cache / f"{self.data.name}-stats-{key}-{self.config.adapt_key(self.data.name)}.pt"
-            cached = attribution.CalibrationStats(**torch.load(path, weights_only=True)) if path.is_file() else None
-            if cached is not None and (cached.head_ag_mean is not None or self.adapted.spec.heads_module is None):
-                self._stats[key] = cached
-            else:  # none cached, or cached before head statistics existed
-                model = self.adapted if adapted else self.fresh_model().eval()
-                batches = attribution.calibration_batches(self.tokenizer, self.train, examples,
-                                                          self.config.batch_size, self.config.seed)
-                stats = attribution.collect_stats(model, batches, progress=self.progress)
-                tmp = path.with_suffix(".tmp")
-                torch.save(asdict(stats), tmp)
-                os.replace(tmp, path)
-                self._stats[key] = stats
+            path = self.cache / f"{self.data.name}-stats-{key}-{self.key}.pt"
+            model = self.adapted if adapted else stages.new_model(self.loaded, self.data, self.config.adapt_spec()).eval()
+            spec = stages.PruneSpec(calib_examples=examples, batch_size=self.config.batch_size, seed=self.config.seed)
+            self._stats[key] = cached_stats(path, model, self.tokenizer, self.train, spec, self.progress)
         return self._stats[key]
 
     def evaluate(self, model) -> dict:
         logits = evaluate.torch_logits(model, self.tokenizer, self.test.inputs)
         return metrics_of(self.data, self.test.labels, logits)
 
+    def expert(self, prune_spec: stages.PruneSpec, recovery_spec: stages.RecoverySpec | None = None,
+               stats: attribution.CalibrationStats | None = None, desc: str = "expert") -> stages.ExpertResult:
+        """A pruned, recovered expert of the adapted model (the stage API, as ``doe build`` makes it)."""
+        stats = stats if stats is not None else (self.stats(prune_spec.calib_examples) if prune_spec.needs() else None)
+        return stages.make_expert(self.adapted, self.tokenizer, self.splits, self.data.metric, prune_spec,
+                                  recovery_spec or self.config.recovery_spec(), self.progress,
+                                  f"[{self.data.name}] {desc}", stats=stats, score=self.evaluate)
+
     def run(self, spec: dict) -> dict:
         start = time.perf_counter()
-        variant = spec["variant"]
-        calib = int(variant.split("-")[1]) if variant.startswith("calib-") else self.config.calib_examples
-        stats = self.stats(calib, adapted=variant != "no-prompt-tuning")
-        options = {"seed": spec["seed"], "token_agg": "max" if variant == "max-tokens" else "mean"}
-        scorer = attribution.make_scorer(spec["method"], **options)
-        model = copy.deepcopy(self.adapted)
-        scores = scorer.score(model, stats if scorer.needs_data else None)
-        prune_cfg = prune.PruneConfig(spec["rate"], "global" if variant == "global-budget" else "per-layer")
-        keep = prune.select_neurons(scores.importance, prune_cfg)
-        report = prune.prune_ffn(model, keep, stats.mean_activation() if variant == "fold-bias" else None)
-        before = self.evaluate(model)
-        cfg = adapt.TrainConfig(self.recovery_mode, self.config.recovery_epochs, None, self.config.batch_size,
-                                self.config.seed + 1)
-        adapt.train(model, self.tokenizer, self.recovery, None, self.data.metric, cfg,
-                    f"[{self.data.name}] {spec['method']}/{variant} p={spec['rate']:g}", self.progress)
-        after = self.evaluate(model)
+        prune_spec = self.config.prune_spec(spec)
+        stats = self.stats(prune_spec.calib_examples, adapted=spec["variant"] != "no-prompt-tuning")
+        result = self.expert(prune_spec, stats=stats if prune_spec.needs() else None,
+                             desc=f"{spec['method']}/{spec['variant']} p={spec['rate']:g}")
+        before, after = result.before, result.after
         return {
             "kind": "run", "task": self.data.name, **spec, "metric": self.data.metric,
             "before_recovery": before, "after_recovery": after, "value": after[self.data.metric],
             "value_before_recovery": before[self.data.metric], "split": self.test.name, "split_size": len(self.test),
-            "calibration_examples": scores.examples, "ffn_widths": report["ffn_widths"],
-            "params_after": report["params_after"], "seconds": round(time.perf_counter() - start, 1),
+            "calibration_examples": result.attribution.scores.examples, "ffn_widths": result.report["ffn_widths"],
+            "params_after": result.report["params_after"], "seconds": round(time.perf_counter() - start, 1),
         }
 
 
@@ -221,36 +217,36 @@ def _check_sizes(config: StudyConfig, datasets: list[TaskData]) -> None:
 
 def run_study(config: StudyConfig, out_dir: Path, cache: Path, data_dir=None, progress: bool = True,
               datasets: list[TaskData] | None = None, loaded=None, log=None) -> Path:
-    log = log or (lambda message: print(message, file=sys.stderr, flush=True))
+    log = log or default_log
     out_dir = Path(out_dir)
     records_path = out_dir / "localization.jsonl"
     # All data is loaded and checked before any training starts.
     datasets = datasets or [load_task(task, config.seed, data_dir) for task in config.tasks]
     _check_sizes(config, datasets)
-    existing = common.read_jsonl(records_path) if records_path.is_file() else []
+    existing = record_io.read_jsonl(records_path) if records_path.is_file() else []
     config_json = json.loads(json.dumps(asdict(config)))
     if existing:
         old = existing[0].get("config", {})
         defaults = asdict(StudyConfig())  # settings added later: older records ran with their defaults
         changed = sorted(k for k in RESULT_FIELDS if old.get(k, defaults[k]) != config_json[k])
         if changed:
-            raise ValueError(
+            raise ConfigError(
                 f"{records_path} holds runs made with other settings of {changed}; its runs would not be "
                 "comparable. Use another --out, or delete the file to start over"
             )
         existing[0]["config"] = config_json  # the set of runs (tasks, methods, rates, seeds) may grow
-    header = existing[0] if existing else {**common.environment([torch.get_num_threads()], []),
+    header = existing[0] if existing else {**record_io.environment([torch.get_num_threads()], []),
                                            "suite": "localization", "config": config_json}
     done = {record_key(r) for r in existing if r.get("kind") in ("run", "dense")}
     records = existing or [header]
     loaded = loaded or load_model(config.model)
     out_dir.mkdir(parents=True, exist_ok=True)
-    common.write_jsonl(records_path, records)
+    record_io.write_jsonl(records_path, records)
     for data in datasets:
         for record in records:  # older records may lack the baseline; it needs the data only
             if record.get("kind") == "dense" and record["task"] == data.name and "majority" not in record:
                 record["majority"] = majority_baseline(data, config)
-                common.write_jsonl(records_path, records)
+                record_io.write_jsonl(records_path, records)
         specs = [s for s in run_specs(config) if (data.name, s["method"], s["variant"], s["rate"], s["seed"]) not in done]
         dense_key = (data.name, "dense", "default", 0.0, config.seed)
         if not specs and dense_key in done:
@@ -262,12 +258,12 @@ def run_study(config: StudyConfig, out_dir: Path, cache: Path, data_dir=None, pr
                             "seed": config.seed, "metric": data.metric, "after_recovery": dense,
                             "value": dense[data.metric], "split": runner.test.name, "split_size": len(runner.test),
                             "notes": data.notes, "majority": majority_baseline(data, config)})
-            common.write_jsonl(records_path, records)
+            record_io.write_jsonl(records_path, records)
             log(f"[{data.name}] dense {config.adapt}-adapted {data.metric} {dense[data.metric]:.4f} on {runner.test.name}")
         for index, spec in enumerate(specs, 1):
             record = runner.run(spec)
             records.append(record)
-            common.write_jsonl(records_path, records)  # after every run: a stopped study resumes here
+            record_io.write_jsonl(records_path, records)  # after every run: a stopped study resumes here
             log(f"[{data.name}] {index}/{len(specs)} {spec['method']}/{spec['variant']} p={spec['rate']:g} "
                 f"seed {spec['seed']}: {record['value_before_recovery']:.4f} -> {record['value']:.4f}")
     render(records_path, out_dir)
@@ -286,7 +282,7 @@ def _table(rows: list[dict], task: str, method: str, rate: float, field: str = "
 
 
 def render(records_path: Path, out_dir: Path) -> Path:
-    records = common.read_jsonl(records_path)
+    records = record_io.read_jsonl(records_path)
     header, rows = records[0], [r for r in records[1:] if r.get("kind") == "run"]
     dense = {r["task"]: r for r in records[1:] if r.get("kind") == "dense"}
     cfg = header["config"]

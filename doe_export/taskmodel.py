@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from .archs import ArchSpec, arch_for
+from .errors import ConfigError
 
 POOLINGS = ("mean", "cls", "last")
 
@@ -41,7 +42,7 @@ class TaskModel(nn.Module):
         hidden = config.hidden_size
         self.pooling = pooling or ("last" if self.spec.decoder else "mean")
         if self.pooling not in POOLINGS:
-            raise ValueError(f"pooling must be one of {POOLINGS}, got {self.pooling!r}")
+            raise ConfigError(f"pooling must be one of {POOLINGS}, got {self.pooling!r}")
         self.prompt_length = int(prompt_length)
         generator = torch.Generator().manual_seed(seed)
         embeddings = backbone.get_input_embeddings().weight
@@ -106,14 +107,14 @@ class TaskModel(nn.Module):
         """
         if mode == "prompt":
             if self.prompt is None:
-                raise ValueError("prompt tuning needs prompt_length > 0")
+                raise ConfigError("prompt tuning needs prompt_length > 0")
             for param in self.backbone.parameters():
                 param.requires_grad_(False)
             params = [self.prompt, *self.head.parameters()]
         elif mode == "finetune":
             params = list(self.parameters())
         else:
-            raise ValueError(f"adaptation mode must be 'prompt' or 'finetune', got {mode!r}")
+            raise ConfigError(f"adaptation mode must be 'prompt' or 'finetune', got {mode!r}")
         for param in params:
             param.requires_grad_(True)
         return params

@@ -81,7 +81,7 @@ def tiny_bundles(tmp_path_factory, _tiny_backbones, hf_tokenizer):
 
     root = tmp_path_factory.mktemp("bundles")
     config = BuildConfig(out_dir=str(root), epochs=1, recovery_epochs=1, calib_examples=16, max_length=32,
-                         prompt_length=4, batch_size=8, progress=False, lr=5e-2)
+                         batch_size=8, progress=False, lr=5e-3)
     results = {}
     for name, kind in (("toy-single", "single"), ("toy-pair", "pair")):
         loaded = LoadedModel(copy.deepcopy(_tiny_backbones["bert"]), hf_tokenizer, "tiny-bert", "config", None)
@@ -91,10 +91,46 @@ def tiny_bundles(tmp_path_factory, _tiny_backbones, hf_tokenizer):
 
 @pytest.fixture
 def bundles(tiny_bundles, tmp_path):
-    """A private copy of the session's bundles, so tests may damage them."""
+    """A private copy of the session's pipeline-built bundles, so tests may damage them."""
     import shutil
 
     root, results = tiny_bundles
     copy = tmp_path / "artifacts"
     shutil.copytree(root, copy)
     return copy, results
+
+
+def _masked_forward(model, where: str, keep, ids, mask, replace=None):
+    """Dense forward with what pruning would remove set to zero (or to ``replace``) instead:
+    ``where="ffn"``: FFN neurons (the inputs of each down-projection) outside ``keep[layer]``;
+    ``where="heads"``: the context vectors of the heads outside ``keep[layer]`` (the inputs of each
+    attention output projection). Pruning is exact when it equals this."""
+    import torch
+
+    from doe_export import prune
+
+    handles = []
+    for index, layer in enumerate(model.spec.layer_list(model.backbone)):
+        linear = model.spec.down_linear(layer) if where == "ffn" else model.spec.attention_linears(layer)[3]
+        removed = torch.ones(linear.in_features, dtype=torch.bool)
+        kept = keep[index] if where == "ffn" else prune.head_rows(keep[index], model.spec.head_dim(model.backbone))
+        removed[kept] = False
+
+        def hook(module, args, removed=removed, index=index):
+            value = args[0].clone()
+            value[..., removed] = 0.0 if replace is None else replace[index][removed]
+            return (value,)
+
+        handles.append(linear.register_forward_pre_hook(hook))
+    try:
+        with torch.no_grad():
+            return model(ids, mask)
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@pytest.fixture
+def masked_forward():
+    """``masked_forward(model, "ffn"|"heads", keep, ids, mask, replace=None)``: see _masked_forward."""
+    return _masked_forward

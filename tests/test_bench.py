@@ -66,6 +66,7 @@ def _png(path):
 
 
 def test_quick_layers_and_peers_records_are_complete(tmp_path):
+    from doe_export.bench import layers as layers_suite
     from doe_export.bench import suites
 
     out = tmp_path / "results"
@@ -77,13 +78,13 @@ def test_quick_layers_and_peers_records_are_complete(tmp_path):
     rows = [r for r in layers[1:] if r["kind"] == "layers"]
     shape = layers[0]["model_shape"]
     for budget in suites.QUICK["budgets"]:
-        assert {r["layer_types"] for r in rows if r["budget"] == budget} == set(suites.matched_rates(shape, budget, 0.95))
+        assert {r["layer_types"] for r in rows if r["budget"] == budget} == set(layers_suite.matched_rates(shape, budget, 0.95))
     for r in rows:
         assert 0 <= r["value"] <= 1 and 0 <= r["value_before_recovery"] <= 1
         assert r["speedup"]["p25"] <= r["speedup"]["median"] <= r["speedup"]["p75"] and r["bound"] > 1
         assert r["params_after"] < r["params_before"]
         assert (r["head_counts"] == [3, 3]) == (r["layer_types"] == "ffn")
-        assert r["max_abs_diff"]["plain"] <= 1e-4 and r["max_abs_diff"]["fused"] <= 1e-4
+        assert r["max_abs_diff"]["max_abs_diff"] <= 1e-4 and r["max_abs_diff"]["fusions"]  # fused graph, validated
     assert "| 0.3 | both |" in (out / "layers.md").read_text() and _png(out / "layers.png")
 
     peers = [r for r in common.read_jsonl(out / "peers.jsonl")[1:]]
@@ -98,7 +99,7 @@ def test_quick_layers_and_peers_records_are_complete(tmp_path):
 
 
 def test_matched_rates_remove_the_same_parameters():
-    from doe_export.bench import suites
+    from doe_export.bench import layers as suites
 
     shape = {"hidden": 384, "ffn": 1536}
     ffn, attention = 2 * 384 * 1536, 4 * 384 * 384
@@ -165,7 +166,7 @@ def test_gpu_check_script_runs_on_cpu_in_quick_mode(tmp_path):
 def test_optimum_peer_without_optimum_says_how_to_get_it(tmp_path):
     import sys
 
-    from doe_export.bench import suites
+    from doe_export.bench import peers as suites
 
     with pytest.raises(ValueError, match="optimum-onnx is not importable there.*pip install torch==2.13.0 optimum-onnx"):
         suites.export_with_optimum(sys.executable, "unused", tmp_path, 2)
@@ -173,13 +174,15 @@ def test_optimum_peer_without_optimum_says_how_to_get_it(tmp_path):
 
 def test_peers_with_an_optimum_graph_records_speed_only(tmp_path, monkeypatch):
     """The optimum peer path (its graph is faked by our own dense export: no optimum here)."""
-    from doe_export.bench import suites
+    from doe_export.bench import peers, suites
 
     def fake_export(python, model_dir, out, num_labels):
-        return out.parent / "peers-toy-dense.onnx", "test"
+        return out.parent / "peers-toy-dense.torchscript.onnx", "test"
 
-    monkeypatch.setattr(suites, "export_with_optimum", fake_export)
-    config = suites.SuiteConfig(threads=1, optimum_python="unused", **suites.QUICK)
+    monkeypatch.setattr(peers, "export_with_optimum", fake_export)
+    from doe_export.bench.workbench import quick_flow
+
+    config = suites.SuiteConfig(threads=1, optimum_python="unused", flow=quick_flow(), **suites.QUICK)
     suites.run("peers", config, tmp_path / "out", tmp_path / "w", tmp_path / "cache", progress=False)
     rows = common.read_jsonl(tmp_path / "out" / "peers.jsonl")[1:]
     optimum = [r for r in rows if r["peer"].startswith("optimum")]

@@ -64,7 +64,7 @@ def test_build_user_task_with_local_model_folder(tmp_path, tiny_backbone, hf_tok
 
 
 def test_second_task_errors_stop_before_the_first_trains(tmp_path, tiny_backbone, hf_tokenizer, capsys, monkeypatch):
-    from doe_export import pipeline
+    from doe_export import adapt
 
     model_dir = tmp_path / "tiny-model"
     tiny_backbone("bert").save_pretrained(model_dir)
@@ -72,7 +72,7 @@ def test_second_task_errors_stop_before_the_first_trains(tmp_path, tiny_backbone
     small, big = tmp_path / "small.csv", tmp_path / "big.csv"
     big.write_text("t,y\n" + "".join(f"text {i},{i % 2}\n" for i in range(400)))
     small.write_text("t,y\n" + "".join(f"text {i},{i % 2}\n" for i in range(20)))
-    monkeypatch.setattr(pipeline.adapt, "train", lambda *a, **k: pytest.fail("nothing may train"))
+    monkeypatch.setattr(adapt, "train", lambda *a, **k: pytest.fail("nothing may train"))
     code = main(["build", "--model", str(model_dir), "--tasks", "big,small", "--no-progress", "--calib-examples", "64",
                  "--user-task", f"name=big,train={big},text=t,label=y",
                  "--user-task", f"name=small,train={small},text=t,label=y"])

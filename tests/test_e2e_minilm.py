@@ -1,9 +1,9 @@
 """End to end on the real packaged MiniLM and real (packaged) BBC News data, kept small:
-build -> export -> reload through the Router -> same labels as PyTorch."""
+build -> export -> reload through the Router -> the labels and metrics the manifest promises."""
 
 import numpy as np
 
-from doe_export import evaluate
+from doe_export import evaluate, stages
 from doe_export.loading import fast_tokenizer, load_model
 from doe_export.pipeline import BuildConfig, build_task
 from doe_export.tasks import load_bbc_news
@@ -17,20 +17,33 @@ def test_minilm_bbc_news_end_to_end(tmp_path):
     assert loaded.weights_sha256 and len(loaded.weights_sha256) == 64
     data = load_bbc_news(seed=0)
     config = BuildConfig(out_dir=str(tmp_path), epochs=1, recovery_epochs=1, max_train=48, max_dev=16, max_eval=40,
-                         calib_examples=16, max_length=48, prompt_length=8, batch_size=8, progress=False)
+                         calib_examples=16, max_length=48, batch_size=8, progress=False, fp16=False)
 
-    result, model = build_task(config, loaded, data, return_model=True)
+    result, dense, model = build_task(config, loaded, data, return_models=True)
 
     manifest = read_manifest(tmp_path / "bbc-news")
-    assert manifest["architecture"]["ffn_widths"] == [538] * 6  # round(1536 * 0.35)
-    assert manifest["base_model"]["name"] == "sentence-transformers/all-MiniLM-L6-v2"
-    assert result.params_after < result.params_before
-    assert 0.0 <= result.expert <= 1.0 and result.test_size == 40
+    assert manifest.architecture["ffn_widths"] == [538] * 6  # round(1536 * 0.35)
+    assert manifest.base_model["name"] == "sentence-transformers/all-MiniLM-L6-v2"
+    assert manifest.extra_positions == 0 and model.prompt is None  # the default ships no soft prompt
+    assert result.params_after < result.params_before and result.test_size == 40
+    test = stages.Splits.of(data, config.specs()[0]).test
+    assert sorted(set(test.labels)) == list(range(5))  # the stratified sample keeps every topic
+    tokenizer = fast_tokenizer(loaded.hf_tokenizer, 48)
+    assert result.expert == evaluate.evaluate_torch(model, tokenizer, test, "accuracy")
+    assert result.dense == evaluate.evaluate_torch(dense, tokenizer, test, "accuracy")
 
-    texts = data.test.inputs[:40]
-    router = Router(tmp_path, device="cpu", batch_size=8)
-    runtime_labels = [p.label_id for p in router.predict("bbc-news", texts)]
-    torch_labels = evaluate.torch_logits(model, fast_tokenizer(loaded.hf_tokenizer, 48), texts).argmax(1)
-    assert runtime_labels == torch_labels.tolist()
-    agreement = np.mean(np.asarray(runtime_labels) == np.asarray(data.test.labels[:40]))
-    assert abs(agreement - result.expert_onnx) < 1e-9  # the manifest's ORT metric is what the router gives
+    fp32 = Router(tmp_path, device="cpu", precision="fp32")
+    fp32_labels = [p.label_id for p in fp32.predict("bbc-news", test.inputs)]
+    torch_labels = evaluate.torch_logits(model, tokenizer, test.inputs).argmax(1)
+    assert fp32_labels == torch_labels.tolist()
+    assert abs(np.mean(np.asarray(fp32_labels) == np.asarray(test.labels)) - result.expert_onnx) < 1e-9
+
+    served = Router(tmp_path, device="cpu")  # the defaults: the validated int8 variant on CPU
+    if "int8" in manifest.onnx.variants:
+        assert served.info("bbc-news")["precision"] == "int8"
+        int8_labels = [p.label_id for p in served.predict("bbc-news", test.inputs)]
+        accuracy = float(np.mean(np.asarray(int8_labels) == np.asarray(test.labels)))
+        assert abs(accuracy - manifest.onnx.variants["int8"].quality["value"]) < 1e-9
+        assert np.mean(np.asarray(int8_labels) == torch_labels) >= 0.99
+    else:  # left out: the build said why, in the manifest
+        assert "int8" in manifest.quality["variants_left_out"]

@@ -18,37 +18,15 @@ def _model(tiny_backbone, family="bert", prompt=3):
     return TaskModel(tiny_backbone(family), num_labels=2, prompt_length=prompt).eval()
 
 
-def _masked_forward(model, keep_heads, ids, mask):
-    """Dense forward with the removed heads' context vectors zeroed before the output projection."""
-    handles = []
-    for index, layer in enumerate(model.spec.layer_list(model.backbone)):
-        out = model.spec.attention_linears(layer)[3]
-        removed = torch.ones(out.in_features, dtype=torch.bool)
-        removed[prune.head_rows(keep_heads[index], HEAD_DIM)] = False
-
-        def hook(module, args, removed=removed):
-            ctx = args[0].clone()
-            ctx[..., removed] = 0.0
-            return (ctx,)
-
-        handles.append(out.register_forward_pre_hook(hook))
-    try:
-        with torch.no_grad():
-            return model(ids, mask)
-    finally:
-        for handle in handles:
-            handle.remove()
-
-
 IDS = torch.tensor([[101, 2204, 3185, 2003, 102, 0], [101, 6659, 102, 0, 0, 0]])
 
 
 @pytest.mark.parametrize("family", ["bert", "roberta", "electra", "distilbert"])
-def test_head_removal_equals_masking_and_exports(family, tiny_backbone, hf_tokenizer, tmp_path):
+def test_head_removal_equals_masking_and_exports(family, tiny_backbone, hf_tokenizer, tmp_path, masked_forward):
     model = _model(tiny_backbone, family)
     mask = (IDS != 0).long()
     keep = [torch.tensor([0, 2]), torch.tensor([1])]  # per-layer head counts differ
-    expected = _masked_forward(model, keep, IDS, mask)
+    expected = masked_forward(model, "heads", keep, IDS, mask)
     dense = model(IDS, mask).detach()
     report = prune.prune_heads(model, keep)
     assert report["head_counts_before"] == [3, 3] and report["head_counts"] == [2, 1]
@@ -157,15 +135,19 @@ def test_build_with_both_layer_types_writes_head_counts(tiny_backbone, hf_tokeni
                          prompt_length=4, batch_size=8, progress=False, lr=5e-2, layer_types="both", head_rate=0.34,
                          fuse=True)
     loaded = LoadedModel(tiny_backbone("bert"), hf_tokenizer, "tiny-bert", "config", None)
-    result = build_task(config, loaded, synthetic_task("toy"))
+    result, _, model = build_task(config, loaded, synthetic_task("toy"), return_models=True)
     assert result.head_counts == [2, 2] and result.max_abs_diff <= 1e-4
-    router = Router(tmp_path)
+    router = Router(tmp_path, precision="fp32")
     manifest = router.manifest("toy")
-    assert manifest["architecture"]["num_heads"] == [2, 2]
-    assert manifest["architecture"]["num_heads_dense"] == [3, 3]
-    assert manifest["pruning"]["layer_types"] == ["ffn", "attention"] and manifest["pruning"]["head_rate"] == 0.34
-    predictions = router.predict("toy", ["good film", "bad film"])
-    assert len(predictions) == 2
+    assert manifest.architecture["num_heads"] == [2, 2]
+    assert manifest.architecture["num_heads_dense"] == [3, 3]
+    assert manifest.pruning["layer_types"] == ["ffn", "attention"] and manifest.pruning["head_rate"] == 0.34
+    texts = ["good film", "bad film", "a dull story with a great cast"]
+    from doe_export.evaluate import torch_logits
+    from doe_export.loading import fast_tokenizer
+
+    expected = torch_logits(model, fast_tokenizer(hf_tokenizer, 32), texts).argmax(1).tolist()
+    assert [p.label_id for p in router.predict("toy", texts)] == expected
 
     mpnet = LoadedModel(tiny_backbone("mpnet"), hf_tokenizer, "tiny-mpnet", "config", None)
     with pytest.raises(ValueError, match="attention heads of model type 'mpnet' cannot be removed"):

@@ -16,37 +16,15 @@ def _model(tiny_backbone, family="bert", prompt=3):
     return TaskModel(tiny_backbone(family), num_labels=2, prompt_length=prompt).eval()
 
 
-def _masked_forward(model, keep, ids, mask, replace=None):
-    """Dense forward with every removed neuron's activation zeroed (or set to ``replace``)."""
-    handles = []
-    for index, layer in enumerate(model.spec.layer_list(model.backbone)):
-        width = model.spec.down_linear(layer).in_features
-        removed = torch.ones(width, dtype=torch.bool)
-        removed[keep[index]] = False
-
-        def hook(module, args, removed=removed, index=index):
-            act = args[0].clone()
-            act[..., removed] = 0.0 if replace is None else replace[index][removed]
-            return (act,)
-
-        handles.append(model.spec.down_linear(layer).register_forward_pre_hook(hook))
-    try:
-        with torch.no_grad():
-            return model(ids, mask)
-    finally:
-        for handle in handles:
-            handle.remove()
-
-
 @pytest.mark.parametrize("family", ["bert", "distilbert", "llama"])
-def test_physical_pruning_equals_masking(family, tiny_backbone):
+def test_physical_pruning_equals_masking(family, tiny_backbone, masked_forward):
     model = _model(tiny_backbone, family)
     ids = torch.tensor([[101, 2204, 3185, 2003, 102, 0], [101, 6659, 102, 0, 0, 0]])
     mask = (ids != 0).long()
     generator = torch.Generator().manual_seed(3)
     scores = [torch.rand(37, generator=generator) for _ in range(2)]
     keep = prune.select_neurons(scores, prune.PruneConfig(rate=0.5))
-    expected = _masked_forward(model, keep, ids, mask)
+    expected = masked_forward(model, "ffn", keep, ids, mask)
     dense = model(ids, mask).detach()
     prune.prune_ffn(model, keep)
     with torch.no_grad():
@@ -55,7 +33,7 @@ def test_physical_pruning_equals_masking(family, tiny_backbone):
     assert not torch.allclose(dense, got, atol=1e-4)  # pruning did change the function
 
 
-def test_fold_bias_equals_mean_replacement(tiny_backbone):
+def test_fold_bias_equals_mean_replacement(tiny_backbone, masked_forward):
     model = _model(tiny_backbone)
     ids = torch.tensor([[101, 2204, 3185, 102]])
     mask = torch.ones_like(ids)
@@ -63,7 +41,7 @@ def test_fold_bias_equals_mean_replacement(tiny_backbone):
     scores = [torch.rand(37, generator=generator) for _ in range(2)]
     means = [torch.rand(37, generator=generator) for _ in range(2)]
     keep = prune.select_neurons(scores, prune.PruneConfig(rate=0.7))
-    expected = _masked_forward(model, keep, ids, mask, replace=means)
+    expected = masked_forward(model, "ffn", keep, ids, mask, replace=means)
     prune.prune_ffn(model, keep, mean_activation=means)
     with torch.no_grad():
         torch.testing.assert_close(model(ids, mask), expected, atol=1e-5, rtol=1e-5)

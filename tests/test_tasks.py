@@ -147,3 +147,16 @@ def test_metrics_against_hand_values():
     # tp=2 tn=2 fp=1 fn=1 -> (4 - 1) / sqrt(3*3*3*3) = 1/3
     assert evaluate.matthews(labels, preds) == pytest.approx(1 / 3)
     assert evaluate.matthews([0, 1, 0, 1], [0, 0, 0, 0]) == 0.0
+
+
+def test_non_utf8_user_file_names_file_line_and_encoding(tmp_path):
+    from doe_export.tasks import load_user_task, parse_user_task
+
+    path = tmp_path / "latin.csv"
+    path.write_bytes("text,label\nfine,yes\ncaf\xe9 noir,no\n".encode("latin-1") + b"good,yes\nbad,no\n")
+    with pytest.raises(TaskDataError, match=r"latin.csv:3: byte b'\\xe9' .* is not valid utf-8-sig .*encoding=latin-1"):
+        load_user_task(parse_user_task(f"name=l,train={path},text=text,label=label"), seed=0)
+    data = load_user_task(parse_user_task(f"name=l,train={path},text=text,label=label,encoding=latin-1"), seed=0)
+    assert "café noir" in data.train.inputs + data.dev.inputs + data.test.inputs
+    with pytest.raises(TaskDataError, match="unknown encoding 'klingon'"):
+        load_user_task(parse_user_task(f"name=l,train={path},text=text,label=label,encoding=klingon"), seed=0)

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..console import log as default_log
 from . import common
 
 QUICK = dict(batches=(1, 2), tokens=(8, 16), threads=(1,), rates=(0.5,), repeats=2, min_seconds=0.0)
@@ -32,7 +33,8 @@ class GridConfig:
     tokens: tuple[int, ...] = (16, 32, 64, 128, 256, 512)
     threads: tuple[int, ...] = (1, 2)
     rates: tuple[float, ...] = (0.3, 0.5, 0.65, 0.8)
-    prompt_length: int = 20
+    prompt_length: int = 0  # soft-prompt positions inside the graphs (doe build's default graphs have none)
+    exporter: str = "torchscript"
     repeats: int = 5
     min_seconds: float = 0.5
     seed: int = 0
@@ -60,7 +62,7 @@ def _backbone(config: GridConfig):
 def build_graphs(config: GridConfig, folder: Path, log=print) -> tuple[dict[str, Path], dict]:
     """Export the dense graph and one expert per rate; validate each; return paths and model shape."""
     from ..attribution import make_scorer
-    from ..export import export_onnx, fuse_for_ort, validate_onnx
+    from ..export import export_validated
     from ..prune import PruneConfig, prune_ffn, select_neurons
     from ..taskmodel import TaskModel
 
@@ -80,15 +82,10 @@ def build_graphs(config: GridConfig, folder: Path, log=print) -> tuple[dict[str,
         models[f"p{rate:g}"] = expert
     paths = {}
     for name, model in models.items():
-        path = folder / f"{name}.onnx"
-        export_onnx(model, path, sample_ids, sample_mask)
-        if config.fused:
-            fused = folder / f"{name}.fused.onnx"
-            fuse_for_ort(path, fused)
-            path = fused
-        report = validate_onnx(model, path, checks)
-        log(f"[grid] exported {name}{' (fused)' if config.fused else ''}: FFN widths {model.ffn_widths()}, "
-            f"max|ORT - torch| {report['max_abs_diff']:.1e}")
+        path = folder / f"{name}{'.fused' if config.fused else ''}.onnx"
+        _, report, _ = export_validated(model, path, (sample_ids, sample_mask), checks, config.exporter, config.fused)
+        log(f"[grid] exported {name}{' (fused)' if config.fused else ''} ({config.exporter}): FFN widths "
+            f"{model.ffn_widths()}, max|ORT - torch| {report['max_abs_diff']:.1e}")
         paths[name] = path
     return paths, shape
 
@@ -144,7 +141,7 @@ def measure(config: GridConfig, paths: dict[str, Path], shape: dict, progress: b
 
 def run(config: GridConfig, out_dir: Path, work_dir: Path, progress: bool = True, log=None) -> Path:
     """Build graphs, measure, write ``grid.jsonl``, ``grid.md`` and the plots into ``out_dir``."""
-    log = log or (lambda message: print(message, file=sys.stderr, flush=True))
+    log = log or default_log
     paths, shape = build_graphs(config, work_dir, log)
     header = common.environment(list(config.threads), ["CPUExecutionProvider"])
     header.update(suite="grid", config=asdict(config), model_shape=shape)

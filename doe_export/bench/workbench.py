@@ -1,0 +1,222 @@
+"""What the suites share: their settings, the task workbench (adapted models, experts through the
+stage API, graphs exported and validated), timing of sessions, process memory, generated texts and
+bundles made by ``doe build``'s own code."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ..console import log
+from . import common
+
+@dataclass(frozen=True)
+class SuiteConfig:
+    model: str = "packaged:all-MiniLM-L6-v2"
+    data_dir: str | None = None
+    layer_tasks: tuple[str, ...] = ("sst2", "rte")
+    peers_task: str = "sst2"
+    replace_tasks: tuple[str, ...] = ("bbc-news", "sst2")
+    # share of the prunable (FFN + attention projection) parameters removed; each layer type gets
+    # the rate that removes that many parameters (skipped where that rate would be >= max_rate)
+    budgets: tuple[float, ...] = (0.2, 0.3, 0.43, 0.65)
+    max_rate: float = 0.95
+    ffn_rate: float = 0.65  # the peers' FFN expert
+    both_rates: tuple[float, float] = (0.65, 0.65)  # the peers' "both" expert: FFN rate, head rate
+    # timed requests of layers / peers / switch: batch x tokens, intra-op threads, repeats (at least
+    # `repeats`, more until `min_seconds` have passed)
+    batch: int = 8
+    tokens: int = 128
+    threads: int = 1
+    repeats: int = 7
+    min_seconds: float = 1.0
+    switch_tasks: tuple[int, ...] = (2, 5, 10)  # resident experts in the round-robin
+    switch_requests: int = 20
+    e2e_items: int = 512
+    e2e_batch: int = 32
+    # the load suite: measured seconds after a warm-up, concurrent connections, tasks served
+    load_seconds: float = 60.0
+    load_warmup_seconds: float = 10.0
+    load_connections: int = 32
+    load_tasks: int = 3
+    load_memory_arena: bool = True
+    # a separate Python with optimum-onnx (it needs transformers < 4.58, so it cannot share ours):
+    # the peers suite then also times the dense model exported by `optimum-cli export onnx`
+    optimum_python: str | None = None
+    seed: int = 0
+    tiny: bool = False
+    # adaptation, attribution and recovery of the layers/peers experts; None: `doe build`'s defaults,
+    # taken from BuildConfig itself, so a benchmark measures the experts `doe build` ships
+    flow: "object | None" = None
+
+    def study_config(self):
+        """The flow as a study config (the suites use the study's runner and cache)."""
+        from ..pipeline import BuildConfig
+        from ..study import StudyConfig
+
+        if self.flow is not None:
+            return self.flow
+        return StudyConfig.from_specs(*BuildConfig().specs()[:4], model="tiny" if self.tiny else self.model)
+
+
+def quick_flow():
+    """The --quick flow: `doe build`'s stages on a tiny model and generated data, in seconds."""
+    from ..study import StudyConfig
+
+    return StudyConfig(model="tiny", adapt="finetune", prompt_length=0, epochs=1, max_train=48, max_dev=8,
+                       max_eval=24, max_length=24, calib_examples=16, recovery_params="all", distill=0.5,
+                       recovery_examples=24, recovery_on_dev=True, batch_size=16)
+
+
+QUICK = dict(layer_tasks=("toy",), peers_task="toy", replace_tasks=("toy",), budgets=(0.3,), batch=2, tokens=16,
+             repeats=2, min_seconds=0.0, switch_tasks=(2,), switch_requests=2, e2e_items=24, e2e_batch=8,
+             load_seconds=3.0, load_warmup_seconds=1.0, load_connections=4, load_tasks=2, tiny=True)
+
+
+def rss_bytes() -> int:
+    """Resident memory of this process (Linux /proc; elsewhere the peak from getrusage)."""
+    try:
+        pages = int(Path("/proc/self/statm").read_text().split()[1])
+        return pages * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def random_feeds(vocab: int, batch: int, tokens: int, seed: int) -> dict[str, np.ndarray]:
+    ids = np.random.default_rng(seed).integers(1000, vocab, size=(batch, tokens)).astype(np.int64)
+    return {"input_ids": ids, "attention_mask": np.ones_like(ids)}
+
+
+class Workbench:
+    """What the layers, peers and replace suites share: the model, the tasks' adapted models and
+    calibration statistics (cached on disk, the study's cache layout), experts made by the stage API
+    exactly as ``doe build`` makes them, ONNX export + validation."""
+
+    def __init__(self, config: SuiteConfig, cache: Path, work: Path, progress: bool):
+        self.config, self.cache, self.work, self.progress = config, Path(cache), Path(work), progress
+        if config.tiny:
+            from ..loading import tiny_model
+
+            self.loaded = tiny_model(config.seed)
+        else:
+            from ..loading import load_model
+
+            self.loaded = load_model(config.model)
+        self.study_config = config.study_config()
+        self._runners = {}
+        self.work.mkdir(parents=True, exist_ok=True)
+
+    @property
+    def shape(self) -> dict:
+        cfg = self.loaded.backbone.config
+        return {"hidden": cfg.hidden_size, "ffn": cfg.intermediate_size, "layers": cfg.num_hidden_layers,
+                "heads": cfg.num_attention_heads, "vocab": cfg.vocab_size,
+                "max_positions": getattr(cfg, "max_position_embeddings", None)}
+
+    def task_data(self, task: str):
+        """The task's data (generated in quick mode); nothing trains."""
+        from ..tasks import load_task, synthetic_task
+
+        return synthetic_task(task) if self.config.tiny else load_task(task, self.config.seed, self.config.data_dir)
+
+    def runner(self, task: str):
+        """The study's runner of the task: its adapted model (cached) and calibration statistics."""
+        from ..study import TaskRunner
+
+        if task not in self._runners:
+            self._runners[task] = TaskRunner(self.study_config, self.task_data(task), self.loaded,
+                                             self.cache / "study", self.progress)
+        return self._runners[task]
+
+    def expert(self, task: str, layer_types: str, ffn_rate: float, head_rate: float):
+        """A DoE expert of the adapted model (stage API): (model, prune report, metric before, metric after)."""
+        from .. import stages
+
+        runner = self.runner(task)
+        spec = stages.PruneSpec(rate=ffn_rate if layer_types != "attention" else 0.0, layer_types=layer_types,
+                                head_rate=head_rate if layer_types != "ffn" else None,
+                                calib_examples=self.study_config.calib_examples, batch_size=self.study_config.batch_size,
+                                seed=self.config.seed)
+        result = runner.expert(spec, desc=f"{layer_types} {ffn_rate:.2f}/{head_rate:.2f}")
+        metric = runner.data.metric
+        return result.model, result.report, result.before[metric], result.after[metric]
+
+    def export(self, model, name: str, fuse: bool, exporter: str = "torchscript") -> tuple[Path, dict]:
+        """Export (and optionally fuse) ``model``; validated against PyTorch after every rewrite."""
+        from ..export import export_validated
+
+        sample, batches = common.random_check_batches(self.shape["vocab"], self.config.seed, low=1000)
+        path = self.work / f"{name}{'.fused' if fuse else ''}.{exporter}.onnx"
+        _, validation, fusions = export_validated(model, path, sample, batches, exporter, fuse)
+        return path, {"max_abs_diff": validation["max_abs_diff"], "fusions": fusions, "exporter": exporter}
+
+    def onnx_metric(self, task: str, path: Path) -> float:
+        from .. import evaluate
+
+        runner = self.runner(task)
+        logits = evaluate.onnx_file_logits(path, runner.tokenizer, runner.test.inputs)
+        return evaluate.metric_value(runner.data.metric, runner.test.labels, logits.argmax(1).tolist())
+
+
+def header(config: SuiteConfig, suite: str, shape: dict) -> dict:
+    import onnxruntime as ort
+
+    head = common.environment([config.threads], ort.get_available_providers())
+    head.update(suite=suite, config=asdict(config), model_shape=shape)
+    return head
+
+
+def time_sessions(paths: dict[str, Path], feeds: dict, config: SuiteConfig, extra: dict | None = None) -> dict:
+    """Interleaved timing of sessions (and other callables in ``extra``) on the same feeds."""
+    sessions = {name: common.session(path, config.threads) for name, path in paths.items()}
+    runners = {name: (lambda s=s: s.run(None, feeds)) for name, s in sessions.items()}
+    runners.update(extra or {})
+    return common.paired_timing(runners, config.repeats, warmup=1, min_seconds=config.min_seconds)
+
+
+def make_bundles(config: SuiteConfig, root: Path, count: int, progress: bool) -> list[str]:
+    """One real expert bundle (``doe build``'s own code on generated data; the weights' values do not
+    change the costs measured here), copied under ``count`` task names."""
+    from ..loading import tiny_model, load_model
+    from ..pipeline import BuildConfig, build_task
+    from ..tasks import synthetic_task
+
+    loaded = tiny_model(config.seed) if config.tiny else load_model(config.model)
+    build_cfg = BuildConfig(out_dir=str(root), epochs=0, recovery_epochs=0, calib_examples=16, max_eval=32,
+                            max_length=config.tokens, rate=config.ffn_rate, progress=progress, fp16=False)
+    result = build_task(build_cfg, loaded, synthetic_task("expert-0"))
+    names = ["expert-0"]
+    source = Path(result.bundle)
+    for index in range(1, count):
+        name = f"expert-{index}"
+        target = root / name
+        if target.exists():
+            shutil.rmtree(target)
+        shutil.copytree(source, target)
+        manifest = json.loads((target / "manifest.json").read_text())
+        manifest["task"]["name"] = name
+        (target / "manifest.json").write_text(json.dumps(manifest, indent=2))
+        names.append(name)
+    return names
+
+
+def long_texts(count: int, words: int, seed: int) -> list[str]:
+    rng = np.random.default_rng(seed)
+    vocabulary = ("market film team minister growth season album court bank player music election profit "
+                  "shares league court police phone software director economy award").split()
+    return [" ".join(rng.choice(vocabulary, size=words)) for _ in range(count)]
+
+
+def mixed_texts(count: int, seed: int, max_words: int = 160) -> list[str]:
+    """Request texts of realistic, mixed lengths (log-uniform 3..max_words words)."""
+    rng = np.random.default_rng(seed)
+    lengths = np.exp(rng.uniform(np.log(3), np.log(max_words), size=count)).astype(int)
+    pool = long_texts(1, max_words, seed)[0].split()
+    return [" ".join(pool[:n]) for n in lengths]

@@ -1,0 +1,43 @@
+"""Progress lines on stderr, per-stage wall times, and the package versions a record carries."""
+
+from __future__ import annotations
+
+import contextlib
+import platform
+import sys
+import time
+from importlib import metadata
+
+VERSIONED = ("doe-export", "doe-runtime", "torch", "transformers", "onnx", "onnxscript", "onnxruntime",
+             "onnxruntime-gpu", "tokenizers", "numpy")
+
+
+def log(message: str) -> None:
+    """One progress line on stderr (stdout is for results)."""
+    print(message, file=sys.stderr, flush=True)
+
+
+def package_versions() -> dict[str, str]:
+    found = {}
+    for name in VERSIONED:
+        try:
+            found[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    found["python"] = platform.python_version()
+    return found
+
+
+class Timer:
+    """Wall seconds per named stage; a stage entered twice adds up."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def stage(self, name: str):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = round(self.seconds.get(name, 0.0) + time.perf_counter() - start, 2)

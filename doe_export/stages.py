@@ -1,0 +1,359 @@
+"""The stage API: one frozen, self-checking spec per stage and one function per stage.
+
+``doe build``, ``doe study`` and every ``doe bench`` suite run experts through these same
+functions, so an expert measured by a benchmark is the expert ``doe build`` ships::
+
+    data  = Splits.of(task_data, DataSpec(...))                  # train / dev / test, capped
+    model = new_model(loaded, task_data, AdaptSpec(...))         # backbone + (soft prompt) + head
+    adapt(model, tokenizer, data, metric, AdaptSpec(...))        # in place; returns its record
+    expert = make_expert(model, tokenizer, data, metric,         # a pruned, recovered copy
+                         PruneSpec(...), RecoverySpec(...))      #   (the dense model is the teacher)
+    exported = export(expert.model, folder, tokenizer, data.test, metric, ExportSpec(...))
+
+Caching (study, bench) wraps these calls and keys them by :func:`spec_key` of the specs that
+decide the result. Recovery that tunes only the prompt and head, full recovery and distillation
+are values of :class:`RecoverySpec`, not copies of the loop.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+
+from . import adapt as adapt_loop
+from . import attribution, evaluate, prune as surgery
+from .errors import ConfigError
+from .tasks import Split, TaskData
+
+ADAPT_MODES = ("prompt", "finetune")
+RECOVERY_PARAMS = ("all", "prompt")
+EXPORTERS = ("torchscript", "dynamo")
+
+
+def spec_key(*specs: Any, extra: Any = None) -> str:
+    """A short stable hash of frozen specs (and anything JSON-able beside them), for cache keys."""
+    payload = [type(s).__name__ for s in specs] + [asdict(s) for s in specs] + [extra]
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _positive_or_none(name: str, value: int | None) -> None:
+    if value is not None and (not isinstance(value, int) or value < 1):
+        raise ConfigError(f"{name} must be an integer >= 1 or None (all), got {value!r}")
+
+
+# ----------------------------------------------------------------------------- specs
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    """How much of a task's data the stages see, and how texts are cut."""
+
+    max_train: int | None = 1000  # training examples (adaptation, calibration, recovery); None: all
+    max_dev: int | None = 200  # dev examples for epoch selection
+    max_eval: int | None = 1000  # reporting examples (seeded stratified sample); None: the whole split
+    max_length: int = 128  # tokens per input (soft prompt excluded)
+    seed: int = 0
+
+    def check(self) -> "DataSpec":
+        for name in ("max_train", "max_dev", "max_eval"):
+            _positive_or_none(name, getattr(self, name))
+        if not isinstance(self.max_length, int) or self.max_length < 8:
+            raise ConfigError(f"max_length must be an integer >= 8, got {self.max_length!r}")
+        return self
+
+
+@dataclass(frozen=True)
+class AdaptSpec:
+    """How the dense model learns the task before attribution."""
+
+    mode: str = "finetune"  # "prompt": soft prompt + head, frozen backbone (the paper); "finetune": everything
+    prompt_length: int = 0  # soft-prompt positions in the graph (prompt mode needs >= 1)
+    pooling: str | None = None  # None: mean for encoders, last token for decoders
+    epochs: int = 3
+    lr: float | None = None  # None: 1e-2 for prompt tuning, 8e-5 for fine-tuning
+    batch_size: int = 16
+    seed: int = 0
+
+    def check(self) -> "AdaptSpec":
+        if self.mode not in ADAPT_MODES:
+            raise ConfigError(f"adaptation mode must be one of {ADAPT_MODES}, got {self.mode!r}")
+        if self.mode == "prompt" and self.prompt_length < 1:
+            raise ConfigError("prompt tuning needs a prompt length >= 1 (--prompt-length)")
+        if self.prompt_length < 0 or self.epochs < 0 or self.batch_size < 1:
+            raise ConfigError(f"prompt length and epochs must be >= 0 and batch size >= 1, got {self.prompt_length}, "
+                              f"{self.epochs}, {self.batch_size}")
+        if self.lr is not None and not self.lr > 0:
+            raise ConfigError(f"learning rate must be > 0, got {self.lr}")
+        return self
+
+    def train_config(self) -> adapt_loop.TrainConfig:
+        params = "prompt" if self.mode == "prompt" else "all"
+        return adapt_loop.TrainConfig(params, self.epochs, self.lr, self.batch_size, self.seed).check()
+
+
+@dataclass(frozen=True)
+class PruneSpec:
+    """Which neurons (and heads) the expert keeps."""
+
+    scorer: str = "doe"
+    token_agg: str = "mean"
+    rank: str = "abs-of-mean"
+    rate: float = 0.65  # share of FFN neurons removed
+    layer_types: str = "ffn"  # "ffn" | "attention" | "both"
+    head_rate: float | None = None  # share of heads removed; None: the same as rate
+    budget: str = "per-layer"
+    round_to: int = 1
+    fold_bias: bool = False
+    calib_examples: int = 256
+    batch_size: int = 16
+    seed: int = 0
+
+    def check(self) -> "PruneSpec":
+        surgery.PruneConfig(self.rate, self.budget, self.round_to, self.fold_bias).check()
+        if self.layer_types not in surgery.LAYER_TYPES:
+            raise ConfigError(f"layer types must be one of {surgery.LAYER_TYPES}, got {self.layer_types!r}")
+        if self.head_rate is not None:
+            surgery.PruneConfig(self.head_rate).check()
+        self.scorer_plugin()  # unknown scorer / options fail here
+        if self.layer_types != "ffn" and self.scorer not in attribution.HEAD_SCORERS:
+            raise ConfigError(f"scorer {self.scorer!r} cannot score attention heads (layer types {self.layer_types!r})"
+                              f"; use one of {', '.join(attribution.HEAD_SCORERS)} or --layer-types ffn")
+        if self.calib_examples < 1 or self.batch_size < 1:
+            raise ConfigError(f"calibration examples and batch size must be >= 1, got {self.calib_examples}, "
+                              f"{self.batch_size}")
+        return self
+
+    @property
+    def heads_removed(self) -> float:
+        return 0.0 if self.layer_types == "ffn" else (self.rate if self.head_rate is None else self.head_rate)
+
+    def scorer_plugin(self) -> attribution.Scorer:
+        try:
+            return attribution.make_scorer(self.scorer, token_agg=self.token_agg, rank=self.rank, seed=self.seed)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+
+    def needs(self) -> tuple[str, ...]:
+        """The calibration statistics this spec needs (empty: no calibration pass)."""
+        scorer = self.scorer_plugin()
+        needs = set(scorer.needs) | ({"act"} if self.fold_bias else set())
+        if self.layer_types != "ffn":
+            needs |= set(scorer.head_needs)
+        return tuple(n for n in attribution.STATS if n in needs)
+
+
+@dataclass(frozen=True)
+class RecoverySpec:
+    """How the pruned model relearns what pruning cost: which weights train, and from what."""
+
+    epochs: int = 1
+    params: str = "all"  # "all": every remaining weight; "prompt": soft prompt + head only (the paper)
+    distill: float = 0.5  # weight of logit distillation from the dense model; 0: cross-entropy only
+    temperature: float = 2.0
+    lr: float | None = None  # None: 1e-2 for prompt + head, 8e-5 for all weights
+    batch_size: int = 16
+    max_examples: int | None = None  # cap on the training examples used (None: the stage's whole train split)
+    select_on_dev: bool = True  # keep the best dev epoch
+    seed: int = 1
+
+    def check(self) -> "RecoverySpec":
+        if self.params not in RECOVERY_PARAMS:
+            raise ConfigError(f"recovery params must be one of {RECOVERY_PARAMS}, got {self.params!r}")
+        _positive_or_none("recovery max_examples", self.max_examples)
+        self.train_config()
+        return self
+
+    def train_config(self) -> adapt_loop.TrainConfig:
+        return adapt_loop.TrainConfig(self.params, self.epochs, self.lr, self.batch_size, self.seed,
+                                      distill=self.distill, temperature=self.temperature).check()
+
+
+@dataclass(frozen=True)
+class ExportSpec:
+    """How the expert becomes ONNX graphs, and what each graph must pass to be shipped."""
+
+    exporter: str = "torchscript"  # "torchscript" (torch.onnx.export dynamo=False) | "dynamo"
+    fuse: bool = False  # onnxruntime fusions via onnxscript, validated like the plain graph
+    disabled_optimizers: tuple[str, ...] = ()  # onnxruntime optimizers the served session turns off
+    fp16: bool = True  # fp16 variant (for CUDA)
+    int8: bool = True  # dynamic int8 variant (for CPU)
+    tolerance: float = 1e-4  # max |ORT - torch| of the fp32 graph at the validation shapes
+    fp16_tolerance: float = 5e-2
+    variant_min_agreement: float = 0.99  # labels equal to the PyTorch expert's on the test split
+    variant_max_metric_drop: float = 0.003  # metric of a variant at most this below the PyTorch expert's
+    measure_speed: bool = True  # time each variant against fp32 on the build machine (1 thread)
+
+    def check(self) -> "ExportSpec":
+        if self.exporter not in EXPORTERS:
+            raise ConfigError(f"exporter must be one of {EXPORTERS}, got {self.exporter!r}")
+        if not self.tolerance > 0 or not 0 < self.variant_min_agreement <= 1 or self.variant_max_metric_drop < 0:
+            raise ConfigError("tolerance must be > 0, variant_min_agreement in (0, 1], variant_max_metric_drop >= 0")
+        return self
+
+
+# ----------------------------------------------------------------------------- data
+
+
+@dataclass
+class Splits:
+    train: Split
+    dev: Split
+    test: Split
+
+    @classmethod
+    def of(cls, data: TaskData, spec: DataSpec) -> "Splits":
+        """Train and dev capped by their first items (they are shuffled by the loaders); the
+        reporting split by a seeded stratified sample, so a class-sorted file keeps every class."""
+        return cls(data.train.head(spec.max_train), data.dev.head(spec.max_dev),
+                   data.test.sample(spec.max_eval, spec.seed))
+
+
+# ----------------------------------------------------------------------------- stages
+
+
+def new_model(loaded, data: TaskData, spec: AdaptSpec):
+    """A TaskModel on a private copy of the backbone: the soft prompt (if any) and a fresh head."""
+    from .taskmodel import TaskModel
+
+    spec.check()
+    return TaskModel(copy.deepcopy(loaded.backbone), num_labels=len(data.labels), prompt_length=spec.prompt_length,
+                     pooling=spec.pooling, sep_token_id=loaded.hf_tokenizer.sep_token_id, seed=spec.seed)
+
+
+def adapt(model, tokenizer, data: Splits, metric: str, spec: AdaptSpec, progress: bool = True,
+          desc: str = "adapt") -> dict:
+    """Train the dense model on the task in place (best dev epoch kept); return the training record."""
+    record = adapt_loop.train(model, tokenizer, data.train, data.dev, metric, spec.check().train_config(), desc, progress)
+    return {"mode": spec.mode, **record}
+
+
+@dataclass
+class Attribution:
+    scores: attribution.Scores  # per-layer FFN importance (+ mean activations)
+    heads: list | None  # per-layer head importance, when heads are removed
+    stats: attribution.CalibrationStats | None
+
+
+def calibration_stats(model, tokenizer, train: Split, spec: PruneSpec, progress: bool = True,
+                      needs: tuple[str, ...] | None = None) -> attribution.CalibrationStats | None:
+    """The calibration pass for ``spec`` (only the statistics it needs; ``needs`` overrides)."""
+    needs = spec.needs() if needs is None else needs
+    if not needs:
+        return None
+    batches = attribution.calibration_batches(tokenizer, train, spec.calib_examples, spec.batch_size, spec.seed)
+    total = (spec.calib_examples + spec.batch_size - 1) // spec.batch_size
+    return attribution.collect_stats(model, batches, total=total, progress=progress, needs=needs)
+
+
+def attribute(model, tokenizer, train: Split, spec: PruneSpec, progress: bool = True,
+              stats: attribution.CalibrationStats | None = None) -> Attribution:
+    """Score every FFN neuron (and head) of ``model`` for the task; ``stats`` reuses a calibration pass."""
+    spec.check()
+    scorer = spec.scorer_plugin()
+    if stats is None:
+        stats = calibration_stats(model, tokenizer, train, spec, progress)
+    scores = scorer.score(model, stats)
+    heads = scorer.score_heads(model, stats) if spec.layer_types != "ffn" else None
+    return Attribution(scores, heads, stats)
+
+
+def prune(model, found: Attribution, spec: PruneSpec) -> dict:
+    """Remove the least important neurons (and heads) of ``model`` in place; return the report."""
+    config = surgery.PruneConfig(spec.rate if spec.layer_types != "attention" else 0.0, spec.budget, spec.round_to,
+                                 spec.fold_bias)
+    return surgery.prune_model(model, spec.layer_types, config, found.scores.importance, found.heads,
+                               spec.heads_removed if spec.layer_types != "ffn" else None, found.scores.mean_activation)
+
+
+def recover(model, teacher, tokenizer, data: Splits, metric: str, spec: RecoverySpec, progress: bool = True,
+            desc: str = "recovery") -> dict:
+    """Re-train the pruned ``model`` in place (distilling from ``teacher`` when ``spec.distill`` > 0)."""
+    config = spec.check().train_config()
+    if config.params == "prompt" and model.prompt is None:
+        raise ConfigError("recovery of the prompt and head only needs a soft prompt; this model has none "
+                          "(use recovery params 'all')")
+    train = data.train.head(spec.max_examples)
+    return adapt_loop.train(model, tokenizer, train, data.dev if spec.select_on_dev else None, metric, config, desc,
+                            progress, teacher=teacher if spec.distill > 0 else None)
+
+
+@dataclass
+class ExpertResult:
+    model: Any  # the pruned, recovered TaskModel
+    attribution: Attribution
+    report: dict  # prune report: params and widths before/after, head counts
+    recovery: dict  # training record of the recovery
+    before: Any  # score of the pruned model before recovery
+    after: Any  # score after recovery
+    seconds: dict = field(default_factory=dict)
+
+
+def make_expert(dense, tokenizer, data: Splits, metric: str, prune_spec: PruneSpec, recovery_spec: RecoverySpec,
+                progress: bool = True, desc: str = "expert", stats: attribution.CalibrationStats | None = None,
+                score: Callable[[Any], Any] | None = None) -> ExpertResult:
+    """Attribute on ``dense``, prune a copy, score it, recover it (``dense`` is the teacher), score again.
+
+    ``score(model)`` defaults to the task metric on ``data.test``; the study passes richer metrics.
+    """
+    score = score or (lambda model: evaluate.evaluate_torch(model, tokenizer, data.test, metric))
+    seconds = {}
+    start = time.perf_counter()
+    found = attribute(dense, tokenizer, data.train, prune_spec, progress, stats)
+    seconds["attribute"] = round(time.perf_counter() - start, 2)
+    model = copy.deepcopy(dense)
+    start = time.perf_counter()
+    report = prune(model, found, prune_spec)
+    seconds["prune"] = round(time.perf_counter() - start, 2)
+    before = score(model)
+    start = time.perf_counter()
+    record = recover(model, dense, tokenizer, data, metric, recovery_spec, progress, f"{desc} recovery")
+    seconds["recover"] = round(time.perf_counter() - start, 2)
+    return ExpertResult(model, found, report, record, before, score(model), seconds)
+
+
+# ----------------------------------------------------------------------------- export
+
+
+@dataclass
+class Exported:
+    onnx: dict  # the manifest's onnx section (file, sha256, opset, precision, io, rewrites, variants, session)
+    validation: dict  # the fp32 graph against PyTorch at the validation shapes
+    metric_onnx: float  # the fp32 graph's metric on the test split
+    rejected: dict  # precision -> why a variant was not written
+
+
+def export(model, folder: Path, tokenizer, test: Split, metric: str, spec: ExportSpec, num_labels: int) -> Exported:
+    """Write ``folder/model.onnx`` (validated against PyTorch) and every variant that passes its checks."""
+    from . import export as onnx_export
+
+    spec.check()
+    folder = Path(folder)
+    path = folder / "model.onnx"
+    batches = onnx_export.validation_batches(tokenizer, test.inputs)
+    disabled = list(spec.disabled_optimizers)
+    opset, validation, fusions = onnx_export.export_validated(
+        model, path, onnx_export.encode_sample(tokenizer, test.inputs), batches, spec.exporter, spec.fuse,
+        spec.tolerance, disabled)
+    expected = evaluate.torch_logits(model, tokenizer, test.inputs)
+    fp32_logits = evaluate.onnx_file_logits(path, tokenizer, test.inputs, disabled_optimizers=disabled)
+    metric_onnx = evaluate.metric_value(metric, test.labels, fp32_logits.argmax(1).tolist())
+    variants, rejected = onnx_export.write_variants(model, folder, path, tokenizer, test, metric, expected, batches, spec)
+    section = {**onnx_export.file_entry(folder, "model.onnx"), "opset": opset, "precision": "fp32",
+               "exporter": spec.exporter, "rewrites": {"ort_fusions": fusions} if spec.fuse else {},
+               **onnx_export.io_spec(num_labels),
+               "quality": {"metric": metric, "value": metric_onnx, "split_size": len(test)},
+               "session": {"disabled_optimizers": disabled} if disabled else {}}
+    if variants:
+        section["variants"] = variants
+    return Exported(section, validation, metric_onnx, rejected)
+
+
+__all__ = ["AdaptSpec", "Attribution", "DataSpec", "ExpertResult", "ExportSpec", "Exported", "PruneSpec",
+           "RecoverySpec", "Splits", "adapt", "attribute", "calibration_stats", "export", "make_expert", "new_model",
+           "prune", "recover", "spec_key"]

@@ -1,0 +1,140 @@
+"""The stage API: one flow for build, study and bench; the specs refuse bad settings; the training
+loop keeps the best dev epoch and distils as written; calibration gathers only what is needed."""
+
+import copy
+
+import pytest
+import torch
+
+from doe_export import adapt, attribution, stages
+from doe_export.errors import ConfigError
+from doe_export.loading import LoadedModel, fast_tokenizer
+from doe_export.tasks import synthetic_task
+
+
+def test_study_path_and_build_make_identical_experts(tiny_backbone, hf_tokenizer, tmp_path):
+    """`doe build` and the study/bench runner, same settings and seed: the same expert, weight for weight."""
+    from doe_export.pipeline import BuildConfig, build_task
+    from doe_export.study import StudyConfig, TaskRunner
+
+    data = synthetic_task("toy", n_train=64)
+    backbone = tiny_backbone("bert")
+    config = BuildConfig(out_dir=str(tmp_path / "out"), epochs=2, calib_examples=16, max_length=24, batch_size=8,
+                         max_train=48, max_dev=8, progress=False, fp16=False, int8=False, lr=1e-3)
+    loaded = LoadedModel(copy.deepcopy(backbone), hf_tokenizer, "tiny-bert", "config", None)
+    _, built_dense, built = build_task(config, loaded, data, return_models=True)
+
+    study = StudyConfig(model="tiny", adapt="finetune", prompt_length=0, lr=1e-3, epochs=2, max_train=48, max_dev=8,
+                        max_length=24, batch_size=8, calib_examples=16, recovery_params="all", distill=0.5,
+                        recovery_examples=None, recovery_on_dev=True)
+    runner = TaskRunner(study, data, LoadedModel(copy.deepcopy(backbone), hf_tokenizer, "tiny-bert", "config", None),
+                        tmp_path / "cache", progress=False)
+    spec_data, _, spec_prune, spec_recovery, _ = config.specs()
+    assert study.data_spec() == spec_data and study.recovery_spec() == spec_recovery
+    assert study.adapt_spec() == config.specs()[1]
+    result = runner.expert(spec_prune)
+    for name, value in built_dense.state_dict().items():
+        assert torch.equal(value, runner.adapted.state_dict()[name]), f"dense {name}"
+    got = result.model.state_dict()
+    assert list(got) == list(built.state_dict())
+    for name, value in built.state_dict().items():
+        assert torch.equal(value, got[name]), f"expert {name}"
+
+
+@pytest.mark.parametrize("spec, message", [
+    (lambda: stages.AdaptSpec(mode="prompt", prompt_length=0), "prompt tuning needs a prompt length >= 1"),
+    (lambda: stages.AdaptSpec(mode="lora"), "adaptation mode must be one of"),
+    (lambda: stages.AdaptSpec(lr=0.0), "learning rate must be > 0"),
+    (lambda: stages.PruneSpec(rate=1.0), r"pruning rate must be in \[0, 1\)"),
+    (lambda: stages.PruneSpec(scorer="psychic"), "unknown scorer 'psychic'; available"),
+    (lambda: stages.PruneSpec(layer_types="both", scorer="taylor"), "cannot score attention heads"),
+    (lambda: stages.RecoverySpec(params="head"), "recovery params must be one of"),
+    (lambda: stages.RecoverySpec(distill=1.5), r"distillation weight must be in \[0, 1\]"),
+    (lambda: stages.RecoverySpec(max_examples=0), "recovery max_examples must be an integer >= 1"),
+    (lambda: stages.ExportSpec(exporter="tflite"), "exporter must be one of"),
+    (lambda: stages.DataSpec(max_length=4), "max_length must be an integer >= 8"),
+])
+def test_specs_refuse_bad_settings(spec, message):
+    with pytest.raises(ConfigError, match=message):
+        spec().check()
+
+
+def test_spec_key_changes_with_any_field():
+    base = stages.spec_key(stages.AdaptSpec(), stages.DataSpec())
+    assert base == stages.spec_key(stages.AdaptSpec(), stages.DataSpec())
+    assert base != stages.spec_key(stages.AdaptSpec(epochs=2), stages.DataSpec())
+    assert base != stages.spec_key(stages.AdaptSpec(), stages.DataSpec(max_train=10))
+
+
+def test_training_keeps_the_best_dev_epoch(tiny_backbone, hf_tokenizer, monkeypatch):
+    """Dev metric scripted 0.9, 0.1, 0.5: the weights after training are those after epoch 1."""
+    data = synthetic_task("toy")
+    model = stages.new_model(LoadedModel(tiny_backbone("bert"), hf_tokenizer, "t", "c", None), data,
+                             stages.AdaptSpec())
+    tokenizer = fast_tokenizer(hf_tokenizer, 24)
+    scripted, snapshots = iter([0.9, 0.1, 0.5]), []
+
+    def fake_dev(model_, tokenizer_, split, metric):
+        snapshots.append({k: v.detach().clone() for k, v in model_.state_dict().items()})
+        return next(scripted)
+
+    monkeypatch.setattr(adapt, "evaluate_torch", fake_dev)
+    record = adapt.train(model, tokenizer, data.train, data.dev, "accuracy",
+                         adapt.TrainConfig("all", 3, 1e-3, 8, 0), progress=False)
+    assert record["best_epoch"] == 1 and record["dev_metric"] == [0.9, 0.1, 0.5]
+    assert any(not torch.equal(snapshots[0][k], snapshots[2][k]) for k in snapshots[0])  # training moved them
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, snapshots[0][name]), name
+    assert not any(p.requires_grad for p in model.parameters())
+
+
+def test_distillation_loss_by_hand():
+    student = torch.tensor([[2.0, 0.0, -1.0], [0.5, 0.5, 0.0]])
+    teacher = torch.tensor([[1.0, 1.0, 0.0], [0.0, 2.0, 0.0]])
+    labels = torch.tensor([0, 1])
+    temperature, weight = 2.0, 0.3
+    ce = torch.nn.functional.cross_entropy(student, labels)
+    p_t = torch.softmax(teacher / temperature, -1)
+    log_p_s = torch.log_softmax(student / temperature, -1)
+    kl = (p_t * (torch.log(p_t) - log_p_s)).sum(-1).mean() * temperature ** 2
+    got = adapt.distillation_loss(student, teacher, labels, weight, temperature)
+    assert got.item() == pytest.approx((weight * kl + (1 - weight) * ce).item(), rel=1e-6)
+    assert adapt.distillation_loss(student, teacher, labels, 0.0, temperature).item() == pytest.approx(ce.item())
+    assert adapt.distillation_loss(student, student, labels, 1.0, temperature).item() == pytest.approx(0.0, abs=1e-7)
+    with pytest.raises(ConfigError, match="needs a teacher"):
+        adapt.train(None, None, synthetic_task().train, None, "accuracy", adapt.TrainConfig("all", 1, distill=0.5))
+
+
+def test_calibration_gathers_only_what_the_scorer_needs(tiny_backbone, hf_tokenizer):
+    data = synthetic_task("toy")
+    model = stages.new_model(LoadedModel(tiny_backbone("bert"), hf_tokenizer, "t", "c", None), data,
+                             stages.AdaptSpec()).eval()
+    tokenizer = fast_tokenizer(hf_tokenizer, 24)
+    spec = stages.PruneSpec(calib_examples=16, batch_size=8)
+    assert spec.needs() == ("ag_mean",)
+    assert stages.PruneSpec(fold_bias=True).needs() == ("ag_mean", "act")
+    assert stages.PruneSpec(layer_types="both").needs() == ("ag_mean", "head_ag_mean")
+    assert stages.PruneSpec(scorer="magnitude").needs() == ()
+    stats = stages.calibration_stats(model, tokenizer, data.train, spec, progress=False)
+    assert stats.gathered == ("ag_mean",) and stats.taylor is None and stats.act is None
+    assert all(p.grad is None for p in model.parameters())  # no weight-gradient (Taylor) pass
+    with pytest.raises(ValueError, match=r"scorer 'taylor' needs calibration statistics \['taylor'\]"):
+        attribution.make_scorer("taylor").score(model, stats)
+    full = stages.calibration_stats(model, tokenizer, data.train, spec, progress=False, needs=attribution.STATS)
+    for name in ("ag_mean",):
+        for a, b in zip(getattr(stats, name), getattr(full, name)):
+            assert torch.allclose(a, b)
+    assert stages.calibration_stats(model, tokenizer, data.train, stages.PruneSpec(scorer="random"),
+                                    progress=False) is None
+
+
+def test_splits_cap_the_reporting_split_by_a_stratified_sample():
+    from doe_export.tasks import Split
+
+    split = Split("sorted file", [f"t{i}" for i in range(100)], [0] * 60 + [1] * 30 + [2] * 10)
+    sample = split.sample(20, seed=3)
+    assert len(sample) == 20 and [sample.labels.count(k) for k in (0, 1, 2)] == [12, 6, 2]
+    assert sample.inputs == sorted(sample.inputs, key=lambda t: int(t[1:]))  # the file's order kept
+    assert sample.labels == split.sample(20, seed=3).labels and "stratified sample of 20" in sample.name
+    assert split.head(20).labels == [0] * 20  # what the old cap did: classes 1 and 2 gone
+    assert split.sample(None, 0) is split and split.sample(500, 0) is split
