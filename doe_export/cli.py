@@ -86,6 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fold removed neurons' mean activation into the down-projection bias")
     b.add_argument("--exporter", choices=("torchscript", "dynamo"), default="torchscript",
                    help="torch.onnx exporter: TorchScript (dynamo=False; faster graphs on CPU here) or dynamo")
+    b.add_argument("--attention", choices=("eager", "native"), default="eager",
+                   help="attention traced into the graph: eager (additive mask; no per-layer safe-softmax Where, "
+                        "faster here) or the model's own implementation")
     b.add_argument("--fuse", action="store_true",
                    help="rewrite the graph with onnxruntime fusions (fused attention, SkipLayerNorm, BiasGelu); "
                         "validated against PyTorch like the plain graph")
@@ -337,6 +340,7 @@ def main(argv: list[str] | None = None) -> int:
             recovery_params=args.recovery_params, distill=args.distill, temperature=args.temperature,
             recovery_lr=args.recovery_lr, max_train=args.max_train, max_dev=args.max_dev, max_eval=args.max_eval,
             max_length=args.max_length, seed=args.seed, progress=not args.no_progress, exporter=args.exporter,
+            attention=args.attention,
             fuse=args.fuse, fp16=not args.no_fp16, int8=not args.no_int8,
         )
         results = build(config, user_tasks)

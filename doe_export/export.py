@@ -53,8 +53,31 @@ def encode_sample(tokenizer, inputs: list) -> tuple[np.ndarray, np.ndarray]:
     return encode_batch(tokenizer, list(inputs[:2]))
 
 
+ATTENTIONS = ("eager", "native")
+
+
+@contextlib.contextmanager
+def attention_implementation(backbone, name: str):
+    """Trace the backbone with transformers' ``eager`` attention (scores + additive mask, softmax)
+    instead of its default SDPA path, whose exported graph masks every layer's scores with a
+    Where/IsNaN "safe softmax": on MiniLM at 8 x 128 tokens, 1 thread, that Where cost 15-17 ms of a
+    125 ms expert run. ``native`` keeps the model's own setting. Numbers are the same (validated)."""
+    if name == "native" or not hasattr(backbone, "set_attn_implementation"):
+        yield
+        return
+    if name not in ATTENTIONS:
+        raise ConfigError(f"attention must be one of {ATTENTIONS}, got {name!r}")
+    before = getattr(backbone.config, "_attn_implementation", None)
+    backbone.set_attn_implementation(name)
+    try:
+        yield
+    finally:
+        if before is not None:
+            backbone.set_attn_implementation(before)
+
+
 def export_onnx(model, path: Path, sample_ids: np.ndarray, sample_mask: np.ndarray, verbose: bool = False,
-                exporter: str = "torchscript") -> int:
+                exporter: str = "torchscript", attention: str = "eager") -> int:
     """Write ``model`` to ``path`` as a single-file ONNX graph; return its opset."""
     import onnx
 
@@ -66,7 +89,7 @@ def export_onnx(model, path: Path, sample_ids: np.ndarray, sample_mask: np.ndarr
     if not verbose:
         quiet.setLevel(logging.ERROR)  # "torchvision is not installed" notices
     try:
-        with sink, warnings.catch_warnings():
+        with sink, warnings.catch_warnings(), attention_implementation(model.backbone, attention):
             warnings.simplefilter("ignore")
             if exporter == "torchscript":
                 axes = {"input_ids": {0: "batch", 1: "sequence"}, "attention_mask": {0: "batch", 1: "sequence"},
@@ -98,21 +121,22 @@ def fuse_for_ort(src: Path, dst: Path) -> dict[str, int]:
 
 
 def export_validated(model, path: Path, sample: tuple[np.ndarray, np.ndarray], batches, exporter: str = "torchscript",
-                     fuse: bool = False, tolerance: float = 1e-4, disabled_optimizers=()) -> tuple[int, dict, dict]:
+                     fuse: bool = False, tolerance: float = 1e-4, disabled_optimizers=(),
+                     attention: str = "eager") -> tuple[int, dict, dict]:
     """Export ``model`` to ``path`` (through an unfused temp graph when ``fuse``), validated against
     PyTorch after every rewrite; return (opset, validation of the final graph, fusions applied)."""
     path = Path(path)
     fusions = {}
     if fuse:
         raw = path.with_name(path.stem + ".unfused.onnx")
-        opset = export_onnx(model, raw, *sample, exporter=exporter)
+        opset = export_onnx(model, raw, *sample, exporter=exporter, attention=attention)
         try:
             validate_onnx(model, raw, batches, tolerance, disabled_optimizers)
             fusions = fuse_for_ort(raw, path)
         finally:
             raw.unlink(missing_ok=True)
     else:
-        opset = export_onnx(model, path, *sample, exporter=exporter)
+        opset = export_onnx(model, path, *sample, exporter=exporter, attention=attention)
     return opset, validate_onnx(model, path, batches, tolerance, disabled_optimizers), fusions
 
 
@@ -125,15 +149,20 @@ def to_fp16(src: Path, dst: Path) -> None:
     onnx.save(model, str(dst))
 
 
-def quantize_int8(src: Path, dst: Path) -> None:
-    """One ``quantize_dynamic`` call: int8 weights, activations quantized at run time (as a user would)."""
+def quantize_int8(src: Path, dst: Path, per_channel: bool = False) -> None:
+    """One ``quantize_dynamic`` call: int8 weights, activations quantized at run time per batch.
+
+    ``per_channel=False`` is the call a user makes on a plain export (the benchmarks' baseline);
+    the bundles' variant uses ``per_channel=True``: one scale per output column of each weight.
+    Measured on the SNLI expert of the default build (1,000 test pairs), per-tensor int8 agreed with
+    fp32 on 92.0 % of the labels and per-channel on 97.0 %, at the same speed."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     root = logging.getLogger()
     level = root.level
     root.setLevel(logging.ERROR)  # "Please consider to run pre-processing before quantization" on every call
     try:
-        quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8)
+        quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, per_channel=per_channel)
     finally:
         root.setLevel(level)
 
@@ -269,7 +298,7 @@ def write_variants(model, folder: Path, fp32: Path, tokenizer, test, metric: str
                 # fp16 is for CUDA; on CPU onnxruntime runs it slowly, so 300 items suffice to check it
                 check = split_check(path, tokenizer, test, metric, expected, spec, reference, 300, disabled)
             else:
-                quantize_int8(fp32, path)
+                quantize_int8(fp32, path, per_channel=True)
                 shapes = None
                 check = split_check(path, tokenizer, test, metric, expected, spec, reference, None, disabled)
         except ExportValidationError as exc:
@@ -283,6 +312,8 @@ def write_variants(model, folder: Path, fp32: Path, tokenizer, test, metric: str
             log(f"variant {precision} not written: {rejected[precision]}")
             continue
         variants[precision] = {**file_entry(folder, name), "precision": precision,
+                               **({"quantization": "onnxruntime quantize_dynamic, QInt8 weights, per channel"}
+                                  if precision == "int8" else {}),
                                "io_types": "int64 inputs, float32 logits (as the fp32 graph)",
                                "validation": {"test_split": {k: v for k, v in check.items() if k != "problems"},
                                               **({"shapes": shapes} if shapes else {})},

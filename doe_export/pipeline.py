@@ -64,6 +64,7 @@ class BuildConfig:
     seed: int = 0
     tolerance: float = 1e-4
     exporter: str = "torchscript"
+    attention: str = "eager"
     fuse: bool = False
     fp16: bool = True
     int8: bool = True
@@ -80,7 +81,8 @@ class BuildConfig:
         params = self.recovery_params or ("prompt" if self.adapt == "prompt" else "all")
         recovery = stages.RecoverySpec(self.recovery_epochs, params, self.distill, self.temperature,
                                        self.recovery_lr, self.batch_size, None, True, self.seed + 1)
-        export = stages.ExportSpec(self.exporter, self.fuse, (), self.fp16, self.int8, self.tolerance)
+        export = stages.ExportSpec(self.exporter, self.attention, self.fuse, fp16=self.fp16, int8=self.int8,
+                                   tolerance=self.tolerance)
         return data.check(), adapt.check(), prune.check(), recovery.check(), export.check()
 
     def check(self) -> "BuildConfig":

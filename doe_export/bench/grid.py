@@ -35,6 +35,7 @@ class GridConfig:
     rates: tuple[float, ...] = (0.3, 0.5, 0.65, 0.8)
     prompt_length: int = 0  # soft-prompt positions inside the graphs (doe build's default graphs have none)
     exporter: str = "torchscript"
+    attention: str = "eager"
     repeats: int = 5
     min_seconds: float = 0.5
     seed: int = 0
@@ -83,7 +84,8 @@ def build_graphs(config: GridConfig, folder: Path, log=print) -> tuple[dict[str,
     paths = {}
     for name, model in models.items():
         path = folder / f"{name}{'.fused' if config.fused else ''}.onnx"
-        _, report, _ = export_validated(model, path, (sample_ids, sample_mask), checks, config.exporter, config.fused)
+        _, report, _ = export_validated(model, path, (sample_ids, sample_mask), checks, config.exporter, config.fused,
+                                        attention=config.attention)
         log(f"[grid] exported {name}{' (fused)' if config.fused else ''} ({config.exporter}): FFN widths "
             f"{model.ffn_widths()}, max|ORT - torch| {report['max_abs_diff']:.1e}")
         paths[name] = path

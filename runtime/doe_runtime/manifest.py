@@ -85,7 +85,14 @@ class OnnxSpec(FileRef):
     outputs: tuple[TensorSpec, ...] = ()
     variants: dict = field(default_factory=dict)  # precision -> Variant
     rewrites: dict = field(default_factory=dict)
-    session: dict = field(default_factory=dict)  # onnxruntime session settings the graph was validated with
+    # onnxruntime session settings per execution provider, e.g. {"CPUExecutionProvider":
+    # {"disabled_optimizers": ["SkipLayerNormFusion"]}}: what the exporter measured and validated
+    session: dict = field(default_factory=dict)
+
+    def session_settings(self, provider: str) -> dict:
+        """The settings recorded for sessions on ``provider`` (empty when none)."""
+        settings = self.session.get(provider, {})
+        return settings if isinstance(settings, dict) else {}
 
     @property
     def input_names(self) -> list[str]:

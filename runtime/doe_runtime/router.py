@@ -138,7 +138,7 @@ class Expert:
         field = "onnx.file" if ref is main else f"onnx.variants.{precision}.file"
         path = verify_file(self.folder, ref, field)
         self.model_bytes = path.stat().st_size
-        disabled = main.session.get("disabled_optimizers") or []
+        disabled = main.session_settings(providers[0]).get("disabled_optimizers") or []
         try:
             if disabled:  # the optimizers the exporter measured to slow this graph down (manifest onnx.session)
                 return ort.InferenceSession(str(path), sess_options=options, providers=providers,

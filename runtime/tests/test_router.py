@@ -260,3 +260,22 @@ def test_no_pickle_on_the_load_path():
         text = source.read_text()
         for banned in ("import pickle", "pickle.load", "allow_pickle", "np.load(", "torch.load", "joblib", "dill"):
             assert banned not in text, f"{source.name} uses {banned}"
+
+
+def test_session_settings_of_the_manifest_are_applied_per_provider(bundles, edit_manifest, monkeypatch):
+    import onnxruntime as ort
+
+    edit_manifest(bundles / "toy-single", lambda m: m["onnx"].update(session={
+        "CPUExecutionProvider": {"disabled_optimizers": ["SkipLayerNormFusion"]},
+        "CUDAExecutionProvider": {"disabled_optimizers": ["SomethingElse"]}}))
+    seen = []
+    real = ort.InferenceSession
+
+    def spy(path, sess_options=None, providers=None, **kwargs):
+        seen.append((path.rsplit("/", 1)[-1], kwargs.get("disabled_optimizers")))
+        return real(path, sess_options=sess_options, providers=providers, **kwargs)
+
+    monkeypatch.setattr(ort, "InferenceSession", spy)
+    Router(bundles, device="cpu").predict("toy-single", ["good"])
+    Router(bundles, device="cpu").predict("toy-pair", [("a", "b")])
+    assert seen == [("model.int8.onnx", ["SkipLayerNormFusion"]), ("model.int8.onnx", None)]
