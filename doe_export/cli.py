@@ -75,6 +75,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="neuron scorer plug-in: doe (the paper), random, activation, gradient, magnitude, taylor, skill")
     b.add_argument("--token-agg", choices=("mean", "max"), default="mean", help="aggregation over tokens")
     b.add_argument("--rate", type=float, default=0.65, help="share of FFN neurons removed")
+    b.add_argument("--max-loss", type=float, default=None, metavar="POINTS",
+                   help="accuracy budget: instead of --rate, the largest rate among --search-rates whose dev metric "
+                        "after recovery stays within POINTS (x100) of the dense model's (searched on dev, reported "
+                        "on test; recorded in the manifest)")
+    b.add_argument("--search-rates", default="0.2,0.35,0.5,0.65,0.8,0.9",
+                   help="candidate rates for --max-loss (heads follow the same rate unless --head-rate is given)")
     b.add_argument("--layer-types", choices=("ffn", "attention", "both"), default="ffn",
                    help="what is removed: FFN neurons (default), whole attention heads, or both")
     b.add_argument("--head-rate", type=float, default=None,
@@ -98,6 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="skip the int8 variant of each bundle (model.int8.onnx, dynamic quantization, used on CPU)")
     b.add_argument("--calib-examples", type=int, default=256, help="training examples used for attribution")
     b.add_argument("--max-train", type=_positive_or_none, default=1000, help="cap on training examples ('none': all)")
+    b.add_argument("--train-budget", type=float, default=None, metavar="MINUTES",
+                   help="adapt on as many training examples as fit MINUTES (throughput measured on this machine "
+                        "first; --max-train becomes an upper bound, 'none' for the whole split)")
     b.add_argument("--max-dev", type=_positive_or_none, default=200, help="cap on dev examples for epoch selection")
     b.add_argument("--max-eval", type=_positive_or_none, default=1000,
                    help="cap on test examples reported: a seeded stratified sample ('none': the whole split)")
@@ -340,7 +349,8 @@ def main(argv: list[str] | None = None) -> int:
             recovery_params=args.recovery_params, distill=args.distill, temperature=args.temperature,
             recovery_lr=args.recovery_lr, max_train=args.max_train, max_dev=args.max_dev, max_eval=args.max_eval,
             max_length=args.max_length, seed=args.seed, progress=not args.no_progress, exporter=args.exporter,
-            attention=args.attention,
+            attention=args.attention, max_loss=args.max_loss, search_rates=_numbers(args.search_rates, float),
+            train_budget=args.train_budget,
             fuse=args.fuse, fp16=not args.no_fp16, int8=not args.no_int8,
         )
         results = build(config, user_tasks)

@@ -149,7 +149,19 @@ def to_fp16(src: Path, dst: Path) -> None:
     onnx.save(model, str(dst))
 
 
-def quantize_int8(src: Path, dst: Path, per_channel: bool = False) -> None:
+INT8_RECIPES = ("per-channel", "per-channel, FFN down-projections fp32")
+
+
+def ffn_down_nodes(path: Path) -> list[str]:
+    """Names of the MatMul/Gemm nodes of the FFN down-projections (TorchScript naming of BERT-like
+    models: ``.../output/dense/MatMul``, not the attention's output)."""
+    import onnx
+
+    return [node.name for node in onnx.load(str(path), load_external_data=False).graph.node
+            if node.op_type in ("MatMul", "Gemm") and "output/dense" in node.name and "attention" not in node.name]
+
+
+def quantize_int8(src: Path, dst: Path, per_channel: bool = False, exclude: list[str] | None = None) -> None:
     """One ``quantize_dynamic`` call: int8 weights, activations quantized at run time per batch.
 
     ``per_channel=False`` is the call a user makes on a plain export (the benchmarks' baseline);
@@ -162,7 +174,8 @@ def quantize_int8(src: Path, dst: Path, per_channel: bool = False) -> None:
     level = root.level
     root.setLevel(logging.ERROR)  # "Please consider to run pre-processing before quantization" on every call
     try:
-        quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, per_channel=per_channel)
+        quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, per_channel=per_channel,
+                         nodes_to_exclude=list(exclude or []))
     finally:
         root.setLevel(level)
 
@@ -291,32 +304,41 @@ def write_variants(model, folder: Path, fp32: Path, tokenizer, test, metric: str
     for precision in wanted:
         name = f"model.{precision}.onnx"
         path = folder / name
-        try:
-            if precision == "fp16":
-                to_fp16(fp32, path)
-                shapes = validate_onnx(model, path, batches, spec.fp16_tolerance, disabled)
-                # fp16 is for CUDA; on CPU onnxruntime runs it slowly, so 300 items suffice to check it
-                check = split_check(path, tokenizer, test, metric, expected, spec, reference, 300, disabled)
-            else:
-                quantize_int8(fp32, path, per_channel=True)
-                shapes = None
-                check = split_check(path, tokenizer, test, metric, expected, spec, reference, None, disabled)
-        except ExportValidationError as exc:
+        # int8: the recipes in order, the first that passes is kept (the next keeps the FFN down-projections,
+        # whose inputs span the widest range, in fp32: slower, closer to fp32)
+        recipes = INT8_RECIPES if precision == "int8" else ("fp16, io types kept",)
+        reasons = []
+        for recipe in recipes:
+            try:
+                if precision == "fp16":
+                    to_fp16(fp32, path)
+                    shapes = validate_onnx(model, path, batches, spec.fp16_tolerance, disabled)
+                    # fp16 is for CUDA; on CPU onnxruntime runs it slowly, so 300 items suffice to check it
+                    check = split_check(path, tokenizer, test, metric, expected, spec, reference, 300, disabled)
+                else:
+                    exclude = ffn_down_nodes(fp32) if "FFN down" in recipe else []
+                    if "FFN down" in recipe and not exclude:
+                        continue  # no such nodes in this graph: the recipe is the first one again
+                    quantize_int8(fp32, path, per_channel=True, exclude=exclude)
+                    shapes = None
+                    check = split_check(path, tokenizer, test, metric, expected, spec, reference, None, disabled)
+            except ExportValidationError as exc:
+                check, shapes = {"problems": [str(exc)]}, None
+            if not check["problems"]:
+                break
+            reasons.append(f"{recipe}: {'; '.join(check['problems'])}")
             path.unlink(missing_ok=True)
-            rejected[precision] = str(exc)
-            log(f"variant {precision} not written: {exc}")
-            continue
-        if check["problems"]:
-            path.unlink(missing_ok=True)
-            rejected[precision] = "; ".join(check["problems"])
+        if check["problems"] or not path.is_file():
+            rejected[precision] = " | ".join(reasons) or "no applicable recipe"
             log(f"variant {precision} not written: {rejected[precision]}")
             continue
-        variants[precision] = {**file_entry(folder, name), "precision": precision,
-                               **({"quantization": "onnxruntime quantize_dynamic, QInt8 weights, per channel"}
-                                  if precision == "int8" else {}),
+        if reasons:
+            log(f"variant {precision}: {recipe} (earlier recipes failed: {' | '.join(reasons)})")
+        variants[precision] = {**file_entry(folder, name), "precision": precision, "recipe": recipe,
                                "io_types": "int64 inputs, float32 logits (as the fp32 graph)",
                                "validation": {"test_split": {k: v for k, v in check.items() if k != "problems"},
-                                              **({"shapes": shapes} if shapes else {})},
+                                              **({"shapes": shapes} if shapes else {}),
+                                              **({"recipes_failed": reasons} if reasons else {})},
                                "quality": {"metric": metric, "value": check["value"], "split_size": check["size"]},
                                "speed": {}}
     if spec.measure_speed and "int8" in variants:
@@ -405,6 +427,25 @@ def _task_lock(root: Path, task: str):
         os.close(handle)
 
 
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths in one atomic step (Linux ``renameat2(RENAME_EXCHANGE)``): readers see either
+    the old bundle or the new one, never no bundle. False where the call is unavailable."""
+    import ctypes
+    import errno
+
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):  # not Linux / glibc < 2.28
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(str(a)), at_fdcwd, os.fsencode(str(b)), rename_exchange) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):  # kernel or file system without it
+        return False
+    raise OSError(code, os.strerror(code), f"{a} <-> {b}")
+
+
 def _umask() -> int:
     mask = os.umask(0o022)
     os.umask(mask)
@@ -461,7 +502,9 @@ class BundleWriter:
         try:
             with _task_lock(self.root, self.task):  # concurrent writers of one task swap one at a time
                 _restore_orphan(self.root, self.task)
-                if self.path.exists():
+                if self.path.exists() and _exchange(self.folder, self.path):
+                    shutil.rmtree(self.folder, ignore_errors=True)  # now holds the previous bundle
+                elif self.path.exists():  # two renames: the task is briefly missing (readers keep their session)
                     previous = self.root / f".{self.task}.previous"
                     os.replace(self.path, previous)
                     os.replace(self.folder, self.path)

@@ -8,7 +8,7 @@ one :class:`TaskResult` per task with its metrics, sizes and per-stage wall time
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -68,6 +68,9 @@ class BuildConfig:
     fuse: bool = False
     fp16: bool = True
     int8: bool = True
+    max_loss: float | None = None  # points: the largest rate whose dev metric stays within this (rate ignored)
+    train_budget: float | None = None  # minutes for the dense adaptation: as many training examples as fit
+    search_rates: tuple[float, ...] = stages.SEARCH_RATES
     progress: bool = True
 
     def specs(self) -> tuple[stages.DataSpec, stages.AdaptSpec, stages.PruneSpec, stages.RecoverySpec,
@@ -112,6 +115,8 @@ class TaskResult:
     bundle: str
     precisions: list[str] = field(default_factory=list)
     extra_positions: int = 0
+    rate: float = 0.0
+    bound_128: float = 1.0  # FLOP bound of the expert's widths and heads at 128 tokens
     seconds: dict[str, float] = field(default_factory=dict)
 
 
@@ -155,9 +160,19 @@ def build_task(config: BuildConfig, loaded: LoadedModel, data: TaskData, return_
     log(f"[{task}] dense {spec_adapt.mode}-adapted model: {data.metric} {dense:.4f} on {len(splits.test)} test "
         f"examples ({adapt_record['seconds']:.0f}s)")
 
+    search = None
     with timer.stage("expert"):
-        expert = stages.make_expert(dense_model, tokenizer, splits, data.metric, spec_prune, spec_recovery,
-                                    config.progress, f"[{task}]")
+        if config.max_loss is None:
+            expert = stages.make_expert(dense_model, tokenizer, splits, data.metric, spec_prune, spec_recovery,
+                                        config.progress, f"[{task}]")
+        else:
+            found = stages.search_rate(dense_model, tokenizer, splits, data.metric, spec_prune, spec_recovery,
+                                       config.max_loss, config.search_rates, config.progress, f"[{task}]")
+            expert, search = found.expert, found.record
+            expert.before, expert.after = expert.before["test"], expert.after["test"]
+            spec_prune = replace(spec_prune, rate=found.rate)
+            log(f"[{task}] rate search chose p={found.rate:g} (budget {config.max_loss:g} points on "
+                f"{splits.dev.name})")
     report = expert.report
     log(f"[{task}] pruned {spec_prune.layer_types} (FFN rate {spec_prune.rate:g}, head rate "
         f"{spec_prune.heads_removed:g}): params {report['params_before']:,} -> {report['params_after']:,}; FFN widths "
@@ -173,7 +188,7 @@ def build_task(config: BuildConfig, loaded: LoadedModel, data: TaskData, return_
                                      len(data.labels))
             tokenizer.save(str(writer.folder / "tokenizer.json"))
             writer.write_manifest(_manifest(config, loaded, data, splits, expert, dense, adapt_record, exported,
-                                            writer.folder, spec_prune))
+                                            writer.folder, spec_prune, search))
     validation = exported.validation
     precisions = ["fp32"] + sorted(exported.onnx.get("variants", {}))
     log(f"[{task}] bundle {writer.path}: ORT max|diff| {validation['max_abs_diff']:.2e} at shapes "
@@ -182,11 +197,20 @@ def build_task(config: BuildConfig, loaded: LoadedModel, data: TaskData, return_
     result = TaskResult(task, data.metric, splits.test.name, len(splits.test), dense, expert.before, expert.after,
                         exported.metric_onnx, report["params_before"], report["params_after"], report["ffn_widths"],
                         report["head_counts"], validation["max_abs_diff"], str(writer.path), precisions,
-                        expert.model.prompt_length, dict(timer.seconds))
+                        expert.model.prompt_length, spec_prune.rate, _bound(expert, 128), dict(timer.seconds))
     return (result, dense_model, expert.model) if return_models else result
 
 
-def _manifest(config, loaded, data, splits, expert, dense, adapt_record, exported, folder: Path, spec_prune) -> dict:
+def _bound(expert, tokens: int) -> float:
+    from .bench.common import model_bound
+
+    report, backbone = expert.report, expert.model.backbone.config
+    return model_bound(backbone.hidden_size, report["ffn_widths_before"], report["head_counts_before"],
+                       report["ffn_widths"], report["head_counts"], tokens + expert.model.prompt_length)
+
+
+def _manifest(config, loaded, data, splits, expert, dense, adapt_record, exported, folder: Path, spec_prune,
+              search: dict | None) -> dict:
     from .export import file_entry
 
     model = expert.model
@@ -215,7 +239,8 @@ def _manifest(config, loaded, data, splits, expert, dense, adapt_record, exporte
                  "layer_types": ["ffn", "attention"] if spec_prune.layer_types == "both" else [spec_prune.layer_types],
                  "budget": spec_prune.budget, "round_to": spec_prune.round_to, "fold_bias": spec_prune.fold_bias,
                  "calibration_examples": expert.attribution.scores.examples, "seed": spec_prune.seed,
-                 "params_before": report["params_before"], "params_after": report["params_after"]},
+                 "params_before": report["params_before"], "params_after": report["params_after"],
+                 **({"search": search} if search else {})},
         onnx=exported.onnx,
         tokenizer={**file_entry(folder, "tokenizer.json"), "max_length": config.max_length,
                    "truncation": "longest_first", "padding": "longest in batch, right",
@@ -229,6 +254,38 @@ def _manifest(config, loaded, data, splits, expert, dense, adapt_record, exporte
     )
 
 
+def plan_training(config: BuildConfig, loaded: LoadedModel, data: TaskData) -> BuildConfig:
+    """With ``train_budget``: the task's config with ``max_train`` set to the training examples whose
+    adaptation fits the budget, from the throughput measured on a few batches of this task's data
+    (``max_train``, if also given, stays an upper bound). Too small a budget is an error here,
+    before anything trains."""
+    from . import adapt
+
+    if config.train_budget is None:
+        return config
+    if not config.train_budget > 0:
+        raise ConfigError(f"--train-budget must be > 0 minutes, got {config.train_budget}")
+    spec_data, spec_adapt, spec_prune, _, _ = config.specs()
+    model = stages.new_model(loaded, data, spec_adapt)
+    tokenizer = fast_tokenizer(loaded.hf_tokenizer, spec_data.max_length)
+    rate = adapt.examples_per_second(model, tokenizer, data.train, spec_adapt.train_config())
+    epochs = max(1, spec_adapt.epochs)
+    fits = int(config.train_budget * 60 * rate / epochs)
+    available = len(data.train) if spec_data.max_train is None else min(len(data.train), spec_data.max_train)
+    need = max(spec_prune.calib_examples, spec_adapt.batch_size)
+    if fits < need:
+        raise ConfigError(
+            f"task {data.name!r}: --train-budget {config.train_budget:g} min fits {fits} training examples per epoch "
+            f"({rate:.1f} examples/s measured here, {epochs} epochs), fewer than the {need} that one epoch over the "
+            f"calibration examples needs (about {need * epochs / rate / 60:.1f} min); raise --train-budget or lower "
+            "--epochs / --calib-examples")
+    chosen = min(fits, available)
+    log(f"[{data.name}] --train-budget {config.train_budget:g} min: {rate:.1f} training examples/s measured -> "
+        f"{chosen:,} of {len(data.train):,} training examples x {epochs} epoch(s), about "
+        f"{chosen * epochs / rate / 60:.1f} min")
+    return replace(config, max_train=chosen)
+
+
 def build(config: BuildConfig, user_tasks: dict[str, UserTask] | None = None) -> list[TaskResult]:
     config.check()
     start = time.perf_counter()
@@ -236,23 +293,25 @@ def build(config: BuildConfig, user_tasks: dict[str, UserTask] | None = None) ->
     datasets = [load_task(task, config.seed, config.data_dir, config.cache_dir, user_tasks) for task in config.tasks]
     log(f"loading model {config.model}")
     loaded = load_model(config.model)
-    for data in datasets:
-        check_task(config, loaded, data)
+    plans = [plan_training(config, loaded, data) for data in datasets]  # budgets checked before training
+    for plan, data in zip(plans, datasets):
+        check_task(plan, loaded, data)
     results = []
-    for data in datasets:
-        results.append(build_task(config, loaded, data))
+    for plan, data in zip(plans, datasets):
+        results.append(build_task(plan, loaded, data))
     log(f"built {len(results)} expert(s) in {time.perf_counter() - start:.0f}s")
     return results
 
 
 def summary_table(results: list[TaskResult]) -> str:
-    header = ("task", "metric", "test n", "dense", "expert", "expert ORT", "no-recovery", "params (M)", "FFN widths",
-              "heads", "precisions", "max|diff|", "seconds", "bundle")
+    header = ("task", "metric", "test n", "dense", "expert", "expert ORT", "no-recovery", "rate (bound@128)",
+              "params (M)", "FFN widths", "heads", "precisions", "max|diff|", "seconds", "bundle")
     rows = [header]
     for r in results:
         rows.append((
             r.task, r.metric, str(r.test_size), f"{r.dense:.4f}", f"{r.expert:.4f}", f"{r.expert_onnx:.4f}",
-            f"{r.pruned_no_recovery:.4f}", f"{r.params_before / 1e6:.2f} -> {r.params_after / 1e6:.2f}",
+            f"{r.pruned_no_recovery:.4f}", f"{r.rate:g} (x{r.bound_128:.2f})",
+            f"{r.params_before / 1e6:.2f} -> {r.params_after / 1e6:.2f}",
             ",".join(map(str, r.ffn_widths)), ",".join(map(str, r.head_counts)), ",".join(r.precisions),
             f"{r.max_abs_diff:.1e}", " ".join(f"{k}={v:.0f}" for k, v in r.seconds.items()), r.bundle,
         ))

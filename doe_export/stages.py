@@ -21,13 +21,14 @@ import copy
 import hashlib
 import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
 
 from . import adapt as adapt_loop
 from . import attribution, evaluate, prune as surgery
+from .console import log
 from .errors import ConfigError
 from .tasks import Split, TaskData
 
@@ -322,6 +323,67 @@ def make_expert(dense, tokenizer, data: Splits, metric: str, prune_spec: PruneSp
     return ExpertResult(model, found, report, record, before, score(model), seconds)
 
 
+SEARCH_RATES = (0.2, 0.35, 0.5, 0.65, 0.8, 0.9)
+
+
+@dataclass
+class RateSearch:
+    """The accuracy-budget search: the expert at the chosen rate (its ``before``/``after`` are
+    ``{"dev", "test"}`` dicts) and every rate tried with its dev metric."""
+
+    expert: ExpertResult
+    record: dict
+    rate: float
+
+
+def search_rate(dense, tokenizer, data: Splits, metric: str, prune_spec: PruneSpec, recovery_spec: RecoverySpec,
+                max_loss: float, rates: tuple[float, ...] = SEARCH_RATES, progress: bool = True,
+                desc: str = "expert") -> RateSearch:
+    """The expert at the largest rate in ``rates`` whose dev metric after recovery is at most
+    ``max_loss`` points (x100) below the dense model's dev metric. Searched on dev only (never test),
+    by bisection over the sorted rates (the metric falls with the rate); the attribution pass is
+    shared by every try. With heads removed and no fixed head rate, heads follow the same rate.
+    Raises ConfigError with the dev metric of every rate tried when none is within the budget."""
+    if not max_loss >= 0:
+        raise ConfigError(f"--max-loss must be >= 0 points, got {max_loss}")
+    rates = tuple(sorted(set(rates)))
+    if not rates or not all(0 < r < 1 for r in rates):
+        raise ConfigError(f"search rates must be in (0, 1), got {rates}")
+    def scores(model) -> dict:  # dev decides; test is only reported for the chosen rate
+        return {"dev": evaluate.evaluate_torch(model, tokenizer, data.dev, metric),
+                "test": evaluate.evaluate_torch(model, tokenizer, data.test, metric)}
+
+    dense_dev = evaluate.evaluate_torch(dense, tokenizer, data.dev, metric)
+    stats = calibration_stats(dense, tokenizer, data.train, prune_spec, progress) if prune_spec.needs() else None
+    tried: dict[float, tuple[float, ExpertResult]] = {}
+
+    def attempt(rate: float) -> bool:
+        spec = replace(prune_spec, rate=rate, head_rate=prune_spec.head_rate)
+        result = make_expert(dense, tokenizer, data, metric, spec, recovery_spec, progress, f"{desc} p={rate:g}",
+                             stats=stats, score=scores)
+        tried[rate] = (result.after["dev"], result)
+        log(f"{desc} rate search: p={rate:g} dev {metric} {result.after['dev']:.4f} (dense {dense_dev:.4f}, budget "
+            f"{max_loss:g} points)")
+        return 100 * (dense_dev - result.after["dev"]) <= max_loss + 1e-9  # float noise of x100
+
+    low, high = -1, len(rates)  # invariant: rates[low] passes (or low = -1), rates[high] fails (or len)
+    while high - low > 1:
+        middle = (low + high) // 2
+        if attempt(rates[middle]):
+            low = middle
+        else:
+            high = middle
+    record = {"max_loss_points": max_loss, "split": data.dev.name, "dense_dev": dense_dev,
+              "tried": [{"rate": r, "dev": v} for r, (v, _) in sorted(tried.items())],
+              "chosen_rate": rates[low] if low >= 0 else None, "candidates": list(rates)}
+    if low < 0:
+        found = ", ".join(f"p={r:g}: {v:.4f}" for r, (v, _) in sorted(tried.items()))
+        raise ConfigError(f"{desc}: --max-loss {max_loss:g}: no pruning rate kept the dev {metric} within "
+                          f"{max_loss:g} points of the dense model's {dense_dev:.4f} ({found}); raise --max-loss, "
+                          "give smaller rates, or train the dense model longer")
+    return RateSearch(tried[rates[low]][1], record, rates[low])
+
+
 # ----------------------------------------------------------------------------- export
 
 
@@ -361,5 +423,5 @@ def export(model, folder: Path, tokenizer, test: Split, metric: str, spec: Expor
 
 
 __all__ = ["AdaptSpec", "Attribution", "DataSpec", "ExpertResult", "ExportSpec", "Exported", "PruneSpec",
-           "RecoverySpec", "Splits", "adapt", "attribute", "calibration_stats", "export", "make_expert", "new_model",
-           "prune", "recover", "spec_key"]
+           "RateSearch", "RecoverySpec", "SEARCH_RATES", "Splits", "adapt", "attribute", "calibration_stats", "export",
+           "make_expert", "new_model", "prune", "recover", "search_rate", "spec_key"]

@@ -163,3 +163,30 @@ def test_export_killed_with_sigkill_keeps_previous_bundle_served(bundles, tmp_pa
     shutil.copytree(root / "toy-single", source)
     publish(root, "toy-single", source)
     assert not [p for p in root.iterdir() if p.name.startswith(".toy-single.tmp-")]
+
+
+def test_rebuilds_leave_no_moment_without_the_bundle(bundles):
+    """The swap is one atomic exchange (renameat2): a reader polling the folder never misses the task."""
+    from doe_runtime.bundle import discover
+
+    root, _ = bundles
+    source = root.parent / "source"
+    shutil.copytree(root / "toy-single", source)
+    stop, missing, polls = threading.Event(), [], [0]
+
+    def watch():
+        while not stop.is_set():
+            polls[0] += 1
+            if "toy-single" not in discover(root) or not (root / "toy-single" / "manifest.json").is_file():
+                missing.append(polls[0])
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        for index in range(30):
+            publish(root, "toy-single", source, created=f"build {index}")
+    finally:
+        stop.set()
+        watcher.join()
+    assert polls[0] > 30 and missing == []
+    assert read_manifest(root / "toy-single").created == "build 29"

@@ -138,3 +138,65 @@ def test_splits_cap_the_reporting_split_by_a_stratified_sample():
     assert sample.labels == split.sample(20, seed=3).labels and "stratified sample of 20" in sample.name
     assert split.head(20).labels == [0] * 20  # what the old cap did: classes 1 and 2 gone
     assert split.sample(None, 0) is split and split.sample(500, 0) is split
+
+
+def test_rate_search_bisects_on_dev_and_reports_every_try(tiny_backbone, hf_tokenizer, monkeypatch):
+    from doe_export import evaluate
+
+    data = synthetic_task("toy")
+    dense = stages.new_model(LoadedModel(tiny_backbone("bert"), hf_tokenizer, "t", "c", None), data, stages.AdaptSpec())
+    splits = stages.Splits.of(data, stages.DataSpec(max_length=24))
+    tokenizer = fast_tokenizer(hf_tokenizer, 24)
+    calls = []
+
+    def fake_expert(dense_, tokenizer_, data_, metric, prune_spec, recovery_spec, progress, desc, stats, score):
+        calls.append(prune_spec.rate)
+        dev = 0.90 - 0.1 * prune_spec.rate  # the metric falls with the rate: p=0.5 loses 5 points
+        return stages.ExpertResult("model", None, {}, {}, {"dev": dev, "test": dev - 0.01},
+                                   {"dev": dev, "test": dev - 0.02})
+
+    monkeypatch.setattr(stages, "make_expert", fake_expert)
+    monkeypatch.setattr(evaluate, "evaluate_torch", lambda *args, **kwargs: 0.90)  # the dense model on dev
+    found = stages.search_rate(dense, tokenizer, splits, "accuracy", stages.PruneSpec(calib_examples=16),
+                               stages.RecoverySpec(), max_loss=5.0, progress=False)
+    assert found.rate == 0.5 and found.expert.after == {"dev": 0.85, "test": 0.83}
+    assert calls == [0.5, 0.8, 0.65]  # bisection over 0.2 .. 0.9: 3 tries, not 6
+    assert found.record["dense_dev"] == 0.90 and [t["rate"] for t in found.record["tried"]] == [0.5, 0.65, 0.8]
+    assert found.record["chosen_rate"] == 0.5 and found.record["split"] == splits.dev.name
+    with pytest.raises(ConfigError, match=r"no pruning rate kept the dev accuracy within 1 points .*p=0.2: 0.8800"):
+        stages.search_rate(dense, tokenizer, splits, "accuracy", stages.PruneSpec(calib_examples=16),
+                           stages.RecoverySpec(), max_loss=1.0, progress=False)
+    with pytest.raises(ConfigError, match="--max-loss must be >= 0"):
+        stages.search_rate(dense, tokenizer, splits, "accuracy", stages.PruneSpec(), stages.RecoverySpec(), -1.0)
+
+
+def test_build_with_max_loss_records_the_search(tiny_backbone, hf_tokenizer, tmp_path):
+    from doe_export.pipeline import BuildConfig, build_task
+    from doe_runtime import read_manifest
+
+    config = BuildConfig(out_dir=str(tmp_path), epochs=1, calib_examples=16, max_length=24, batch_size=8,
+                         progress=False, fp16=False, int8=False, max_loss=100.0, search_rates=(0.3, 0.6))
+    loaded = LoadedModel(tiny_backbone("bert"), hf_tokenizer, "tiny-bert", "config", None)
+    result = build_task(config, loaded, synthetic_task("toy"))
+    manifest = read_manifest(tmp_path / "toy")
+    search = manifest.pruning["search"]
+    assert search["chosen_rate"] == 0.6 and search["max_loss_points"] == 100.0 and search["candidates"] == [0.3, 0.6]
+    assert manifest.pruning["rate"] == 0.6 and result.rate == 0.6 and result.ffn_widths == [15, 15]  # round(37 * .4)
+    assert result.bound_128 > 1.0
+
+
+def test_train_budget_sizes_the_training_split_or_refuses_before_training(tiny_backbone, hf_tokenizer, monkeypatch):
+    from doe_export import adapt
+    from doe_export.pipeline import BuildConfig, plan_training
+
+    loaded = LoadedModel(tiny_backbone("bert"), hf_tokenizer, "tiny-bert", "config", None)
+    data = synthetic_task("toy", n_train=400)
+    monkeypatch.setattr(adapt, "examples_per_second", lambda *args, **kwargs: 2.0)
+    monkeypatch.setattr(adapt, "train", lambda *a, **k: pytest.fail("nothing may train while planning"))
+    planned = plan_training(BuildConfig(train_budget=1.0, epochs=3, max_train=None, calib_examples=16), loaded, data)
+    assert planned.max_train == 40  # 1 min x 2 examples/s / 3 epochs
+    capped = plan_training(BuildConfig(train_budget=60.0, epochs=1, max_train=None, calib_examples=16), loaded, data)
+    assert capped.max_train == len(data.train)  # the whole split fits
+    with pytest.raises(ConfigError, match=r"fits 4 training examples per epoch \(2.0 examples/s .*fewer than the 16"):
+        plan_training(BuildConfig(train_budget=0.1, epochs=3, calib_examples=16), loaded, data)
+    assert plan_training(BuildConfig(), loaded, data) == BuildConfig()  # no budget: untouched

@@ -1,7 +1,7 @@
 """doe-runtime: serve per-task DoE expert bundles with onnxruntime (no torch, no transformers)."""
 
 from .bundle import SCHEMA_VERSION, check_task_name, read_manifest, verify_files
-from .errors import (BundleError, ConfigError, DeviceError, DoeRuntimeError, InputError, TaskNameError,
+from .errors import (BundleError, ConfigError, DeviceError, DoeRuntimeError, InputError, RunError, TaskNameError,
                      UnknownTaskError)
 from .manifest import Manifest
 from .router import Prediction, Router
@@ -18,6 +18,7 @@ __all__ = [
     "Manifest",
     "Prediction",
     "Router",
+    "RunError",
     "TaskNameError",
     "UnknownTaskError",
     "check_task_name",

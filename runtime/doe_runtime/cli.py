@@ -22,29 +22,47 @@ from .router import DEVICES, PRECISIONS, Router
 
 def _read_jsonl(path: str) -> list:
     """Each line: a string, a [text_a, text_b] list, or an object with text / text_a + text_b."""
-    handle = sys.stdin if path == "-" else open(path, encoding="utf-8")
+    raw = sys.stdin.buffer.read() if path == "-" else Path(path).read_bytes()
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = raw.count(b"\n", 0, exc.start) + 1
+        raise InputError(f"{path}:{line}: not valid UTF-8 (byte {raw[exc.start:exc.start + 1]!r} at offset "
+                         f"{exc.start}); JSON lines must be UTF-8") from None
     items = []
-    with handle:
-        for number, line in enumerate(handle, 1):
-            if not line.strip():
-                continue
-            try:
-                value = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise InputError(f"{path}:{number}: not valid JSON ({exc})") from None
-            if isinstance(value, dict):
-                if "text_a" in value and "text_b" in value:
-                    value = (value["text_a"], value["text_b"])
-                elif "text" in value:
-                    value = value["text"]
-                else:
-                    raise InputError(
-                        f"{path}:{number}: an object needs 'text' or 'text_a' and 'text_b', found keys {sorted(value)}"
-                    )
-            elif isinstance(value, list):
-                value = tuple(value)
-            items.append(value)
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            value = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise InputError(f"{path}:{number}: not valid JSON ({exc})") from None
+        if isinstance(value, dict):
+            if "text_a" in value and "text_b" in value:
+                value = (value["text_a"], value["text_b"])
+            elif "text" in value:
+                value = value["text"]
+            else:
+                raise InputError(
+                    f"{path}:{number}: an object needs 'text' or 'text_a' and 'text_b', found keys {sorted(value)}"
+                )
+        elif isinstance(value, list):
+            value = tuple(value)
+        items.append(value)
     return items
+
+
+def _int_in(low: int, high: int | None = None):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < low or (high is not None and value > high):
+            raise argparse.ArgumentTypeError(f"expected {low}..{high if high is not None else 'any'}, got {value}")
+        return value
+
+    return parse
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -72,29 +90,42 @@ def main(argv: list[str] | None = None) -> int:
     p_serve = sub.add_parser("serve", help="HTTP server over the bundles (needs the [serve] extra)")
     p_serve.add_argument("root", help="folder holding the bundles (watched: rebuilt bundles are picked up)")
     p_serve.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback only)")
-    p_serve.add_argument("--port", type=int, default=8000)
+    p_serve.add_argument("--port", type=_int_in(1, 65535), default=8000)
     p_serve.add_argument("--allow-remote", action="store_true",
                          help="allow a non-loopback --host (the server has no authentication)")
     p_serve.add_argument("--device", choices=DEVICES, default="auto")
-    p_serve.add_argument("--max-items", type=int, default=256, help="most inputs per request (413 above)")
-    p_serve.add_argument("--max-body-bytes", type=int, default=4 * 1024 * 1024, help="largest request body (413 above)")
-    p_serve.add_argument("--max-resident", type=int, default=4, help="sessions kept loaded at once (LRU)")
-    p_serve.add_argument("--batch-size", type=int, default=32, help="items per session run")
-    p_serve.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads per session")
+    p_serve.add_argument("--max-items", type=_int_in(1), default=256, help="most inputs per request (422 above)")
+    p_serve.add_argument("--max-body-bytes", type=_int_in(1), default=4 * 1024 * 1024,
+                         help="largest request body (413 above)")
+    p_serve.add_argument("--max-resident", type=_int_in(1), default=4, help="sessions kept loaded at once (LRU)")
+    p_serve.add_argument("--batch-size", type=_int_in(1), default=32, help="items per session run")
+    p_serve.add_argument("--threads", type=_int_in(1), default=None, help="onnxruntime intra-op threads per session")
+    p_serve.add_argument("--max-queue", type=_int_in(0), default=64,
+                         help="requests allowed to wait for a prediction slot; beyond it: 503 + Retry-After")
+    p_serve.add_argument("--max-connections", type=_int_in(1), default=256,
+                         help="open connections + requests uvicorn accepts at once (503 above)")
     p_serve.add_argument("--precision", choices=PRECISIONS, default="auto")
-    p_serve.add_argument("--max-concurrency", type=int, default=None,
+    p_serve.add_argument("--max-concurrency", type=_int_in(1), default=None,
                          help="predictions running at once (default: CPU count); others wait their turn")
     p_serve.add_argument("--no-memory-arena", action="store_true",
                          help="turn off onnxruntime's CPU memory arena (it keeps the peak of concurrent runs)")
-    p_serve.add_argument("--max-resident-bytes", type=int, default=None,
+    p_serve.add_argument("--max-resident-bytes", type=_int_in(1), default=None,
                          help="cap on the summed model sizes of the resident experts (LRU eviction)")
 
-    # Texts may come before or after the options (argparse alone would refuse texts after --task).
+    # Texts may come before or after the options (argparse alone would refuse texts after --task);
+    # everything after a "--" is a text, even when it starts with "-".
+    argv = list(sys.argv[1:] if argv is None else argv)
+    literal: list[str] = []
+    if "--" in argv:
+        cut = argv.index("--")
+        argv, literal = argv[:cut], argv[cut + 1:]
     args, extra = parser.parse_known_args(argv)
     if extra and (args.command != "predict" or any(item.startswith("-") for item in extra)):
-        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        parser.error(f"unrecognized arguments: {' '.join(extra)} (a text starting with '-' goes after '--')")
+    if literal and args.command != "predict":
+        parser.error(f"unexpected texts after '--': {' '.join(literal)}")
     if args.command == "predict":
-        args.texts = list(args.texts) + extra
+        args.texts = list(args.texts) + extra + literal
     try:
         if args.command == "list":
             broken = 0
@@ -128,13 +159,16 @@ def main(argv: list[str] | None = None) -> int:
                   max_items=args.max_items, max_body_bytes=args.max_body_bytes, device=args.device,
                   max_resident=args.max_resident, batch_size=args.batch_size, intra_op_threads=args.threads,
                   precision=args.precision, max_resident_bytes=args.max_resident_bytes,
-                  memory_arena=not args.no_memory_arena, max_concurrency=args.max_concurrency)
+                  memory_arena=not args.no_memory_arena, max_concurrency=args.max_concurrency,
+                  max_queue=args.max_queue, max_connections=args.max_connections)
         else:
             items: list = list(args.texts)
             if args.pair:
                 items += [tuple(pair) for pair in args.pair]
             if args.input:
                 items += _read_jsonl(args.input)
+            if not items:
+                raise InputError("no inputs: give texts, --pair TEXT_A TEXT_B, or --input FILE.jsonl")
             router = Router(args.root, device=args.device, batch_size=args.batch_size, precision=args.precision)
             predictions = router.predict(args.task, items)
             for prediction in predictions:

@@ -12,6 +12,7 @@ UnknownTaskError    no bundle for a (valid) task name                           
 InputError          inputs that do not fit the task (pairs vs single texts ...)  422
 BundleError         a bundle on disk is missing, malformed or tampered with      503
 DeviceError         ``device='cuda'`` demanded, no CUDA session                  503
+RunError            onnxruntime failed while running a loaded graph               500
 ConfigError         an option of Router / server / CLI out of range              (startup)
 ==================  ===========================================================  ======
 
@@ -46,6 +47,10 @@ class BundleError(DoeRuntimeError, ValueError):
 
 class DeviceError(DoeRuntimeError, RuntimeError):
     """``device='cuda'`` was demanded but the session did not get the CUDA provider."""
+
+
+class RunError(DoeRuntimeError, RuntimeError):
+    """onnxruntime failed while running a loaded graph (the bundle passed its checks at load)."""
 
 
 class ConfigError(DoeRuntimeError, ValueError):

@@ -9,6 +9,7 @@ caller's order. At most ``max_resident`` sessions are kept; the least recently u
 from __future__ import annotations
 
 import collections
+import hashlib
 import os
 import threading
 from dataclasses import dataclass
@@ -18,7 +19,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from .bundle import FileRef, check_task_name, discover, read_manifest, verify_file
-from .errors import BundleError, ConfigError, DeviceError, InputError, UnknownTaskError
+from .errors import BundleError, ConfigError, DeviceError, InputError, RunError, UnknownTaskError
 from .manifest import Manifest
 from .tokenization import configure_tokenizer, encode_batch, length_sorted_batches, plan_batches
 
@@ -41,27 +42,51 @@ class Prediction:
 
 
 def bundle_signature(folder: Path) -> tuple:
-    """What changes when a bundle is rebuilt or its files are touched: (mtime_ns, size) of the
-    manifest and of every regular file beside it. Raises OSError while the folder is missing."""
+    """What changes when a bundle is rebuilt or its files are touched: (name, mtime_ns, size, inode)
+    of every regular file, and the sha256 of ``manifest.json`` itself (small; it names the hashes of
+    every other file, so a manifest edited in place with the same size and time, or a copy with
+    preserved times, is still seen). Raises OSError while the folder is missing."""
     entries = []
     with os.scandir(folder) as items:
         for item in items:
             if item.is_file(follow_symlinks=False):
                 info = item.stat(follow_symlinks=False)
-                entries.append((item.name, info.st_mtime_ns, info.st_size))
-    return tuple(sorted(entries))
+                entries.append((item.name, info.st_mtime_ns, info.st_size, info.st_ino))
+    manifest = Path(folder) / "manifest.json"
+    digest = hashlib.sha256(manifest.read_bytes()).hexdigest() if manifest.is_file() else None
+    return tuple(sorted(entries)) + (digest,)
+
+
+CHARS_PER_TOKEN_BUDGET = 32
+
+
+def clip_text(text: str, max_length: int) -> str:
+    """A text cut to ``CHARS_PER_TOKEN_BUDGET * max_length`` characters before tokenizing: the
+    tokenizer's work (and the overflow it keeps) no longer grows with the text beyond what the
+    model reads. It changes a result only if the first ``max_length`` tokens span more than 32
+    characters per token on average (English averages about 4-5)."""
+    limit = CHARS_PER_TOKEN_BUDGET * max_length
+    return text if len(text) <= limit else text[:limit]
 
 
 PRECISIONS = ("auto", "fp32", "fp16", "int8")
 
 
-def choose_precision(requested: str, provider: str, available: Sequence[str]) -> str:
+def choose_precision(requested: str, provider: str, available: dict) -> str:
     """The graph to serve: ``requested`` if not ``"auto"``; on CUDA the fp16 variant, on CPU the int8
-    variant, when the bundle has it (a variant is only written when it passed validation), else fp32."""
+    variant, when the bundle has it (a variant is only written when it passed validation) and, where
+    the exporter measured its speed (``variant.speed["vs_fp32"]``, ratios per shape), it was faster
+    than fp32 at every measured shape; else fp32."""
     if requested != "auto":
         return requested
     preferred = "fp16" if provider == CUDA else "int8"
-    return preferred if preferred in available else "fp32"
+    variant = available.get(preferred)
+    if variant is None:
+        return "fp32"
+    ratios = getattr(variant, "speed", {}).get("vs_fp32", {}) if provider != CUDA else {}
+    if isinstance(ratios, dict) and ratios and not all(isinstance(r, (int, float)) and r > 1.0 for r in ratios.values()):
+        return "fp32"  # measured slower on the build machine
+    return preferred
 
 
 class Expert:
@@ -169,6 +194,8 @@ class Expert:
         self.output_name = want_out[0]
 
     def check_inputs(self, inputs: Sequence[Any]) -> list:
+        """The items as the tokenizer takes them (texts or (text_a, text_b) tuples), each text clipped
+        to the character budget of the bundle's max length; an InputError names the first bad item."""
         if isinstance(inputs, (str, bytes)) or not isinstance(inputs, Sequence):
             raise InputError(
                 f"task {self.task!r}: inputs must be a list of "
@@ -176,6 +203,7 @@ class Expert:
                 "wrap a single input in a list"
             )
         items = []
+        limit = self.manifest.tokenizer.max_length
         for index, item in enumerate(inputs):
             if self.pair:
                 if (
@@ -187,7 +215,7 @@ class Expert:
                         f"task {self.task!r} takes text pairs: inputs[{index}] must be a (str, str) pair, "
                         f"got {_describe(item)}"
                     )
-                items.append((item[0], item[1]))
+                items.append((self._text(item[0], index, limit), self._text(item[1], index, limit)))
             else:
                 if not isinstance(item, str):
                     hint = " (this task takes single texts, not pairs)" if isinstance(item, (tuple, list)) else ""
@@ -195,8 +223,19 @@ class Expert:
                         f"task {self.task!r} takes single texts: inputs[{index}] must be str, "
                         f"got {_describe(item)}{hint}"
                     )
-                items.append(item)
+                items.append(self._text(item, index, limit))
         return items
+
+    def _text(self, text: str, index: int, max_length: int) -> str:
+        text = clip_text(text, max_length)
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as exc:  # a lone surrogate (valid JSON "\ud800", or a non-UTF-8 argv)
+            raise InputError(
+                f"task {self.task!r}: inputs[{index}] is not valid Unicode text: {exc.reason} at character "
+                f"{exc.start} ({text[exc.start:exc.end]!r}); send UTF-8 text (a lone surrogate is not a character)"
+            ) from None
+        return text
 
     def encode(self, items: list) -> dict[str, np.ndarray]:
         ids, mask = encode_batch(self.tokenizer, items)
@@ -205,6 +244,14 @@ class Expert:
 
     def run(self, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
         """One session call on an already padded batch; returns logits [B, K] (float32)."""
+        try:
+            return self._run(ids, mask)
+        except Exception as exc:  # onnxruntime raises its own Fail/RuntimeException types
+            raise RunError(f"task {self.task!r}: onnxruntime failed on a batch of shape {list(ids.shape)} "
+                           f"({type(exc).__name__}: {str(exc)[:300]}); the bundle's graph may be broken: re-export "
+                           "it") from exc
+
+    def _run(self, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
         feeds = {"input_ids": ids, "attention_mask": mask}
         if not self.io_binding:
             return self.session.run([self.output_name], {name: feeds[name] for name in self.input_names})[0]
@@ -250,7 +297,8 @@ class Router:
     switch benchmark measures the real resident memory per expert); the least recently used are
     dropped until the cap holds, the newest always stays. ``memory_arena=False`` turns off
     onnxruntime's CPU memory arena (buffers go back to the allocator after each run instead of the
-    arena keeping its peak).
+    arena keeping its peak). ``allow_spinning=False``: idle intra-op threads sleep instead of
+    spinning (with several sessions busy in turn, spinning threads of one steal the cores of the next).
     ``auto_reload``: before each request, compare the task's bundle files with those the resident
     session was loaded from; a rebuilt bundle is loaded anew (requests already running finish on
     the old session, which is freed when they end). While a bundle is being swapped (its folder
@@ -272,6 +320,7 @@ class Router:
         io_binding: bool | str = "auto",
         max_resident_bytes: int | None = None,
         memory_arena: bool = True,
+        allow_spinning: bool = True,
     ):
         if device not in DEVICES:
             raise ConfigError(f"device must be one of {list(DEVICES)}, got {device!r}")
@@ -301,12 +350,14 @@ class Router:
         self.io_binding = io_binding
         self.max_resident_bytes = max_resident_bytes
         self.memory_arena = bool(memory_arena)
+        self.allow_spinning = bool(allow_spinning)
         self.sort_by_length = bool(sort_by_length)
         self.auto_reload = bool(auto_reload)
         self._bundles = discover(self.root)
         self._resident: collections.OrderedDict[str, Expert] = collections.OrderedDict()
         self._lock = threading.Lock()
         self._loading: dict[str, threading.Lock] = {}
+        self._failed: dict[str, tuple] = {}  # task -> (bundle signature, error) of its last failed load
 
     @property
     def tasks(self) -> list[str]:
@@ -335,6 +386,12 @@ class Router:
         """Provider, precision, IOBinding and model bytes of the task's session (loads it if needed)."""
         return self._expert(task).info()
 
+    def loaded_info(self, task: str) -> dict | None:
+        """``info`` of the task's session if it is resident now, else None (loads nothing)."""
+        with self._lock:
+            expert = self._resident.get(task)
+        return expert.info() if expert is not None else None
+
     def _folder(self, task: str) -> Path:
         check_task_name(task)
         folder = self._bundles.get(task)
@@ -347,12 +404,15 @@ class Router:
         return folder
 
     def _session_options(self) -> Any:
-        if self.intra_op_threads is None and self.inter_op_threads is None and self.memory_arena:
+        if self.intra_op_threads is None and self.inter_op_threads is None and self.memory_arena \
+                and self.allow_spinning:
             return None
         import onnxruntime as ort
 
         options = ort.SessionOptions()
         options.enable_cpu_mem_arena = self.memory_arena
+        if not self.allow_spinning:  # idle intra-op threads sleep instead of spinning (several busy sessions)
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         if self.intra_op_threads is not None:
             options.intra_op_num_threads = self.intra_op_threads
         options.inter_op_num_threads = self.inter_op_threads if self.inter_op_threads is not None else 1
@@ -377,7 +437,17 @@ class Router:
                 expert = self._resident.get(task)
                 if expert is not None:
                     return expert
-            expert = Expert(folder, self.device, self._session_options(), self.precision, self.io_binding)
+            signature = self._signature(folder)
+            failed = self._failed.get(task)
+            if failed is not None and signature is not None and failed[0] == signature:
+                raise failed[1]  # the same broken bundle: no re-hashing, no second session attempt
+            try:
+                expert = Expert(folder, self.device, self._session_options(), self.precision, self.io_binding)
+            except (BundleError, DeviceError, RunError) as exc:
+                if signature is not None:
+                    self._failed[task] = (signature, exc)  # until the bundle's files change
+                raise
+            self._failed.pop(task, None)
             with self._lock:
                 self._resident[task] = expert
                 self._resident.move_to_end(task)
@@ -387,6 +457,13 @@ class Router:
                 ):
                     self._resident.popitem(last=False)  # freed once the requests running on it end
         return expert
+
+    @staticmethod
+    def _signature(folder: Path) -> tuple | None:
+        try:
+            return bundle_signature(folder)
+        except OSError:
+            return None
 
     @staticmethod
     def _unchanged(expert: Expert) -> bool:

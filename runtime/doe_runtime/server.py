@@ -21,12 +21,11 @@ while requests already running finish on the old session.
 import ipaddress
 import json
 import logging
-import threading
 from pathlib import Path
 from typing import Annotated, Any, Union
 
 from .bundle import read_manifest
-from .errors import (BundleError, ConfigError, DeviceError, DoeRuntimeError, InputError, TaskNameError,
+from .errors import (BundleError, ConfigError, DeviceError, DoeRuntimeError, InputError, RunError, TaskNameError,
                      UnknownTaskError)
 from .router import Router
 
@@ -34,10 +33,16 @@ log = logging.getLogger("doe_runtime.server")
 
 DEFAULT_MAX_BODY_BYTES = 4 * 1024 * 1024
 DEFAULT_MAX_ITEMS = 256
+DEFAULT_MAX_QUEUE = 64
+LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
 
 
 class BodyLimit:
-    """ASGI middleware: refuse request bodies over ``limit`` bytes with 413 before parsing them."""
+    """ASGI middleware: refuse request bodies over ``limit`` bytes with 413 before the app parses them.
+
+    A declared Content-Length over the limit is refused at once; a chunked body is read up to the
+    limit and refused as soon as it passes it (the app never sees it, so no parser can turn the
+    refusal into a 400). Bodies within the limit are replayed to the app unchanged."""
 
     def __init__(self, app, limit: int):
         self.app, self.limit = app, limit
@@ -49,26 +54,51 @@ class BodyLimit:
         if declared is not None and declared.isdigit() and int(declared) > self.limit:
             return await _send_json(send, 413, "body_too_large",
                                     f"request body of {int(declared)} bytes exceeds the limit of {self.limit} bytes")
-        seen = 0
-
-        async def limited_receive():
-            nonlocal seen
+        if scope.get("method") in ("GET", "HEAD", "OPTIONS"):
+            return await self.app(scope, receive, send)
+        chunks, seen = [], 0
+        while True:
             message = await receive()
-            if message["type"] == "http.request":
-                seen += len(message.get("body", b""))
-                if seen > self.limit:
-                    raise _TooLarge()
-            return message
+            if message["type"] != "http.request":  # the client went away
+                return
+            body = message.get("body", b"")
+            seen += len(body)
+            if seen > self.limit:
+                return await _send_json(send, 413, "body_too_large",
+                                        f"request body exceeds the limit of {self.limit} bytes")
+            chunks.append(body)
+            if not message.get("more_body", False):
+                break
+        replayed = False
 
-        try:
-            return await self.app(scope, limited_receive, send)
-        except _TooLarge:
-            return await _send_json(send, 413, "body_too_large",
-                                    f"request body exceeds the limit of {self.limit} bytes")
+        async def replay():
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+            return await receive()  # after the body: disconnect notices
+
+        return await self.app(scope, replay, send)
 
 
-class _TooLarge(Exception):
-    pass
+class HostCheck:
+    """ASGI middleware: answer only requests whose Host header names an allowed host (a loopback
+    server allows its loopback names only: a web page cannot reach it through DNS rebinding)."""
+
+    def __init__(self, app, allowed: set[str]):
+        self.app, self.allowed = app, {h.lower() for h in allowed}
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        raw = dict(scope.get("headers") or []).get(b"host", b"").decode("latin-1").strip().lower()
+        host = raw[1:raw.index("]")] if raw.startswith("[") and "]" in raw else raw.rsplit(":", 1)[0] if raw.count(":") == 1 else raw
+        if host not in self.allowed:
+            shown = raw[:64]
+            return await _send_json(send, 421, "host_not_allowed",
+                                    f"Host {shown!r} is not served here (allowed: {', '.join(sorted(self.allowed))}); "
+                                    "a server bound to loopback answers loopback names only")
+        return await self.app(scope, receive, send)
 
 
 async def _send_json(send, status: int, kind: str, message: str) -> None:
@@ -80,11 +110,15 @@ async def _send_json(send, status: int, kind: str, message: str) -> None:
 
 def create_app(root: str | Path, router: Router | None = None, max_items: int = DEFAULT_MAX_ITEMS,
                max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, max_concurrency: int | None = None,
-               **router_options: Any):
+               max_queue: int = DEFAULT_MAX_QUEUE, allowed_hosts: list[str] | None = None, **router_options: Any):
     """The FastAPI application serving the bundles under ``root``.
 
     ``max_concurrency``: predictions running at once (default: the CPU count); further requests
-    wait their turn instead of all sharing the cores, which keeps latency and memory bounded."""
+    wait their turn instead of all sharing the cores, which keeps latency and memory bounded.
+    ``max_queue``: requests allowed to wait for a turn; beyond it a request is shed at once with
+    503 and ``Retry-After`` (load shedding) instead of queueing without bound.
+    ``allowed_hosts``: Host header values answered (None: any; ``serve`` on loopback passes the
+    loopback names)."""
     try:
         from fastapi import FastAPI, Request
         from fastapi.exceptions import RequestValidationError
@@ -94,17 +128,21 @@ def create_app(root: str | Path, router: Router | None = None, max_items: int = 
     except ImportError as exc:  # the server is an optional extra
         raise ImportError("the HTTP server needs the [serve] extra: pip install 'doe-runtime[serve]'") from exc
 
-    if not isinstance(max_items, int) or max_items < 1:
-        raise ConfigError(f"max_items must be an int >= 1, got {max_items!r}")
-    router = router or Router(root, auto_reload=True, **router_options)
+    import asyncio
     import os
 
+    from starlette.concurrency import run_in_threadpool
+
+    for name, value, low in (("max_items", max_items, 1), ("max_body_bytes", max_body_bytes, 1),
+                             ("max_queue", max_queue, 0)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < low:
+            raise ConfigError(f"{name} must be an int >= {low}, got {value!r}")
     limit = max_concurrency if max_concurrency is not None else (os.cpu_count() or 1)
     if not isinstance(limit, int) or limit < 1:
         raise ConfigError(f"max_concurrency must be an int >= 1, got {max_concurrency!r}")
-    admission = threading.BoundedSemaphore(limit)
-    in_flight = {"count": 0}
-    counter_lock = threading.Lock()
+    router = router or Router(root, auto_reload=True, **router_options)
+    admission = asyncio.Semaphore(limit)  # event-loop side: waiting requests hold no thread
+    in_flight = {"count": 0, "waiting": 0, "shed": 0}
 
     pair = Annotated[list[str], Field(min_length=2, max_length=2)]
 
@@ -165,7 +203,8 @@ def create_app(root: str | Path, router: Router | None = None, max_items: int = 
         tasks = router.refresh()
         if not tasks:
             return error(503, "not_ready", "no bundles under the served folder yet; build some with `doe build`")
-        return {"status": "ready", "tasks": len(tasks), "in_flight": in_flight["count"]}
+        return {"status": "ready", "tasks": len(tasks), "in_flight": in_flight["count"],
+                "waiting": in_flight["waiting"], "shed": in_flight["shed"]}
 
     @app.get("/v1/tasks")
     async def list_tasks() -> dict:
@@ -187,34 +226,59 @@ def create_app(root: str | Path, router: Router | None = None, max_items: int = 
         except (BundleError, DeviceError, OSError) as exc:
             log.warning("task %s unavailable: %s", task, exc)
             return error(503, "bundle_unavailable", f"task {task!r} cannot be served now: {_public(exc, router.root)}")
+        except RunError as exc:
+            log.error("task %s failed to run: %s", task, exc)
+            return error(500, "inference_failed", _public(exc, router.root))
         except DoeRuntimeError as exc:  # every other error of ours: still JSON, still no local path
             log.exception("task %s failed", task)
             return error(500, type(exc).__name__, _public(exc, router.root))
 
     @app.get("/v1/tasks/{task}", responses=errors)
     def describe(task: str):
-        return _task_response(task, lambda: router.manifest(task).summary())
+        def summary():
+            loaded = router.loaded_info(task)  # provider and precision when resident; nothing is loaded here
+            return router.manifest(task).summary(loaded and loaded["provider"], loaded and loaded["precision"])
+
+        return _task_response(task, summary)
 
     @app.post("/v1/tasks/{task}/predict", response_model=PredictResponse, responses=errors)
-    def predict(task: str, body: PredictRequest):
+    async def predict(task: str, body: PredictRequest):
         items = [tuple(item) if isinstance(item, list) else item for item in body.inputs]
+        if admission.locked() and in_flight["waiting"] >= max_queue:
+            in_flight["shed"] += 1
+            return error(503, "overloaded", f"{in_flight['waiting']} requests are already waiting for one of "
+                                            f"{limit} prediction slots; retry shortly", headers={"Retry-After": "1"})
 
         def run():
-            with counter_lock:
-                in_flight["count"] += 1
-            try:
-                with admission:
-                    predictions = router.predict(task, items)
-                info = router.info(task)  # one lookup (a bundle scan with auto_reload), not one per field
-                return {"task": task, "provider": info["provider"], "precision": info["precision"],
-                        "predictions": [p.to_dict() for p in predictions]}
-            finally:
-                with counter_lock:
-                    in_flight["count"] -= 1
+            predictions = router.predict(task, items)
+            info = router.info(task)  # one lookup (a bundle scan with auto_reload), not one per field
+            return {"task": task, "provider": info["provider"], "precision": info["precision"],
+                    "predictions": [p.to_dict() for p in predictions]}
 
-        return _task_response(task, run)
+        in_flight["waiting"] += 1
+        queued = True
+        try:
+            async with admission:
+                in_flight["waiting"] -= 1
+                queued = False
+                in_flight["count"] += 1
+                try:
+                    return await run_in_threadpool(_task_response, task, run)
+                finally:
+                    in_flight["count"] -= 1
+        finally:
+            if queued:  # cancelled while waiting
+                in_flight["waiting"] -= 1
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, exc: Exception):  # a bug: still JSON, never a trace or a path
+        log.exception("unexpected error on %s %s", request.method, request.url.path)
+        return error(500, "internal_error", f"{type(exc).__name__} while serving {request.method} "
+                                            f"{request.url.path[:80]}; the server log has the details")
 
     app.add_middleware(BodyLimit, limit=max_body_bytes)
+    if allowed_hosts is not None:
+        app.add_middleware(HostCheck, allowed=set(allowed_hosts))
     return app
 
 
@@ -237,7 +301,8 @@ def is_loopback(host: str) -> bool:
 
 def serve(root: str | Path, host: str = "127.0.0.1", port: int = 8000, allow_remote: bool = False,
           max_items: int = DEFAULT_MAX_ITEMS, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
-          max_concurrency: int | None = None, **router_options) -> None:
+          max_concurrency: int | None = None, max_queue: int = DEFAULT_MAX_QUEUE, max_connections: int = 256,
+          **router_options) -> None:
     """Run the server until SIGINT/SIGTERM (uvicorn drains running requests before it exits)."""
     if not is_loopback(host) and not allow_remote:
         raise ConfigError(f"refusing to listen on {host!r}, which is reachable from other machines; pass "
@@ -248,9 +313,17 @@ def serve(root: str | Path, host: str = "127.0.0.1", port: int = 8000, allow_rem
         raise ImportError("the HTTP server needs the [serve] extra: pip install 'doe-runtime[serve]'") from exc
     if not Path(root).is_dir():
         raise ConfigError(f"bundle folder {root} does not exist; build bundles with `doe build --out {root}`")
+    if not isinstance(port, int) or not 1 <= port <= 65535:
+        raise ConfigError(f"port must be in 1..65535, got {port!r}")
+    if not isinstance(max_connections, int) or max_connections < 1:
+        raise ConfigError(f"max_connections must be an int >= 1, got {max_connections!r}")
+    allowed = list(LOOPBACK_NAMES) if is_loopback(host) else None
     app = create_app(root, max_items=max_items, max_body_bytes=max_body_bytes, max_concurrency=max_concurrency,
-                     **router_options)
-    uvicorn.run(app, host=host, port=port, timeout_graceful_shutdown=30, log_level="info")
+                     max_queue=max_queue, allowed_hosts=allowed, **router_options)
+    # limit_concurrency: connections + tasks beyond it get 503 from uvicorn itself; keep-alive connections
+    # idle for 5 s are closed; a request head over 64 KiB is refused by the HTTP parser
+    uvicorn.run(app, host=host, port=port, timeout_graceful_shutdown=30, log_level="info",
+                limit_concurrency=max_connections, timeout_keep_alive=5, h11_max_incomplete_event_size=64 * 1024)
 
 
 __all__ = ["create_app", "serve", "is_loopback", "read_manifest"]

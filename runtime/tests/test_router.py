@@ -102,12 +102,20 @@ def test_precision_choice_and_variants(bundles, edit_manifest):
 
 
 def test_choose_precision_rules():
+    from doe_runtime.manifest import Variant
+
     cuda, cpu = "CUDAExecutionProvider", "CPUExecutionProvider"
-    assert choose_precision("auto", cuda, ["fp16", "int8"]) == "fp16"
-    assert choose_precision("auto", cpu, ["fp16", "int8"]) == "int8"
-    assert choose_precision("auto", cpu, ["fp16"]) == "fp32"
-    assert choose_precision("auto", cuda, ["int8"]) == "fp32"
-    assert choose_precision("fp16", cpu, ["fp16"]) == "fp16"
+    both = {"fp16": Variant("a", "0" * 64), "int8": Variant("b", "0" * 64)}
+    assert choose_precision("auto", cuda, both) == "fp16"
+    assert choose_precision("auto", cpu, both) == "int8"
+    assert choose_precision("auto", cpu, {"fp16": both["fp16"]}) == "fp32"
+    assert choose_precision("auto", cuda, {"int8": both["int8"]}) == "fp32"
+    assert choose_precision("fp16", cpu, {"fp16": both["fp16"]}) == "fp16"
+    faster = Variant("b", "0" * 64, speed={"vs_fp32": {"8x32": 1.9, "8x128": 1.7}})
+    slower = Variant("b", "0" * 64, speed={"vs_fp32": {"8x32": 1.2, "8x128": 0.9}})
+    assert choose_precision("auto", cpu, {"int8": faster}) == "int8"
+    assert choose_precision("auto", cpu, {"int8": slower}) == "fp32"  # measured slower where it was built
+    assert choose_precision("int8", cpu, {"int8": slower}) == "int8"  # asked for: served
 
 
 def test_unknown_task_and_bad_names(bundles):
