@@ -189,3 +189,25 @@ def test_peers_with_an_optimum_graph_records_speed_only(tmp_path, monkeypatch):
     assert len(optimum) == 1 and optimum[0]["value"] is None and optimum[0]["latency_s"]["median"] > 0
     report = (tmp_path / "out" / "peers.md").read_text()
     assert "| n/a |" in report and "separate environment" in report
+
+
+def test_quick_replace_records_are_complete(tmp_path):
+    """The shipped bundle (doe build's own code) against the plain dense export, fp32 and int8."""
+    out = tmp_path / "results"
+    assert main(["bench", "--suite", "replace", "--quick", "--out", str(out), "--work-dir", str(tmp_path / "w"),
+                 "--cache-dir", str(tmp_path / "cache"), "--no-progress"]) == 0
+    rows = common.read_jsonl(out / "replace.jsonl")[1:]
+    candidates = {"expert (shipped)", "expert fp32", "plain dense fp32", "plain dense int8"}
+    for condition, items in (("real", 1), ("real", 8)):
+        cell = [r for r in rows if r["condition"] == condition and r["items"] == items and r["threads"] == 1]
+        assert {r["candidate"] for r in cell} == candidates
+    for r in rows:
+        assert r["latency_s"]["median"] > 0 and r["p99_s"] >= r["latency_s"]["p25"] and 0 <= r["value"] <= 1
+        assert set(r["speedup_vs"]) == {"plain dense fp32", "plain dense int8"}
+        assert r["extra_positions"] == 0 and r["split_size"] == 24
+        assert ("bound" in r) == r["candidate"].startswith("expert")
+    by = {r["candidate"]: r for r in rows if r["condition"] == "real" and r["items"] == 8 and r["threads"] == 1}
+    assert by["plain dense fp32"]["speedup_vs"]["plain dense fp32"]["median"] == 1.0
+    assert by["plain dense int8"]["served_precision"] == "int8" and by["expert fp32"]["served_precision"] == "fp32"
+    report = (out / "replace.md").read_text()
+    assert "Verdict" in report and "plain dense int8" in report and _png(out / "replace.png")

@@ -106,11 +106,14 @@ def run_replace(config: SuiteConfig, bench: Workbench) -> list[dict]:
                                  test, task)
         manifest = json.loads((shipped / "manifest.json").read_text())
         for threads in threads_list:
+            # several sessions run in turn here: with more than one thread, idle workers of one session would spin
+            # on the cores the next one needs, so every candidate's threads sleep when idle (allow_spinning=False)
+            common_options = dict(device="cpu", intra_op_threads=threads, allow_spinning=threads == 1)
             routers = {
-                "expert (shipped)": (Router(root, device="cpu", intra_op_threads=threads), task),
-                "expert fp32": (Router(root, device="cpu", intra_op_threads=threads, precision="fp32"), task),
-                "plain dense fp32": (Router(root, device="cpu", intra_op_threads=threads), folders["plain-fp32"].name),
-                "plain dense int8": (Router(root, device="cpu", intra_op_threads=threads), folders["plain-int8"].name),
+                "expert (shipped)": (Router(root, **common_options), task),
+                "expert fp32": (Router(root, precision="fp32", **common_options), task),
+                "plain dense fp32": (Router(root, **common_options), folders["plain-fp32"].name),
+                "plain dense int8": (Router(root, **common_options), folders["plain-int8"].name),
             }
             values = {name: _served_metric(r, t, test, metric) for name, (r, t) in routers.items()}
             served = routers["expert (shipped)"][0].info(task)
@@ -180,7 +183,9 @@ def _record(task, name, condition, threads, items, tokens, times, values, metric
               ("fp32" if name != "plain dense int8" else "int8"),
               "extra_positions": manifest["adaptation"].get("prompt_length", 0),
               "dense_pytorch": result.dense, "expert_pytorch": result.expert,
-              "ffn_widths": manifest["architecture"]["ffn_widths"], "build_seconds": build_seconds, **extra}
+              "ffn_widths": manifest["architecture"]["ffn_widths"], "build_seconds": build_seconds,
+              "int8_recipe": manifest["onnx"].get("variants", {}).get("int8", {}).get("recipe"),
+              "left_out": manifest["quality"].get("variants_left_out", {}), **extra}
     if name.startswith("expert"):
         arch = manifest["architecture"]
         seq = (tokens or extra.get("tokens_p50") or 64) + record["extra_positions"]
@@ -198,7 +203,9 @@ def render_replace(rows, cfg, intro, out_dir) -> list[str]:
               "`quantize_dynamic` call. All four go through the same `Router` (tokenization, length-sorted "
               "batching), so the comparison includes everything a request costs. Speed-ups are medians of "
               "per-request (or per-repeat) paired ratios; the metric is each candidate's, as served, on the "
-              "whole reporting split.", ""]
+              "whole reporting split. With 2 threads every candidate's idle intra-op threads sleep instead of spinning "
+              "(`Router(allow_spinning=False)`): with four sessions run in turn, spinning workers of one took the "
+              "cores of the next.", ""]
     for task in sorted({r["task"] for r in rows}):
         sub = [r for r in rows if r["task"] == task]
         first = sub[0]
@@ -219,10 +226,35 @@ def render_replace(rows, cfg, intro, out_dir) -> list[str]:
                          f"x{_q(r['speedup_vs']['plain dense fp32'])} | x{_q(r['speedup_vs']['plain dense int8'])} | "
                          f"{bound} |")
         lines.append("")
+        lines += _verdict(sub)
     plot = _pareto(rows, Path(out_dir))
     if plot:
         lines += [f"![metric vs latency]({plot.name})", ""]
     return lines
+
+
+def _verdict(rows) -> list[str]:
+    """The targets of the comparison: the shipped expert >= 1.5x faster than the plain export at the same
+    precision and than plain int8, at <= 1 point below the dense model; per condition, met or missed by how much."""
+    first = rows[0]
+    loss = 100 * (first["dense_pytorch"] - next(r["value"] for r in rows if r["candidate"] == "expert (shipped)"))
+    served = next(r["served_precision"] for r in rows if r["candidate"] == "expert (shipped)")
+    lines = [f"Verdict (targets: x1.5 over plain dense at the same precision and over plain dense int8; at most 1 "
+             f"point below the dense model). Shipped precision: {served}"
+             + (f" (int8 recipe: {first['int8_recipe']})" if first.get("int8_recipe") else "")
+             + (f"; left out: {first['left_out']}" if first.get("left_out") else "") + ".", "",
+             f"- metric: shipped {100 * next(r['value'] for r in rows if r['candidate'] == 'expert (shipped)'):.1f} vs "
+             f"dense {100 * first['dense_pytorch']:.1f}: {loss:+.1f} points below — "
+             f"{'met' if loss <= 1.0 else 'missed'}", ""]
+    shipped = [r for r in rows if r["candidate"] == "expert (shipped)"]
+    for r in shipped:
+        same = "plain dense int8" if r["served_precision"] == "int8" else "plain dense fp32"
+        s_same, s_int8 = r["speedup_vs"][same]["median"], r["speedup_vs"]["plain dense int8"]["median"]
+        cond = f"real x{r['items']}" if r["condition"] == "real" else f"{r['items']} x {r['tokens']}"
+        lines.append(f"- {cond}, {r['threads']} thread(s): x{s_same:.2f} over {same} "
+                     f"({'met' if s_same >= 1.5 else 'missed'}), x{s_int8:.2f} over plain dense int8 "
+                     f"({'met' if s_int8 >= 1.5 else 'missed'})")
+    return lines + [""]
 
 
 def _pareto(rows, out_dir: Path) -> Path | None:
