@@ -135,7 +135,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="layers/peers: how the task models are adapted before pruning (default: as `doe build`)")
     g.add_argument("--load-seconds", type=float, default=60.0, help="load: measured seconds")
     g.add_argument("--load-warmup", type=float, default=10.0, help="load: warm-up seconds before measuring")
-    g.add_argument("--load-connections", type=int, default=32, help="load: concurrent connections")
+    g.add_argument("--load-connections", default="32",
+                   help="load: concurrent connections; comma-separated for one row per count (e.g. 64,128)")
+    g.add_argument("--load-big-request", action="store_true",
+                   help="load: after the load, time one 4 MiB request and the server memory it leaves")
     g.add_argument("--load-no-arena", action="store_true", help="load: serve with onnxruntime's memory arena off")
     g.add_argument("--optimum-python", default=None, metavar="PYTHON",
                    help="peers: a Python with optimum-onnx installed (transformers < 4.58, so a separate environment);"
@@ -291,7 +294,9 @@ def bench_main(args) -> int:
                                            repeats=args.repeats, min_seconds=args.min_seconds, flow=flow,
                                            optimum_python=args.optimum_python,
                                            load_seconds=args.load_seconds, load_warmup_seconds=args.load_warmup,
-                                           load_connections=args.load_connections,
+                                           load_connections=_numbers(args.load_connections)[0],
+                                           load_connection_steps=_numbers(args.load_connections),
+                                           load_big_request=args.load_big_request,
                                            load_memory_arena=not args.load_no_arena)
             if set(suites_to_run) & {"layers", "peers", "replace"} and not args.data_dir:
                 raise ConfigError("the layers, peers and replace suites need GLUE data: pass --data-dir (GLUE layout, e.g. "

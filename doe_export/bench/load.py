@@ -61,7 +61,15 @@ def run_load(config: SuiteConfig, root: Path, progress: bool) -> list[dict]:
             if server.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"the server did not become ready: {server_log.read_text()[-2000:]}")
             time.sleep(0.2)
-        result = asyncio.run(_load(base, server.pid, requests, expected, config))
+        results = []
+        for connections in config.load_connection_steps or (config.load_connections,):
+            results.append(asyncio.run(_load(base, server.pid, requests, expected, config, connections)))
+            log(f"[load] {connections} connections: {results[-1]['requests']} answered, {results[-1]['shed']} shed "
+                f"(503 + Retry-After), {results[-1]['errors']} errors, {results[-1]['mismatches']} mismatches, "
+                f"p99 {1e3 * results[-1]['latency_s']['p99']:.0f} ms, /healthz p99 "
+                f"{1e3 * results[-1]['health_s']['p99']:.1f} ms, memory growth {100 * results[-1]['rss_growth']:+.2f}%")
+        if config.load_big_request:
+            results.append(_big_request(base, server.pid))
     finally:
         server.terminate()
         try:
@@ -70,20 +78,39 @@ def run_load(config: SuiteConfig, root: Path, progress: bool) -> list[dict]:
             server.kill()
         log_handle.close()
     # uvicorn drains running requests on SIGTERM, logs the shutdown, then re-raises the signal
-    result["graceful_shutdown"] = "Application shutdown complete" in server_log.read_text()
-    result["exit_code"] = server.returncode
-    log(f"[load] {result['requests']} requests, {result['errors']} errors, {result['mismatches']} mismatches, "
-        f"{result['requests_per_s']:.1f} req/s, p50 {1e3 * result['latency_s']['p50']:.1f} ms, p99 "
-        f"{1e3 * result['latency_s']['p99']:.1f} ms, memory growth {100 * result['rss_growth']:+.2f}%")
-    return [result]
+    for result in results:
+        result["graceful_shutdown"] = "Application shutdown complete" in server_log.read_text()
+        result["exit_code"] = server.returncode
+    return results
 
 
-async def _load(base: str, pid: int, requests: list, expected: list, config: SuiteConfig) -> dict:
+def _big_request(base: str, pid: int) -> dict:
+    """One 4 MiB request of 256 texts of 16 KB: its time and the server's memory before, just after
+    and 3 s after (what stays)."""
+    import httpx
+
+    text = ("The markets rallied as investors weighed the latest figures. " * 300)[:16_000]
+    body = {"inputs": [text] * 256}
+    before = _process_rss(pid)
+    start = time.perf_counter()
+    response = httpx.post(f"{base}/v1/tasks/expert-0/predict", json=body, timeout=120)
+    seconds = time.perf_counter() - start
+    after = _process_rss(pid)
+    time.sleep(3)
+    settled = _process_rss(pid)
+    log(f"[load] 4 MiB request ({len(response.request.content) / 2**20:.1f} MiB): HTTP {response.status_code} in "
+        f"{seconds:.2f} s; server memory {before / 2**20:.0f} -> {after / 2**20:.0f} -> {settled / 2**20:.0f} MiB")
+    return {"kind": "big_request", "bytes": len(response.request.content), "items": 256, "status": response.status_code,
+            "seconds": seconds, "rss_before_bytes": before, "rss_after_bytes": after, "rss_settled_bytes": settled,
+            "lasting_growth_bytes": settled - before}
+
+
+async def _load(base: str, pid: int, requests: list, expected: list, config: SuiteConfig, connections: int) -> dict:
     import asyncio
 
     import httpx
 
-    latencies, errors, mismatches, samples = [], [], 0, []
+    latencies, errors, mismatches, samples, health, shed = [], [], 0, [], [], []
     measuring = asyncio.Event()
     stop = asyncio.Event()
     counter = {"next": 0}
@@ -102,22 +129,41 @@ async def _load(base: str, pid: int, requests: list, expected: list, config: Sui
             except (httpx.HTTPError, ValueError, KeyError) as exc:
                 ok, labels, response = False, None, f"{type(exc).__name__}: {exc}"
             elapsed = time.perf_counter() - t0
+            was_shed = (not ok and getattr(response, "status_code", None) == 503
+                        and response.headers.get("retry-after") is not None)
             if measuring.is_set() and not stop.is_set():
-                latencies.append(elapsed)
-                if not ok:
-                    errors.append(str(getattr(response, "status_code", response))[:200])
-                elif labels != expected[index]:
-                    mismatches += 1
+                if was_shed:
+                    shed.append(elapsed)
+                else:
+                    latencies.append(elapsed)
+                    if not ok:
+                        errors.append(str(getattr(response, "status_code", response))[:200])
+                    elif labels != expected[index]:
+                        mismatches += 1
+            if was_shed:
+                await asyncio.sleep(float(response.headers["retry-after"]) * 0.2)  # a polite client backs off
+
+    async def prober():
+        async with httpx.AsyncClient(timeout=30) as probe:  # its own connection, as a liveness probe has
+            while not stop.is_set():
+                t0 = time.perf_counter()
+                try:
+                    ok = (await probe.get(f"{base}/healthz")).status_code == 200
+                except httpx.HTTPError:
+                    ok = False
+                if measuring.is_set():
+                    health.append(time.perf_counter() - t0 if ok else float("inf"))
+                await asyncio.sleep(0.2)
 
     async def sampler():
         while not stop.is_set():
             samples.append((time.monotonic(), measuring.is_set(), _process_rss(pid)))
             await asyncio.sleep(1.0)
 
-    limits = httpx.Limits(max_connections=config.load_connections, max_keepalive_connections=config.load_connections)
+    limits = httpx.Limits(max_connections=connections, max_keepalive_connections=connections)
     async with httpx.AsyncClient(limits=limits, timeout=60) as client:
-        tasks = [asyncio.create_task(worker(client)) for _ in range(config.load_connections)]
-        tasks.append(asyncio.create_task(sampler()))
+        tasks = [asyncio.create_task(worker(client)) for _ in range(connections)]
+        tasks += [asyncio.create_task(sampler()), asyncio.create_task(prober())]
         await asyncio.sleep(config.load_warmup_seconds)
         measuring.set()
         start = time.monotonic()
@@ -126,32 +172,52 @@ async def _load(base: str, pid: int, requests: list, expected: list, config: Sui
         elapsed = time.monotonic() - start
         await asyncio.gather(*tasks)
     rss = [r for _, during, r in samples if during] or [samples[-1][2]]
-    ordered = sorted(latencies)
-    pick = lambda q: ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")  # noqa: E731
-    return {"kind": "load", "connections": config.load_connections, "memory_arena": config.load_memory_arena, "tasks": len({t for t, _ in requests}),
-            "seconds": elapsed, "warmup_seconds": config.load_warmup_seconds, "requests": len(latencies),
-            "errors": len(errors), "error_samples": errors[:5], "mismatches": mismatches,
-            "requests_per_s": len(latencies) / elapsed,
-            "latency_s": {"p50": pick(0.5), "p90": pick(0.9), "p99": pick(0.99), "max": ordered[-1] if ordered else None},
+
+    def quantiles(values):
+        ordered = sorted(values)
+        pick = lambda q: ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else None  # noqa: E731
+        return {"p50": pick(0.5), "p90": pick(0.9), "p99": pick(0.99), "max": ordered[-1] if ordered else None}
+
+    return {"kind": "load", "connections": connections, "memory_arena": config.load_memory_arena,
+            "tasks": len({t for t, _ in requests}), "seconds": elapsed, "warmup_seconds": config.load_warmup_seconds,
+            "requests": len(latencies), "errors": len(errors), "error_samples": errors[:5], "mismatches": mismatches,
+            "shed": len(shed), "shed_latency_s": quantiles(shed), "requests_per_s": len(latencies) / elapsed,
+            "latency_s": quantiles(latencies), "health_probes": len(health), "health_s": quantiles(health),
             "rss_after_warmup_bytes": rss[0], "rss_end_bytes": rss[-1], "rss_max_bytes": max(rss),
             "rss_growth": (rss[-1] - rss[0]) / rss[0], "rss_samples": len(rss)}
 
 
 def _render_load(rows, cfg, intro, out_dir) -> list[str]:
     lines = ["# Load: `doe-runtime serve` under concurrent requests", ""] + intro
+    loads = [r for r in rows if r["kind"] == "load"]
+    if loads:
+        r0 = loads[0]
+        lines += [f"One asyncio client on loopback, requests of 1-4 texts (mixed lengths) round-robin over "
+                  f"{r0['tasks']} tasks, {r0['seconds']:.0f} s measured after {r0['warmup_seconds']:.0f} s of warm-up per "
+                  "row; every answer compared with sequential `Router.predict`; a separate connection probes "
+                  "`/healthz` every 200 ms; requests shed by the server (503 + Retry-After) are counted apart and "
+                  f"the client backs off 0.2 s before its next one; onnxruntime CPU memory arena "
+                  f"{'on' if r0.get('memory_arena', True) else 'off'}.", "",
+                  "| connections | answered | shed | errors | answers differing | requests/s | p50 ms | p99 ms | max ms "
+                  "| shed max ms | /healthz p99 ms (max) | RSS after warm-up → end (MiB) | growth |",
+                  "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        ms = lambda v: "—" if v is None else f"{1e3 * v:.1f}"  # noqa: E731
+        for r in loads:
+            health = r.get("health_s", {})
+            shed = r.get("shed_latency_s", {})
+            lines.append(f"| {r['connections']} | {r['requests']} | {r.get('shed', 0)} | {r['errors']} | {r['mismatches']} | "
+                         f"{r['requests_per_s']:.1f} | {ms(r['latency_s']['p50'])} | {ms(r['latency_s']['p99'])} | "
+                         f"{ms(r['latency_s']['max'])} | {ms(shed.get('max'))} | {ms(health.get('p99'))} "
+                         f"({ms(health.get('max'))}) | {r['rss_after_warmup_bytes'] / 2**20:.0f} → "
+                         f"{r['rss_end_bytes'] / 2**20:.0f} | {100 * r['rss_growth']:+.2f}% |")
+        lines += ["", f"SIGTERM at the end: graceful shutdown logged: {r0['graceful_shutdown']} (exit code "
+                      f"{r0['exit_code']}; uvicorn re-raises the signal after draining)."
+                  + "".join(f" Error samples at {r['connections']}: {r['error_samples']}." for r in loads if r["errors"]),
+                  ""]
     for r in rows:
-        lines += [f"{r['connections']} concurrent connections (one asyncio client) on loopback, requests of 1-4 texts "
-                  f"(mixed lengths) round-robin over {r['tasks']} tasks, {r['seconds']:.0f} s measured after "
-                  f"{r['warmup_seconds']:.0f} s of warm-up; every answer compared with sequential `Router.predict`; "
-                  f"onnxruntime CPU memory arena {'on' if r.get('memory_arena', True) else 'off'}.", "",
-                  "| requests | errors | answers differing | requests/s | p50 ms | p90 ms | p99 ms | max ms | RSS after "
-                  "warm-up → end (MiB) | growth |", "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
-                  f"| {r['requests']} | {r['errors']} | {r['mismatches']} | {r['requests_per_s']:.1f} | "
-                  f"{1e3 * r['latency_s']['p50']:.1f} | {1e3 * r['latency_s']['p90']:.1f} | "
-                  f"{1e3 * r['latency_s']['p99']:.1f} | {1e3 * r['latency_s']['max']:.1f} | "
-                  f"{r['rss_after_warmup_bytes'] / 2**20:.0f} → {r['rss_end_bytes'] / 2**20:.0f} | "
-                  f"{100 * r['rss_growth']:+.2f}% |", "",
-                  f"SIGTERM at the end: graceful shutdown logged: {r['graceful_shutdown']} (exit code "
-                  f"{r['exit_code']}; uvicorn re-raises the signal after draining)."
-                  + (f" Error samples: {r['error_samples']}" if r["errors"] else ""), ""]
+        if r["kind"] == "big_request":
+            lines += [f"One request of {r['items']} texts of 16 KB ({r['bytes'] / 2**20:.1f} MiB) after the load: HTTP "
+                      f"{r['status']} in {r['seconds']:.2f} s; server memory {r['rss_before_bytes'] / 2**20:.0f} → "
+                      f"{r['rss_after_bytes'] / 2**20:.0f} MiB just after → {r['rss_settled_bytes'] / 2**20:.0f} MiB 3 s "
+                      f"later ({r['lasting_growth_bytes'] / 2**20:+.1f} MiB lasting).", ""]
     return lines

@@ -45,6 +45,8 @@ class SuiteConfig:
     load_connections: int = 32
     load_tasks: int = 3
     load_memory_arena: bool = True
+    load_connection_steps: tuple[int, ...] = ()  # several rows (e.g. 64, 128); empty: load_connections
+    load_big_request: bool = False  # after the load: one 4 MiB request (time, memory that stays)
     # a separate Python with optimum-onnx (it needs transformers < 4.58, so it cannot share ours):
     # the peers suite then also times the dense model exported by `optimum-cli export onnx`
     optimum_python: str | None = None
@@ -75,7 +77,8 @@ def quick_flow():
 
 QUICK = dict(layer_tasks=("toy",), peers_task="toy", replace_tasks=("toy",), budgets=(0.3,), batch=2, tokens=16,
              repeats=2, min_seconds=0.0, switch_tasks=(2,), switch_requests=2, e2e_items=24, e2e_batch=8,
-             load_seconds=3.0, load_warmup_seconds=1.0, load_connections=4, load_tasks=2, tiny=True)
+             load_seconds=3.0, load_warmup_seconds=1.0, load_connections=4, load_tasks=2, tiny=True,
+             load_big_request=True)
 
 
 def rss_bytes() -> int:
