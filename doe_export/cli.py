@@ -62,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--prompt-length", type=int, default=20, help="soft prompt tokens (--adapt prompt only)")
     b.add_argument("--epochs", type=int, default=3, help="adaptation epochs (best dev epoch is kept)")
     b.add_argument("--lr", type=float, default=None, help="adaptation learning rate (default 1e-2 prompt, 8e-5 finetune)")
-    b.add_argument("--recovery-epochs", type=int, default=1, help="re-training epochs after pruning (0: none)")
+    b.add_argument("--recovery-epochs", type=int, default=2, help="re-training epochs after pruning (0: none)")
     b.add_argument("--recovery-params", choices=("all", "prompt"), default=None,
                    help="what recovery trains: every remaining weight, or the soft prompt + head (default: all after "
                         "--adapt finetune, prompt after --adapt prompt)")
@@ -103,7 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--no-int8", action="store_true",
                    help="skip the int8 variant of each bundle (model.int8.onnx, dynamic quantization, used on CPU)")
     b.add_argument("--calib-examples", type=int, default=256, help="training examples used for attribution")
-    b.add_argument("--max-train", type=_positive_or_none, default=1000, help="cap on training examples ('none': all)")
+    b.add_argument("--max-train", type=_positive_or_none, default=2000, help="cap on training examples ('none': all)")
     b.add_argument("--train-budget", type=float, default=None, metavar="MINUTES",
                    help="adapt on as many training examples as fit MINUTES (throughput measured on this machine "
                         "first; --max-train becomes an upper bound, 'none' for the whole split)")
@@ -116,13 +116,14 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--no-progress", action="store_true", help="no progress bars")
     g = sub.add_parser("bench", help="benchmark suites (records + Markdown report + plots)",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    g.add_argument("--suite", choices=("grid", "replace", "layers", "peers", "switch", "e2e", "load", "all"),
+    g.add_argument("--suite", choices=("grid", "replace", "layers", "peers", "switch", "memory", "e2e", "load", "all"),
                    default="grid",
                    help="grid: dense vs FFN experts over batch x tokens beside the FLOP bound; replace: the bundle as "
                         "`doe build` ships it, through Router, against the plain dense export of the same fine-tuned "
                         "model in fp32 and int8, on real texts and fixed shapes, metric beside speed; layers: FFN vs heads vs "
                         "both at matched budgets with task metrics; peers: PyTorch eager, ONNX dense, expert, fused, "
-                        "int8; switch: round-robin over N experts, cold load, memory, router overhead; e2e: "
+                        "int8; switch: round-robin over N experts, cold load, memory, router overhead; memory: N experts of one "
+                        "frozen backbone with and without weight sharing; e2e: "
                         "Router.predict with and without length sorting; load: the HTTP server under concurrent "
                         "requests (errors, p50/p99, memory); all: every suite")
     g.add_argument("--data-dir", default=os.environ.get("DOE_DATA_DIR"),

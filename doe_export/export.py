@@ -334,7 +334,8 @@ def write_variants(model, folder: Path, fp32: Path, tokenizer, test, metric: str
             continue
         if reasons:
             log(f"variant {precision}: {recipe} (earlier recipes failed: {' | '.join(reasons)})")
-        variants[precision] = {**file_entry(folder, name), "precision": precision, "recipe": recipe,
+        variants[precision] = {**file_entry(folder, name), "initializers": initializer_table(path),
+                               "precision": precision, "recipe": recipe,
                                "io_types": "int64 inputs, float32 logits (as the fp32 graph)",
                                "validation": {"test_split": {k: v for k, v in check.items() if k != "problems"},
                                               **({"shapes": shapes} if shapes else {}),
@@ -349,6 +350,25 @@ def write_variants(model, folder: Path, fp32: Path, tokenizer, test, metric: str
             "vs_fp32": {shape: round(cell["fp32"] / cell["int8"], 3) for shape, cell in timed.items()},
         }
     return variants, rejected
+
+
+SHARED_MIN_BYTES = 1 << 16
+
+
+def initializer_table(path: Path, min_bytes: int = SHARED_MIN_BYTES) -> list[dict]:
+    """The graph's initializers of at least ``min_bytes`` with the sha256 of their raw bytes (what the
+    runtime hashes): the manifest's ``initializers``, from which it shares identical tensors between
+    experts. Read with the runtime's own reader, so both sides see the same bytes."""
+    import hashlib
+
+    from doe_runtime.onnxfile import DTYPE_NAMES, read_initializers
+
+    table = []
+    for name, tensor in read_initializers(path).items():
+        if len(tensor.raw) >= min_bytes:
+            table.append({"name": name, "sha256": hashlib.sha256(tensor.raw).hexdigest(), "bytes": len(tensor.raw),
+                          "dtype": DTYPE_NAMES[tensor.data_type], "shape": list(tensor.dims)})
+    return sorted(table, key=lambda entry: entry["name"])
 
 
 def io_spec(num_labels: int) -> dict:

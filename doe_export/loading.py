@@ -112,5 +112,16 @@ def tiny_model(seed: int = 0) -> LoadedModel:
     config = BertConfig(hidden_size=24, num_hidden_layers=2, num_attention_heads=3, intermediate_size=37,
                         vocab_size=30522, max_position_embeddings=160)
     folder = packaged_minilm_dir()
-    return LoadedModel(AutoModel.from_config(config).eval(), AutoTokenizer.from_pretrained(folder),
-                       "tiny random BERT", "config", None)
+    backbone = AutoModel.from_config(config).eval()
+    return LoadedModel(backbone, AutoTokenizer.from_pretrained(folder), "tiny random BERT", "config",
+                       state_sha256(backbone))
+
+
+def state_sha256(module) -> str:
+    """sha256 over a module's parameters and buffers (names and bytes): the identity of weights that
+    come from no file (a model built from a config)."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()

@@ -52,12 +52,12 @@ class BuildConfig:
     round_to: int = 1
     fold_bias: bool = False
     calib_examples: int = 256
-    recovery_epochs: int = 1
+    recovery_epochs: int = 2
     recovery_params: str | None = None  # None: "all" after fine-tuning, "prompt" after prompt tuning
     distill: float = 0.5
     temperature: float = 2.0
     recovery_lr: float | None = None
-    max_train: int | None = 1000
+    max_train: int | None = 2000
     max_dev: int | None = 200
     max_eval: int | None = 1000
     max_length: int = 128

@@ -55,7 +55,7 @@ def _positive_or_none(name: str, value: int | None) -> None:
 class DataSpec:
     """How much of a task's data the stages see, and how texts are cut."""
 
-    max_train: int | None = 1000  # training examples (adaptation, calibration, recovery); None: all
+    max_train: int | None = 2000  # training examples (adaptation, calibration, recovery); None: all
     max_dev: int | None = 200  # dev examples for epoch selection
     max_eval: int | None = 1000  # reporting examples (seeded stratified sample); None: the whole split
     max_length: int = 128  # tokens per input (soft prompt excluded)
@@ -153,7 +153,7 @@ class PruneSpec:
 class RecoverySpec:
     """How the pruned model relearns what pruning cost: which weights train, and from what."""
 
-    epochs: int = 1
+    epochs: int = 2
     params: str = "all"  # "all": every remaining weight; "prompt": soft prompt + head only (the paper)
     distill: float = 0.5  # weight of logit distillation from the dense model; 0: cross-entropy only
     temperature: float = 2.0
@@ -411,7 +411,8 @@ def export(model, folder: Path, tokenizer, test: Split, metric: str, spec: Expor
     fp32_logits = evaluate.onnx_file_logits(path, tokenizer, test.inputs, disabled_optimizers=disabled)
     metric_onnx = evaluate.metric_value(metric, test.labels, fp32_logits.argmax(1).tolist())
     variants, rejected = onnx_export.write_variants(model, folder, path, tokenizer, test, metric, expected, batches, spec)
-    section = {**onnx_export.file_entry(folder, "model.onnx"), "opset": opset, "precision": "fp32",
+    section = {**onnx_export.file_entry(folder, "model.onnx"), "initializers": onnx_export.initializer_table(path),
+               "opset": opset, "precision": "fp32",
                "exporter": spec.exporter, "attention": spec.attention,
                "rewrites": {"ort_fusions": fusions} if spec.fuse else {},
                **onnx_export.io_spec(num_labels),

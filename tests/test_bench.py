@@ -214,3 +214,17 @@ def test_quick_replace_records_are_complete(tmp_path):
     assert by["plain dense int8"]["served_precision"] == "int8" and by["expert fp32"]["served_precision"] == "fp32"
     report = (out / "replace.md").read_text()
     assert "Verdict" in report and "plain dense int8" in report and _png(out / "replace.png")
+
+
+def test_quick_memory_suite_shares_the_backbone(tmp_path):
+    """Prompt-mode experts of one backbone: with sharing on, the second expert adds less than without."""
+    out = tmp_path / "results"
+    assert main(["bench", "--suite", "memory", "--quick", "--out", str(out), "--work-dir", str(tmp_path / "w"),
+                 "--no-progress"]) == 0
+    rows = common.read_jsonl(out / "memory.jsonl")[1:]
+    assert {(r["experts"], r["share_weights"]) for r in rows} == {(1, False), (1, True), (2, False), (2, True)}
+    shared = next(r for r in rows if r["experts"] == 2 and r["share_weights"])
+    plain = next(r for r in rows if r["experts"] == 2 and not r["share_weights"])
+    assert shared["shared_bytes_last"] > 0 and plain["shared_bytes_last"] == 0
+    assert plain["pool_tensors"] == 0 and shared["pool_tensors"] > 0
+    assert "| 2 | on |" in (out / "memory.md").read_text()

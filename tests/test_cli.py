@@ -17,7 +17,9 @@ def test_help_documents_every_flag(capsys):
     assert info.value.code == 0
     text = capsys.readouterr().out
     for flag in ("--model", "--tasks", "--data-dir", "--adapt", "--rate", "--scorer", "--budget", "--max-train",
-                 "--max-length", "--seed", "--out", "--recovery-epochs", "--round-to", "--user-task"):
+                 "--max-length", "--seed", "--out", "--recovery-epochs", "--round-to", "--user-task", "--max-loss",
+                 "--search-rates", "--train-budget", "--distill", "--temperature", "--recovery-params", "--exporter",
+                 "--attention", "--no-int8"):
         assert flag in text
 
 
@@ -28,6 +30,9 @@ def test_help_documents_every_flag(capsys):
         (["--rate", "1.5"], "pruning rate must be in [0, 1)"),
         (["--tasks", "Bad Name"], "invalid task name"),
         (["--scorer", "psychic"], "unknown scorer 'psychic'; available: activation, doe, gradient, magnitude, random, skill, taylor"),
+        (["--distill", "1.5"], "distillation weight must be in [0, 1]"),
+        (["--adapt", "prompt", "--prompt-length", "0"], "prompt tuning needs a prompt length >= 1"),
+        (["--search-rates", "0.5,x"], "expected comma-separated floats"),
         (["--tasks", "sst2", "--data-dir", "/nonexistent/glue"], "/nonexistent/glue/SST-2: no such folder"),
     ],
 )

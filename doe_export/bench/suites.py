@@ -3,7 +3,8 @@
 - :mod:`.layers` FFN vs heads vs both at matched budgets; :mod:`.peers` what users run today vs the
   experts; :mod:`.replace` the shipped bundle through ``Router`` against the plain dense export a
   user would deploy instead; :mod:`.switch` switching and loading experts; :mod:`.e2e` ``Router``
-  with tokenization and length sorting; :mod:`.load` the HTTP server under concurrent requests.
+  with tokenization and length sorting; :mod:`.load` the HTTP server under concurrent requests;
+  :mod:`.memory` resident memory of N experts of one backbone with and without weight sharing.
 
 Every suite writes ``<suite>.jsonl`` (an environment header, then one record per measurement)
 and ``<suite>.md`` (+ PNGs) under the output folder. ``quick`` runs everything on a tiny random
@@ -14,13 +15,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from . import common, e2e, layers, load, peers, replace, switch
+from . import common, e2e, layers, load, memory, peers, replace, switch
 from .report import intro
 from .workbench import QUICK, SuiteConfig, Workbench, header, make_bundles
 
-SUITES = ("grid", "replace", "layers", "peers", "switch", "e2e", "load")
+SUITES = ("grid", "replace", "layers", "peers", "switch", "memory", "e2e", "load")
 RENDERERS = {"layers": layers._render_layers, "peers": peers._render_peers, "switch": switch._render_switch,
-             "e2e": e2e._render_e2e, "load": load._render_load, "replace": replace.render_replace}
+             "e2e": e2e._render_e2e, "load": load._render_load, "replace": replace.render_replace,
+             "memory": memory.render_memory}
 
 __all__ = ["QUICK", "SUITES", "SuiteConfig", "render", "run"]
 
@@ -39,6 +41,8 @@ def run(suite: str, config: SuiteConfig, out_dir: Path, work: Path, cache: Path,
         root.mkdir(parents=True, exist_ok=True)
         if suite == "switch":
             records = switch.run_switch(config, root, progress)
+        elif suite == "memory":
+            records = memory.run_memory(config, work / "prompt-bundles", progress)
         elif suite == "load":
             records = load.run_load(config, work / "load-bundles", progress)
         else:

@@ -36,6 +36,7 @@ class SuiteConfig:
     repeats: int = 7
     min_seconds: float = 1.0
     switch_tasks: tuple[int, ...] = (2, 5, 10)  # resident experts in the round-robin
+    memory_counts: tuple[int, ...] = (1, 2, 5, 10, 20)  # resident experts in the memory suite
     switch_requests: int = 20
     e2e_items: int = 512
     e2e_batch: int = 32
@@ -78,7 +79,7 @@ def quick_flow():
 QUICK = dict(layer_tasks=("toy",), peers_task="toy", replace_tasks=("toy",), budgets=(0.3,), batch=2, tokens=16,
              repeats=2, min_seconds=0.0, switch_tasks=(2,), switch_requests=2, e2e_items=24, e2e_batch=8,
              load_seconds=3.0, load_warmup_seconds=1.0, load_connections=4, load_tasks=2, tiny=True,
-             load_big_request=True)
+             load_big_request=True, memory_counts=(1, 2))
 
 
 def rss_bytes() -> int:

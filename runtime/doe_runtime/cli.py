@@ -109,6 +109,17 @@ def main(argv: list[str] | None = None) -> int:
                          help="predictions running at once (default: CPU count); others wait their turn")
     p_serve.add_argument("--no-memory-arena", action="store_true",
                          help="turn off onnxruntime's CPU memory arena (it keeps the peak of concurrent runs)")
+    p_serve.add_argument("--engine", choices=("fastapi", "ray"), default="fastapi",
+                         help="fastapi: one process (default); ray: Ray Serve replicas, each task routed to a "
+                              "replica holding its expert (needs the [ray] extra)")
+    p_serve.add_argument("--replicas", type=_int_in(1), default=None, help="ray: expert replicas (default 1)")
+    p_serve.add_argument("--min-replicas", type=_int_in(0), default=None, help="ray: autoscaling lower bound")
+    p_serve.add_argument("--max-replicas", type=_int_in(1), default=None, help="ray: autoscaling upper bound")
+    p_serve.add_argument("--max-experts-per-replica", type=_int_in(1), default=4,
+                         help="ray: experts loaded per replica (Serve's max_num_models_per_replica)")
+    p_serve.add_argument("--replica-cpus", type=float, default=1.0, help="ray: CPUs reserved per expert replica")
+    p_serve.add_argument("--address", default=None,
+                         help="ray: an existing cluster ('auto' or host:port); default: start a local one")
     p_serve.add_argument("--max-resident-bytes", type=_int_in(1), default=None,
                          help="cap on the summed model sizes of the resident experts (LRU eviction)")
 
@@ -152,6 +163,29 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(manifest.to_json() if args.full else manifest.summary(), indent=2))
             print(f"{folder}: files verified (sha256 of model, tokenizer and every variant match the manifest)",
                   file=sys.stderr)
+        elif args.command == "serve" and args.engine == "ray":
+            from .server import is_loopback
+
+            if not is_loopback(args.host) and not args.allow_remote:
+                raise ValueError(f"refusing to listen on {args.host!r}, which is reachable from other machines; pass "
+                                 "--allow-remote if that is intended (there is no authentication)")
+            if not Path(args.root).is_dir():
+                raise ValueError(f"bundle folder {args.root} does not exist")
+            from .ray_engine import check_scaling
+
+            check_scaling(args.replicas, args.min_replicas, args.max_replicas, args.max_experts_per_replica)
+            from .ray_engine import serve_ray
+
+            replicas = args.replicas or args.max_replicas or 1
+            serve_ray(args.root, host=args.host, port=args.port, address=args.address, replicas=args.replicas,
+                      min_replicas=args.min_replicas, max_replicas=args.max_replicas,
+                      max_experts_per_replica=args.max_experts_per_replica, replica_cpus=args.replica_cpus,
+                      router_options={"device": args.device, "batch_size": args.batch_size,
+                                      "intra_op_threads": args.threads, "precision": args.precision,
+                                      "memory_arena": not args.no_memory_arena},
+                      max_items=args.max_items, max_body_bytes=args.max_body_bytes, max_queue=args.max_queue,
+                      max_concurrency=args.max_concurrency or 8 * replicas,
+                      allowed_hosts=["localhost", "127.0.0.1", "::1"] if is_loopback(args.host) else None)
         elif args.command == "serve":
             from .server import serve
 

@@ -75,6 +75,7 @@ class Variant(FileRef):
     validation: dict = field(default_factory=dict)  # how it was checked against the PyTorch expert
     quality: dict = field(default_factory=dict)  # its metric on the reporting split, when measured
     speed: dict = field(default_factory=dict)  # its latency measured on the build machine, when measured
+    initializers: tuple = ()  # large initializers: {name, sha256, bytes, dtype, shape} (weight sharing)
 
 
 @dataclass(frozen=True)
@@ -85,6 +86,7 @@ class OnnxSpec(FileRef):
     outputs: tuple[TensorSpec, ...] = ()
     variants: dict = field(default_factory=dict)  # precision -> Variant
     rewrites: dict = field(default_factory=dict)
+    initializers: tuple = ()  # large initializers: {name, sha256, bytes, dtype, shape} (weight sharing)
     # onnxruntime session settings per execution provider, e.g. {"CPUExecutionProvider":
     # {"disabled_optimizers": ["SkipLayerNormFusion"]}}: what the exporter measured and validated
     session: dict = field(default_factory=dict)
@@ -152,6 +154,18 @@ def _tensors(specs: Any, where: str, path: str) -> tuple[TensorSpec, ...]:
     return tuple(out)
 
 
+def _initializers(spec: Any, where: str, path: str) -> tuple:
+    entries = _get(spec, "initializers", list, where, f"{path}.initializers", default=[])
+    out = []
+    for index, entry in enumerate(entries):
+        here = f"{path}.initializers[{index}]"
+        name = _get(entry, "name", str, where, f"{here}.name")
+        nbytes = _get(entry, "bytes", int, where, f"{here}.bytes")
+        out.append({"name": name, "sha256": _sha256(entry, where, here), "bytes": nbytes,
+                    "dtype": _get(entry, "dtype", str, where, f"{here}.dtype", default="")})
+    return tuple(out)
+
+
 def _variant(precision: str, spec: Any, where: str) -> Variant:
     path = f"onnx.variants.{precision}"
     return Variant(
@@ -161,6 +175,7 @@ def _variant(precision: str, spec: Any, where: str) -> Variant:
         validation=_get(spec, "validation", dict, where, f"{path}.validation", default={}),
         quality=_get(spec, "quality", dict, where, f"{path}.quality", default={}),
         speed=_get(spec, "speed", dict, where, f"{path}.speed", default={}),
+        initializers=_initializers(spec, where, path),
     )
 
 
@@ -221,6 +236,7 @@ class Manifest:
             variants={str(p): _variant(str(p), spec, where) for p, spec in variants.items()},
             rewrites=_get(onnx, "rewrites", dict, where, "onnx.rewrites", default={}),
             session=_get(onnx, "session", dict, where, "onnx.session", default={}),
+            initializers=_initializers(onnx, where, "onnx"),
         )
         tok = _get(data, "tokenizer", dict, where, "tokenizer")
         max_length = _get(tok, "max_length", int, where, "tokenizer.max_length")
@@ -268,6 +284,8 @@ class Manifest:
             "precisions": [self.onnx.precision] + sorted(self.onnx.variants),
             "variants": {p: {"quality": v.quality, "speed": v.speed} for p, v in sorted(self.onnx.variants.items())},
             "max_length": self.tokenizer.max_length,
+            "shareable_bytes": {p: sum(e["bytes"] for e in v.initializers)
+                                for p, v in [(self.onnx.precision, self.onnx), *sorted(self.onnx.variants.items())]},
             "quality": self.quality,
             "validation": {k: self.validation[k] for k in ("max_abs_diff", "label_agreement", "shapes")
                            if k in self.validation},

@@ -21,6 +21,7 @@ import numpy as np
 from .bundle import FileRef, check_task_name, discover, read_manifest, verify_file
 from .errors import BundleError, ConfigError, DeviceError, InputError, RunError, UnknownTaskError
 from .manifest import Manifest
+from .sharing import WeightPool
 from .tokenization import configure_tokenizer, encode_batch, length_sorted_batches, plan_batches
 
 DEVICES = ("auto", "cpu", "cuda")
@@ -100,13 +101,15 @@ class Expert:
     """
 
     def __init__(self, folder: Path, device: str, session_options: Any = None, precision: str = "auto",
-                 io_binding: bool | str = "auto"):
+                 io_binding: bool | str = "auto", pool: "WeightPool | None" = None):
         import onnxruntime as ort
         from tokenizers import Tokenizer
 
         if precision not in PRECISIONS:
             raise ConfigError(f"precision must be one of {list(PRECISIONS)}, got {precision!r}")
         self.folder = folder
+        self.pool = pool
+        self.shared: dict = {}  # initializer name -> SharedTensor held for this expert's session
         self.signature = bundle_signature(folder)  # taken before reading: a change during the load shows next time
         self.manifest: Manifest = read_manifest(folder)
         tok_spec = self.manifest.tokenizer
@@ -163,6 +166,15 @@ class Expert:
         field = "onnx.file" if ref is main else f"onnx.variants.{precision}.file"
         path = verify_file(self.folder, ref, field)
         self.model_bytes = path.stat().st_size
+        options = options() if callable(options) else options  # a fresh SessionOptions per session
+        self.shared = {}
+        if self.pool is not None and ref.initializers:
+            # experts of different base models never share: the pool key includes the base weights' hash
+            base = self.manifest.base_model.get("sha256") or f"unhashed base of {self.folder}"
+            self.shared = self.pool.acquire(path, str(base), list(ref.initializers))
+            options = options or ort.SessionOptions()
+            for name, tensor in self.shared.items():
+                options.add_initializer(name, tensor.value)
         disabled = main.session_settings(providers[0]).get("disabled_optimizers") or []
         try:
             if disabled:  # the optimizers the exporter measured to slow this graph down (manifest onnx.session)
@@ -266,6 +278,7 @@ class Expert:
         options = self.session.get_session_options()
         return {"task": self.task, "provider": self.provider, "precision": self.precision,
                 "io_binding": self.io_binding, "model_bytes": self.model_bytes,
+                "pooled_bytes": sum(tensor.nbytes for tensor in self.shared.values()),
                 "intra_op_threads": options.intra_op_num_threads, "inter_op_threads": options.inter_op_num_threads}
 
 
@@ -299,6 +312,10 @@ class Router:
     onnxruntime's CPU memory arena (buffers go back to the allocator after each run instead of the
     arena keeping its peak). ``allow_spinning=False``: idle intra-op threads sleep instead of
     spinning (with several sessions busy in turn, spinning threads of one steal the cores of the next).
+    ``share_weights`` (default on): tensors that several experts hold byte for byte (the manifest's
+    initializer hashes; experts of one frozen backbone) are loaded once per process and given to every
+    session that needs them; freed when no resident expert uses them. Fine-tuned experts share nothing
+    and lose nothing. ``max_resident_bytes`` counts a shared tensor once.
     ``auto_reload``: before each request, compare the task's bundle files with those the resident
     session was loaded from; a rebuilt bundle is loaded anew (requests already running finish on
     the old session, which is freed when they end). While a bundle is being swapped (its folder
@@ -321,6 +338,7 @@ class Router:
         max_resident_bytes: int | None = None,
         memory_arena: bool = True,
         allow_spinning: bool = True,
+        share_weights: bool = True,
     ):
         if device not in DEVICES:
             raise ConfigError(f"device must be one of {list(DEVICES)}, got {device!r}")
@@ -351,6 +369,7 @@ class Router:
         self.max_resident_bytes = max_resident_bytes
         self.memory_arena = bool(memory_arena)
         self.allow_spinning = bool(allow_spinning)
+        self._pool = WeightPool() if share_weights else None
         self.sort_by_length = bool(sort_by_length)
         self.auto_reload = bool(auto_reload)
         self._bundles = discover(self.root)
@@ -383,14 +402,23 @@ class Router:
         return self._expert(task).provider
 
     def info(self, task: str) -> dict:
-        """Provider, precision, IOBinding and model bytes of the task's session (loads it if needed)."""
-        return self._expert(task).info()
+        """Provider, precision, IOBinding, model bytes and the bytes it shares with other resident experts
+        of the task's session (loads it if needed)."""
+        return self._with_sharing(self._expert(task))
 
     def loaded_info(self, task: str) -> dict | None:
         """``info`` of the task's session if it is resident now, else None (loads nothing)."""
         with self._lock:
             expert = self._resident.get(task)
-        return expert.info() if expert is not None else None
+        return self._with_sharing(expert) if expert is not None else None
+
+    def _with_sharing(self, expert: Expert) -> dict:
+        info = expert.info()
+        with self._lock:
+            others = {t.key for e in self._resident.values() if e is not expert for t in e.shared.values()}
+        shared = sum(t.nbytes for t in expert.shared.values() if t.key in others)
+        info.update(shared_bytes=shared, own_bytes=max(0, expert.model_bytes - shared))
+        return info
 
     def _folder(self, task: str) -> Path:
         check_task_name(task)
@@ -442,7 +470,8 @@ class Router:
             if failed is not None and signature is not None and failed[0] == signature:
                 raise failed[1]  # the same broken bundle: no re-hashing, no second session attempt
             try:
-                expert = Expert(folder, self.device, self._session_options(), self.precision, self.io_binding)
+                expert = Expert(folder, self.device, self._session_options, self.precision, self.io_binding,
+                                self._pool)
             except (BundleError, DeviceError, RunError) as exc:
                 if signature is not None:
                     self._failed[task] = (signature, exc)  # until the bundle's files change
@@ -453,10 +482,16 @@ class Router:
                 self._resident.move_to_end(task)
                 while len(self._resident) > self.max_resident or (
                     self.max_resident_bytes is not None and len(self._resident) > 1
-                    and sum(e.model_bytes for e in self._resident.values()) > self.max_resident_bytes
+                    and self._resident_bytes() > self.max_resident_bytes
                 ):
                     self._resident.popitem(last=False)  # freed once the requests running on it end
         return expert
+
+    def _resident_bytes(self) -> int:
+        """Model bytes of the resident experts, a tensor shared by several of them counted once."""
+        own = sum(max(0, e.model_bytes - sum(t.nbytes for t in e.shared.values())) for e in self._resident.values())
+        shared = {t.key: t.nbytes for e in self._resident.values() for t in e.shared.values()}
+        return own + sum(shared.values())
 
     @staticmethod
     def _signature(folder: Path) -> tuple | None:

@@ -35,6 +35,7 @@ DEFAULT_MAX_BODY_BYTES = 4 * 1024 * 1024
 DEFAULT_MAX_ITEMS = 256
 DEFAULT_MAX_QUEUE = 64
 LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
+MULTIPLEXED_HEADER = "serve_multiplexed_model_id"  # Ray Serve's header; the task in the path must match it
 
 
 class BodyLimit:
@@ -110,7 +111,8 @@ async def _send_json(send, status: int, kind: str, message: str) -> None:
 
 def create_app(root: str | Path, router: Router | None = None, max_items: int = DEFAULT_MAX_ITEMS,
                max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, max_concurrency: int | None = None,
-               max_queue: int = DEFAULT_MAX_QUEUE, allowed_hosts: list[str] | None = None, **router_options: Any):
+               max_queue: int = DEFAULT_MAX_QUEUE, allowed_hosts: list[str] | None = None, predictor: Any = None,
+               **router_options: Any):
     """The FastAPI application serving the bundles under ``root``.
 
     ``max_concurrency``: predictions running at once (default: the CPU count); further requests
@@ -118,7 +120,10 @@ def create_app(root: str | Path, router: Router | None = None, max_items: int = 
     ``max_queue``: requests allowed to wait for a turn; beyond it a request is shed at once with
     503 and ``Retry-After`` (load shedding) instead of queueing without bound.
     ``allowed_hosts``: Host header values answered (None: any; ``serve`` on loopback passes the
-    loopback names)."""
+    loopback names).
+    ``predictor``: ``async (task, items) -> (status, body dict, headers)`` answering predictions
+    elsewhere (the Ray engine's replicas); None: this process's Router. Everything else (schemas,
+    limits, shedding, errors, health, listing) is this same app for both engines."""
     try:
         from fastapi import FastAPI, Request
         from fastapi.exceptions import RequestValidationError
@@ -219,31 +224,28 @@ def create_app(root: str | Path, router: Router | None = None, max_items: int = 
     def _task_response(task: str, call):
         try:
             return call()
-        except (TaskNameError, UnknownTaskError) as exc:
-            return error(404, "unknown_task", _public(exc, router.root))
-        except InputError as exc:
-            return error(422, "invalid_inputs", _public(exc, router.root))
-        except (BundleError, DeviceError, OSError) as exc:
-            log.warning("task %s unavailable: %s", task, exc)
-            return error(503, "bundle_unavailable", f"task {task!r} cannot be served now: {_public(exc, router.root)}")
-        except RunError as exc:
-            log.error("task %s failed to run: %s", task, exc)
-            return error(500, "inference_failed", _public(exc, router.root))
-        except DoeRuntimeError as exc:  # every other error of ours: still JSON, still no local path
-            log.exception("task %s failed", task)
-            return error(500, type(exc).__name__, _public(exc, router.root))
+        except (DoeRuntimeError, OSError) as exc:
+            status, kind, message = error_for(task, exc, router.root)
+            return error(status, kind, message)
 
     @app.get("/v1/tasks/{task}", responses=errors)
     def describe(task: str):
         def summary():
             loaded = router.loaded_info(task)  # provider and precision when resident; nothing is loaded here
-            return router.manifest(task).summary(loaded and loaded["provider"], loaded and loaded["precision"])
+            out = router.manifest(task).summary(loaded and loaded["provider"], loaded and loaded["precision"])
+            if loaded:
+                out["memory"] = {k: loaded[k] for k in ("model_bytes", "shared_bytes", "own_bytes")}
+            return out
 
         return _task_response(task, summary)
 
     @app.post("/v1/tasks/{task}/predict", response_model=PredictResponse, responses=errors)
-    async def predict(task: str, body: PredictRequest):
+    async def predict(task: str, body: PredictRequest, request: Request):
         items = [tuple(item) if isinstance(item, list) else item for item in body.inputs]
+        named = request.headers.get(MULTIPLEXED_HEADER)
+        if named is not None and named != task:
+            return error(400, "task_mismatch", f"the {MULTIPLEXED_HEADER} header names {named[:128]!r} but the path "
+                                               f"names {task[:128]!r}; send one task (the path is enough)")
         if admission.locked() and in_flight["waiting"] >= max_queue:
             in_flight["shed"] += 1
             return error(503, "overloaded", f"{in_flight['waiting']} requests are already waiting for one of "
@@ -263,7 +265,10 @@ def create_app(root: str | Path, router: Router | None = None, max_items: int = 
                 queued = False
                 in_flight["count"] += 1
                 try:
-                    return await run_in_threadpool(_task_response, task, run)
+                    if predictor is None:
+                        return await run_in_threadpool(_task_response, task, run)
+                    status, content, headers = await predictor(task, items)
+                    return JSONResponse(status_code=status, content=content, headers=headers)
                 finally:
                     in_flight["count"] -= 1
         finally:
@@ -280,6 +285,23 @@ def create_app(root: str | Path, router: Router | None = None, max_items: int = 
     if allowed_hosts is not None:
         app.add_middleware(HostCheck, allowed=set(allowed_hosts))
     return app
+
+
+def error_for(task: str, exc: BaseException, root: Path) -> tuple[int, str, str]:
+    """(HTTP status, error type, client message) of an error raised while serving ``task``: by class,
+    never by builtin; the message carries no local path. Both engines (FastAPI, Ray) use it."""
+    if isinstance(exc, (TaskNameError, UnknownTaskError)):
+        return 404, "unknown_task", _public(exc, root)
+    if isinstance(exc, InputError):
+        return 422, "invalid_inputs", _public(exc, root)
+    if isinstance(exc, (BundleError, DeviceError, OSError)):
+        log.warning("task %s unavailable: %s", task, exc)
+        return 503, "bundle_unavailable", f"task {task!r} cannot be served now: {_public(exc, root)}"
+    if isinstance(exc, RunError):
+        log.error("task %s failed to run: %s", task, exc)
+        return 500, "inference_failed", _public(exc, root)
+    log.error("task %s failed: %s", task, exc)  # every other error of ours: still JSON, still no local path
+    return 500, type(exc).__name__, _public(exc, root)
 
 
 def _public(exc: BaseException, root: Path) -> str:
