@@ -138,6 +138,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--load-warmup", type=float, default=10.0, help="load: warm-up seconds before measuring")
     g.add_argument("--load-connections", default="32",
                    help="load: concurrent connections; comma-separated for one row per count (e.g. 64,128)")
+    g.add_argument("--engine", choices=("fastapi", "ray"), default="fastapi",
+                   help="load: ray adds `doe-runtime serve --engine ray` with 1 and 2 replicas beside the FastAPI server")
     g.add_argument("--load-big-request", action="store_true",
                    help="load: after the load, time one 4 MiB request and the server memory it leaves")
     g.add_argument("--load-no-arena", action="store_true", help="load: serve with onnxruntime's memory arena off")
@@ -166,7 +168,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--no-progress", action="store_true")
     st = sub.add_parser("study", help="studies that write records + report + plots under benchmarks/results",
                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    st.add_argument("name", choices=("localization",), help="localization: scorers x pruning rates on GLUE tasks")
+    st.add_argument("name", choices=("localization", "recovery"),
+                    help="localization: scorers x pruning rates on GLUE tasks; recovery: recovery variants on doe "
+                         "build's flow (tasks default: bbc-news,sst2)")
     st.add_argument("--data-dir", default=os.environ.get("DOE_DATA_DIR"), help="GLUE layout folder; env DOE_DATA_DIR")
     st.add_argument("--quick", action="store_true", help="tiny model and generated data: checks the code path")
     st.add_argument("--out", default="benchmarks/results", help="records, report and plot go here")
@@ -176,7 +180,12 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--methods", default="doe,random,activation,gradient,magnitude,taylor,skill")
     st.add_argument("--adapt", choices=("prompt", "finetune"), default="prompt",
                     help="adaptation before attribution: prompt tuning (frozen backbone, the paper) or fine-tuning "
-                         "(backbone + prompt + head); recovery is prompt + head either way")
+                         "(backbone + head, and the soft prompt when --prompt-length > 0)")
+    st.add_argument("--prompt-length", type=int, default=20, help="soft-prompt positions (0: none; finetune only)")
+    st.add_argument("--recovery-params", choices=("prompt", "all"), default="prompt",
+                    help="what recovery trains after each pruning: soft prompt + head (the first studies) or all")
+    st.add_argument("--distill", type=float, default=0.0, help="distillation weight in recovery (0: cross-entropy)")
+    st.add_argument("--recovery-epochs", type=int, default=1)
     st.add_argument("--lr", type=float, default=None, help="adaptation learning rate (default 1e-2 prompt, 8e-5 finetune)")
     st.add_argument("--epochs", type=int, default=2, help="adaptation epochs (best dev epoch kept)")
     st.add_argument("--max-train", type=int, default=1024,
@@ -206,6 +215,8 @@ def study_main(args) -> int:
     from .tasks import TaskDataError, default_cache_dir, synthetic_task
 
     out = Path(args.out)
+    if args.name == "recovery":
+        return recovery_main(args, out)
     if args.render_only:
         return _render_only("doe study", out / "localization.jsonl", study.render)
     try:
@@ -223,7 +234,8 @@ def study_main(args) -> int:
                 tasks=tuple(t.strip() for t in args.tasks.split(",") if t.strip()), rates=_numbers(args.rates, float),
                 methods=methods, max_train=args.max_train, recovery_examples=args.recovery_examples,
                 max_eval=args.max_eval, max_length=args.max_length, ablations=not args.no_ablations,
-                adapt=args.adapt, lr=args.lr, epochs=args.epochs,
+                adapt=args.adapt, lr=args.lr, epochs=args.epochs, prompt_length=args.prompt_length,
+                recovery_params=args.recovery_params, distill=args.distill, recovery_epochs=args.recovery_epochs,
             )
             datasets = loaded = None
         cache = Path(args.cache_dir) if args.cache_dir else default_cache_dir() / "study"
@@ -233,6 +245,37 @@ def study_main(args) -> int:
         print(f"doe study: error: {exc}", file=sys.stderr)
         return 2
     print(f"records: {path}\nreport:  {out / 'localization.md'}")
+    return 0
+
+
+def recovery_main(args, out) -> int:
+    from pathlib import Path
+
+    from . import recovery_study
+    from .errors import DoeExportError
+    from .tasks import default_cache_dir, synthetic_task
+
+    if args.render_only:
+        return _render_only("doe study", out / "recovery.jsonl", recovery_study.render)
+    cache = Path(args.cache_dir) if args.cache_dir else default_cache_dir() / "recovery"
+    try:
+        if args.quick:
+            from .loading import tiny_model
+            from .pipeline import BuildConfig
+
+            build = BuildConfig(model="tiny", epochs=1, max_train=48, max_dev=8, calib_examples=16, max_length=24,
+                                fp16=False, int8=False, progress=False)
+            variants = dict(list(recovery_study.VARIANTS.items())[:2])
+            path = recovery_study.run(("toy",), out, cache, build=build, variants=variants, progress=False,
+                                      datasets=[synthetic_task("toy")], loaded=tiny_model())
+        else:
+            tasks = args.tasks if args.tasks != "sst2,mrpc,rte,cola,qnli" else "bbc-news,sst2"
+            path = recovery_study.run(tuple(t.strip() for t in tasks.split(",") if t.strip()), out, cache,
+                                      args.data_dir, progress=not args.no_progress)
+    except DoeExportError as exc:
+        print(f"doe study: error: {exc}", file=sys.stderr)
+        return 2
+    print(f"records: {path}\nreport:  {out / 'recovery.md'}")
     return 0
 
 
@@ -285,7 +328,8 @@ def bench_main(args) -> int:
         if any(not 0 < r < 1 for r in config.rates) or min(config.batches + config.tokens + config.threads) < 1:
             raise ConfigError("rates must be in (0, 1); batches, tokens and threads must be >= 1")
         if args.quick:
-            suite_cfg = suites.SuiteConfig(model=args.model, threads=1, flow=quick_flow(), **suites.QUICK)
+            suite_cfg = suites.SuiteConfig(model=args.model, threads=1, flow=quick_flow(), **suites.QUICK,
+                                           load_engines=("fastapi", "ray") if args.engine == "ray" else ("fastapi",))
         else:
             flow = None  # doe build's defaults
             if args.adapt != "finetune" or args.lr is not None or args.epochs != 3:
@@ -298,6 +342,7 @@ def bench_main(args) -> int:
                                            load_connections=_numbers(args.load_connections)[0],
                                            load_connection_steps=_numbers(args.load_connections),
                                            load_big_request=args.load_big_request,
+                                           load_engines=("fastapi", "ray") if args.engine == "ray" else ("fastapi",),
                                            load_memory_arena=not args.load_no_arena)
             if set(suites_to_run) & {"layers", "peers", "replace"} and not args.data_dir:
                 raise ConfigError("the layers, peers and replace suites need GLUE data: pass --data-dir (GLUE layout, e.g. "

@@ -228,3 +228,17 @@ def test_quick_memory_suite_shares_the_backbone(tmp_path):
     assert shared["shared_bytes_last"] > 0 and plain["shared_bytes_last"] == 0
     assert plain["pool_tensors"] == 0 and shared["pool_tensors"] > 0
     assert "| 2 | on |" in (out / "memory.md").read_text()
+
+
+def test_quick_load_suite_with_the_ray_engine(tmp_path):
+    """The same client against `serve --engine ray` (1 replica) beside the FastAPI server."""
+    pytest.importorskip("ray", reason="the [ray] extra is part of the README install")
+    out = tmp_path / "results"
+    assert main(["bench", "--suite", "load", "--quick", "--engine", "ray", "--out", str(out), "--work-dir",
+                 str(tmp_path / "w"), "--no-progress"]) == 0
+    rows = [r for r in common.read_jsonl(out / "load.jsonl")[1:] if r["kind"] == "load"]
+    assert [(r["engine"], r["replicas"]) for r in rows] == [("fastapi", None), ("ray", 1)]
+    ray_row = rows[1]
+    assert ray_row["requests"] > 0 and ray_row["errors"] == 0 and ray_row["mismatches"] == 0
+    assert ray_row["rss_end_bytes"] > 0 and ray_row["health_probes"] >= 5
+    assert "ray (1 replica(s)" in (out / "load.md").read_text()

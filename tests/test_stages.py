@@ -26,7 +26,8 @@ def test_study_path_and_build_make_identical_experts(tiny_backbone, hf_tokenizer
 
     study = StudyConfig(model="tiny", adapt="finetune", prompt_length=0, lr=1e-3, epochs=2, max_train=48, max_dev=8,
                         max_length=24, batch_size=8, calib_examples=16, recovery_params="all", distill=0.5,
-                        recovery_examples=None, recovery_on_dev=True)
+                        recovery_epochs=2, recovery_examples=None, recovery_on_dev=True)
+    assert StudyConfig.from_specs(*config.specs()[:4], model="tiny") == study  # the bench's mapping, too
     runner = TaskRunner(study, data, LoadedModel(copy.deepcopy(backbone), hf_tokenizer, "tiny-bert", "config", None),
                         tmp_path / "cache", progress=False)
     spec_data, _, spec_prune, spec_recovery, _ = config.specs()

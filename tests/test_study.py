@@ -82,3 +82,18 @@ def test_bad_data_stops_before_training(tmp_path, capsys, monkeypatch):
     assert main(args + ["--tasks", "sst2"]) == 2
     assert "SST-2/dev.tsv:2: label '3'" in capsys.readouterr().err
     assert not (tmp_path / "o" / "localization.jsonl").exists()
+
+
+def test_quick_recovery_study_records_and_report(tmp_path):
+    from doe_export import records as record_io
+    from doe_export.cli import main as cli
+
+    assert cli(["study", "recovery", "--quick", "--out", str(tmp_path / "out"), "--cache-dir", str(tmp_path / "c"),
+                "--no-progress"]) == 0
+    rows = record_io.read_jsonl(tmp_path / "out" / "recovery.jsonl")
+    assert rows[0]["suite"] == "recovery" and len(rows) == 3
+    for row in rows[1:]:
+        assert set(row["after"]) == {"dev", "test"} and 0 <= row["after"]["test"] <= 1 and row["task"] == "toy"
+    assert [r["distill"] for r in rows[1:]] == [0.0, 0.5]
+    report = (tmp_path / "out" / "recovery.md").read_text()
+    assert "| 1 epoch, cross-entropy |" in report and "Smallest average loss" in report

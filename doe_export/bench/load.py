@@ -28,12 +28,8 @@ def _process_rss(pid: int) -> int:
 def run_load(config: SuiteConfig, root: Path, progress: bool) -> list[dict]:
     """``doe-runtime serve`` in its own process, a bounded asyncio client with ``load_connections``
     concurrent connections over ``load_tasks`` tasks; every answer is compared with sequential
-    ``Router.predict``; the server's resident memory is sampled every second."""
-    import asyncio
-    import subprocess
-
-    import httpx
-
+    ``Router.predict``; the server's resident memory is sampled every second. With the Ray engine in
+    ``load_engines``, the same load against ``serve --engine ray`` with 1 and 2 replicas as well."""
     from doe_runtime import Router
 
     names = make_bundles(config, root, config.load_tasks, progress)
@@ -42,16 +38,37 @@ def run_load(config: SuiteConfig, root: Path, progress: bool) -> list[dict]:
     reference = Router(root, device="cpu", max_resident=len(names))
     expected = [[p.label_id for p in reference.predict(task, items)] for task, items in requests]
     del reference
+    results = []
+    for engine, replicas in [("fastapi", None)] + [("ray", n) for n in config.load_ray_replicas
+                                                    if "ray" in config.load_engines]:
+        results += _serve_and_load(config, root, names, requests, expected, engine, replicas)
+    return results
+
+
+def _serve_and_load(config: SuiteConfig, root: Path, names: list, requests: list, expected: list, engine: str,
+                    replicas: int | None) -> list[dict]:
+    import asyncio
+    import subprocess
+
+    import httpx
+
     port = _free_port()
-    server_log = root / "server.log"
+    server_log = root / f"server-{engine}{replicas or ''}.log"
     log_handle = open(server_log, "w", encoding="utf-8")
-    server = subprocess.Popen([sys.executable, "-m", "doe_runtime.cli", "serve", str(root), "--port", str(port),
-                               "--max-resident", str(len(names)), "--threads", str(config.threads)]
-                              + ([] if config.load_memory_arena else ["--no-memory-arena"]),
-                              stdout=log_handle, stderr=subprocess.STDOUT, text=True)
+    command = [sys.executable, "-m", "doe_runtime.cli", "serve", str(root), "--port", str(port), "--threads",
+               str(config.threads)] + ([] if config.load_memory_arena else ["--no-memory-arena"])
+    if engine == "ray":
+        command += ["--engine", "ray", "--replicas", str(replicas), "--max-experts-per-replica", str(len(names)),
+                    "--replica-cpus", str(round(1.0 / replicas, 2))]
+    else:
+        command += ["--max-resident", str(len(names))]
+    server = subprocess.Popen(command, stdout=log_handle, stderr=subprocess.STDOUT, text=True,
+                              start_new_session=True)  # its own process group: Ray's processes go with it
     base = f"http://127.0.0.1:{port}"
+    label = engine if engine == "fastapi" else f"ray, {replicas} replica(s)"
+    results = []
     try:
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + 180
         while True:
             try:
                 if httpx.get(base + "/readyz", timeout=1).status_code == 200:
@@ -59,29 +76,54 @@ def run_load(config: SuiteConfig, root: Path, progress: bool) -> list[dict]:
             except httpx.HTTPError:
                 pass
             if server.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"the server did not become ready: {server_log.read_text()[-2000:]}")
-            time.sleep(0.2)
-        results = []
+                raise RuntimeError(f"the server ({label}) did not become ready: {server_log.read_text()[-2000:]}")
+            time.sleep(0.5)
         for connections in config.load_connection_steps or (config.load_connections,):
-            results.append(asyncio.run(_load(base, server.pid, requests, expected, config, connections)))
-            log(f"[load] {connections} connections: {results[-1]['requests']} answered, {results[-1]['shed']} shed "
-                f"(503 + Retry-After), {results[-1]['errors']} errors, {results[-1]['mismatches']} mismatches, "
-                f"p99 {1e3 * results[-1]['latency_s']['p99']:.0f} ms, /healthz p99 "
-                f"{1e3 * results[-1]['health_s']['p99']:.1f} ms, memory growth {100 * results[-1]['rss_growth']:+.2f}%")
-        if config.load_big_request:
+            memory = (lambda: _replica_rss(server.pid)) if engine == "ray" else (lambda: _process_rss(server.pid))
+            result = asyncio.run(_load(base, memory, requests, expected, config, connections))
+            result.update(engine=engine, replicas=replicas)
+            results.append(result)
+            log(f"[load] {label}, {connections} connections: {result['requests']} answered, {result['shed']} shed "
+                f"(503 + Retry-After), {result['errors']} errors, {result['mismatches']} mismatches, "
+                f"p50 {1e3 * result['latency_s']['p50']:.0f} ms, p99 {1e3 * result['latency_s']['p99']:.0f} ms, "
+                f"/healthz p99 {1e3 * result['health_s']['p99']:.1f} ms, memory growth {100 * result['rss_growth']:+.2f}%")
+        if config.load_big_request and engine == "fastapi":
             results.append(_big_request(base, server.pid))
     finally:
+        import os
+        import signal
+
         server.terminate()
         try:
-            server.wait(timeout=30)
+            server.wait(timeout=60)
         except subprocess.TimeoutExpired:
-            server.kill()
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait()
+        if engine == "ray":  # whatever the Ray cluster left in the group
+            try:
+                os.killpg(server.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
         log_handle.close()
     # uvicorn drains running requests on SIGTERM, logs the shutdown, then re-raises the signal
+    text = server_log.read_text()
     for result in results:
-        result["graceful_shutdown"] = "Application shutdown complete" in server_log.read_text()
+        result["graceful_shutdown"] = "Application shutdown complete" in text if engine == "fastapi" else None
         result["exit_code"] = server.returncode
     return results
+
+
+def _replica_rss(pid: int) -> int:
+    """Resident memory of the Ray expert replicas started under the server process (summed)."""
+    total = 0
+    for status in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            cmdline = status.read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            if "DoeExperts" in cmdline:
+                total += _process_rss(int(status.parent.name))
+        except (OSError, ValueError):
+            continue
+    return total or _process_rss(pid)
 
 
 def _big_request(base: str, pid: int) -> dict:
@@ -105,7 +147,7 @@ def _big_request(base: str, pid: int) -> dict:
             "lasting_growth_bytes": settled - before}
 
 
-async def _load(base: str, pid: int, requests: list, expected: list, config: SuiteConfig, connections: int) -> dict:
+async def _load(base: str, memory, requests: list, expected: list, config: SuiteConfig, connections: int) -> dict:
     import asyncio
 
     import httpx
@@ -157,7 +199,7 @@ async def _load(base: str, pid: int, requests: list, expected: list, config: Sui
 
     async def sampler():
         while not stop.is_set():
-            samples.append((time.monotonic(), measuring.is_set(), _process_rss(pid)))
+            samples.append((time.monotonic(), measuring.is_set(), memory()))
             await asyncio.sleep(1.0)
 
     limits = httpx.Limits(max_connections=connections, max_keepalive_connections=connections)
@@ -198,18 +240,28 @@ def _render_load(rows, cfg, intro, out_dir) -> list[str]:
                   "`/healthz` every 200 ms; requests shed by the server (503 + Retry-After) are counted apart and "
                   f"the client backs off 0.2 s before its next one; onnxruntime CPU memory arena "
                   f"{'on' if r0.get('memory_arena', True) else 'off'}.", "",
-                  "| connections | answered | shed | errors | answers differing | requests/s | p50 ms | p99 ms | max ms "
-                  "| shed max ms | /healthz p99 ms (max) | RSS after warm-up → end (MiB) | growth |",
-                  "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+                  "| engine | connections | answered | shed | errors | answers differing | requests/s | p50 ms | p99 ms | "
+                  "max ms | shed max ms | /healthz p99 ms (max) | RSS after warm-up → end (MiB) | growth |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
         ms = lambda v: "—" if v is None else f"{1e3 * v:.1f}"  # noqa: E731
         for r in loads:
             health = r.get("health_s", {})
             shed = r.get("shed_latency_s", {})
-            lines.append(f"| {r['connections']} | {r['requests']} | {r.get('shed', 0)} | {r['errors']} | {r['mismatches']} | "
+            engine = r.get("engine", "fastapi") + (f" ({r['replicas']} replica(s); RSS: replicas summed)"
+                                                   if r.get("engine") == "ray" else "")
+            lines.append(f"| {engine} | {r['connections']} | {r['requests']} | {r.get('shed', 0)} | {r['errors']} | "
+                         f"{r['mismatches']} | "
                          f"{r['requests_per_s']:.1f} | {ms(r['latency_s']['p50'])} | {ms(r['latency_s']['p99'])} | "
                          f"{ms(r['latency_s']['max'])} | {ms(shed.get('max'))} | {ms(health.get('p99'))} "
                          f"({ms(health.get('max'))}) | {r['rss_after_warmup_bytes'] / 2**20:.0f} → "
                          f"{r['rss_end_bytes'] / 2**20:.0f} | {100 * r['rss_growth']:+.2f}% |")
+        base = {r["connections"]: r for r in loads if r.get("engine", "fastapi") == "fastapi"}
+        for r in loads:
+            if r.get("engine") == "ray" and r["connections"] in base:
+                ratio = r["latency_s"]["p50"] / base[r["connections"]]["latency_s"]["p50"]
+                lines.append(f"- Ray, {r['replicas']} replica(s), {r['connections']} connections: p50 {ratio:.0%} of the "
+                             f"FastAPI server's ({'within' if ratio <= 1.15 else 'over'} the 115 % target); "
+                             f"{r['rss_end_bytes'] / r['replicas'] / 2**20:.0f} MiB per replica.")
         lines += ["", f"SIGTERM at the end: graceful shutdown logged: {r0['graceful_shutdown']} (exit code "
                       f"{r0['exit_code']}; uvicorn re-raises the signal after draining)."
                   + "".join(f" Error samples at {r['connections']}: {r['error_samples']}." for r in loads if r["errors"]),

@@ -37,7 +37,7 @@ BASES = ("plain dense fp32", "plain dense int8")
 
 def _plain_bundles(root: Path, shipped: Path, dense, tokenizer, test, task: str) -> dict[str, Path]:
     """The plain dense graphs (fp32, int8) as bundles beside the shipped one, served by the same Router."""
-    from ..export import encode_sample, export_onnx, file_entry, quantize_int8
+    from ..export import encode_sample, export_onnx, file_entry, initializer_table, quantize_int8
 
     manifest = json.loads((shipped / "manifest.json").read_text())
     folders = {}
@@ -53,7 +53,8 @@ def _plain_bundles(root: Path, shipped: Path, dense, tokenizer, test, task: str)
         shutil.copy(shipped / "tokenizer.json", folder / "tokenizer.json")
         plain = {**manifest, "task": {**manifest["task"], "name": folder.name}}
         plain["onnx"] = {**manifest["onnx"], **file_entry(folder, "model.onnx"), "variants": {}, "session": {},
-                         "rewrites": {}, "precision": "fp32"}  # served as-is: the Router picks this one graph
+                         "rewrites": {}, "precision": "fp32",  # served as-is: the Router picks this one graph
+                         "initializers": initializer_table(folder / "model.onnx")}
         plain["architecture"] = {**manifest["architecture"], "ffn_widths": manifest["architecture"]["ffn_widths_dense"],
                                  "num_heads": manifest["architecture"]["num_heads_dense"]}
         (folder / "manifest.json").write_text(json.dumps(plain, indent=2))

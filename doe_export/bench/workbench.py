@@ -48,6 +48,8 @@ class SuiteConfig:
     load_memory_arena: bool = True
     load_connection_steps: tuple[int, ...] = ()  # several rows (e.g. 64, 128); empty: load_connections
     load_big_request: bool = False  # after the load: one 4 MiB request (time, memory that stays)
+    load_engines: tuple[str, ...] = ("fastapi",)  # with "ray": also `serve --engine ray`, each replica count
+    load_ray_replicas: tuple[int, ...] = (1, 2)
     # a separate Python with optimum-onnx (it needs transformers < 4.58, so it cannot share ours):
     # the peers suite then also times the dense model exported by `optimum-cli export onnx`
     optimum_python: str | None = None
@@ -79,7 +81,7 @@ def quick_flow():
 QUICK = dict(layer_tasks=("toy",), peers_task="toy", replace_tasks=("toy",), budgets=(0.3,), batch=2, tokens=16,
              repeats=2, min_seconds=0.0, switch_tasks=(2,), switch_requests=2, e2e_items=24, e2e_batch=8,
              load_seconds=3.0, load_warmup_seconds=1.0, load_connections=4, load_tasks=2, tiny=True,
-             load_big_request=True, memory_counts=(1, 2))
+             load_big_request=True, memory_counts=(1, 2), load_ray_replicas=(1,))
 
 
 def rss_bytes() -> int:
