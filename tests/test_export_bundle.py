@@ -190,3 +190,17 @@ def test_rebuilds_leave_no_moment_without_the_bundle(bundles):
         watcher.join()
     assert polls[0] > 30 and missing == []
     assert read_manifest(root / "toy-single").created == "build 29"
+
+
+def test_int8_recipes_name_the_nodes_they_keep_in_fp32(bundles):
+    from doe_export.export import INT8_RECIPES, recipe_exclusions
+
+    root, _ = bundles
+    graph = root / "toy-single" / "model.onnx"
+    assert recipe_exclusions(INT8_RECIPES[0], graph) == []
+    first = recipe_exclusions("per-channel, first layer fp32", graph)
+    down = recipe_exclusions("per-channel, FFN down-projections fp32", graph)
+    assert first and all("/layer.0/" in name for name in first) and any("intermediate" in name for name in first)
+    assert len(down) == 2 and all("output/dense" in n and "attention" not in n for n in down)  # one per layer
+    raw = read_manifest(root / "toy-single").to_json()["onnx"].get("variants", {}).get("int8")
+    assert raw is None or raw["recipe"] in INT8_RECIPES  # the bundle says which recipe its int8 graph passed with
