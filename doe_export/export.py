@@ -384,13 +384,20 @@ def initializer_table(path: Path, min_bytes: int = SHARED_MIN_BYTES) -> list[dic
     experts. Read with the runtime's own reader, so both sides see the same bytes."""
     import hashlib
 
+    import onnx
+
     from doe_runtime.onnxfile import DTYPE_NAMES, read_initializers
 
+    consumers: dict[str, set] = {}
+    for node in onnx.load(str(path), load_external_data=False).graph.node:
+        for name in node.input:
+            consumers.setdefault(name, set()).add(node.op_type)
     table = []
     for name, tensor in read_initializers(path).items():
         if len(tensor.raw) >= min_bytes:
             table.append({"name": name, "sha256": hashlib.sha256(tensor.raw).hexdigest(), "bytes": len(tensor.raw),
-                          "dtype": DTYPE_NAMES[tensor.data_type], "shape": list(tensor.dims)})
+                          "dtype": DTYPE_NAMES[tensor.data_type], "shape": list(tensor.dims),
+                          "consumers": sorted(consumers.get(name, ()))})
     return sorted(table, key=lambda entry: entry["name"])
 
 

@@ -113,6 +113,22 @@ def _serve_and_load(config: SuiteConfig, root: Path, names: list, requests: list
     return results
 
 
+PROBER = r"""
+import json, sys, time
+import httpx
+url, path = sys.argv[1], sys.argv[2]
+with httpx.Client(timeout=30) as client, open(path, "a", buffering=1) as out:
+    while True:
+        t0 = time.perf_counter()
+        try:
+            ok = client.get(url).status_code == 200
+        except httpx.HTTPError:
+            ok = False
+        out.write(json.dumps({"s": time.perf_counter() - t0 if ok else 1e9}) + "\n")
+        time.sleep(0.2)
+"""
+
+
 def _replica_rss(pid: int) -> int:
     """Resident memory of the Ray expert replicas started under the server process (summed)."""
     total = 0
@@ -152,7 +168,7 @@ async def _load(base: str, memory, requests: list, expected: list, config: Suite
 
     import httpx
 
-    latencies, errors, mismatches, samples, health, shed = [], [], 0, [], [], []
+    latencies, errors, mismatches, samples, shed = [], [], 0, [], []
     measuring = asyncio.Event()
     stop = asyncio.Event()
     counter = {"next": 0}
@@ -185,17 +201,14 @@ async def _load(base: str, memory, requests: list, expected: list, config: Suite
             if was_shed:
                 await asyncio.sleep(float(response.headers["retry-after"]) * 0.2)  # a polite client backs off
 
-    async def prober():
-        async with httpx.AsyncClient(timeout=30) as probe:  # its own connection, as a liveness probe has
-            while not stop.is_set():
-                t0 = time.perf_counter()
-                try:
-                    ok = (await probe.get(f"{base}/healthz")).status_code == 200
-                except httpx.HTTPError:
-                    ok = False
-                if measuring.is_set():
-                    health.append(time.perf_counter() - t0 if ok else float("inf"))
-                await asyncio.sleep(0.2)
+    import json
+    import subprocess
+    import tempfile
+
+    # the liveness probe runs in its own process (as a kubelet's would), so the load client's own
+    # event loop does not delay it: what it measures is the server's answer time
+    probe_file = Path(tempfile.mkstemp(prefix="doe-probe-", suffix=".jsonl")[1])
+    prober = subprocess.Popen([sys.executable, "-c", PROBER, f"{base}/healthz", str(probe_file)])
 
     async def sampler():
         while not stop.is_set():
@@ -205,14 +218,23 @@ async def _load(base: str, memory, requests: list, expected: list, config: Suite
     limits = httpx.Limits(max_connections=connections, max_keepalive_connections=connections)
     async with httpx.AsyncClient(limits=limits, timeout=60) as client:
         tasks = [asyncio.create_task(worker(client)) for _ in range(connections)]
-        tasks += [asyncio.create_task(sampler()), asyncio.create_task(prober())]
+        tasks += [asyncio.create_task(sampler())]
         await asyncio.sleep(config.load_warmup_seconds)
         measuring.set()
+        probe_start = probe_file.stat().st_size
         start = time.monotonic()
         await asyncio.sleep(config.load_seconds)
         stop.set()
         elapsed = time.monotonic() - start
+        probe_end = probe_file.stat().st_size
         await asyncio.gather(*tasks)
+    prober.terminate()
+    prober.wait()
+    with open(probe_file, "rb") as handle:
+        handle.seek(probe_start)
+        health = [json.loads(line)["s"] for line in handle.read(probe_end - probe_start).decode().splitlines()
+                  if line.strip()]
+    probe_file.unlink()
     rss = [r for _, during, r in samples if during] or [samples[-1][2]]
 
     def quantiles(values):
@@ -236,8 +258,8 @@ def _render_load(rows, cfg, intro, out_dir) -> list[str]:
         r0 = loads[0]
         lines += [f"One asyncio client on loopback, requests of 1-4 texts (mixed lengths) round-robin over "
                   f"{r0['tasks']} tasks, {r0['seconds']:.0f} s measured after {r0['warmup_seconds']:.0f} s of warm-up per "
-                  "row; every answer compared with sequential `Router.predict`; a separate connection probes "
-                  "`/healthz` every 200 ms; requests shed by the server (503 + Retry-After) are counted apart and "
+                  "row; every answer compared with sequential `Router.predict`; a separate process probes "
+                  "`/healthz` every 200 ms (as a liveness probe would; a failed probe counts as 1e9 s); requests shed by the server (503 + Retry-After) are counted apart and "
                   f"the client backs off 0.2 s before its next one; onnxruntime CPU memory arena "
                   f"{'on' if r0.get('memory_arena', True) else 'off'}.", "",
                   "| engine | connections | answered | shed | errors | answers differing | requests/s | p50 ms | p99 ms | "

@@ -68,7 +68,7 @@ def make_prompt_bundles(config: SuiteConfig, root: Path, count: int, progress: b
             continue
         build = BuildConfig(out_dir=str(root), adapt="prompt", prompt_length=20 if not config.tiny else 4, epochs=0,
                             recovery_epochs=0, calib_examples=16, max_eval=32, max_length=config.tokens,
-                            rate=config.ffn_rate, progress=progress, fp16=False, seed=index)
+                            rate=config.ffn_rate, progress=progress, fp16=False, int8=False, seed=index)
         build_task(build, loaded, synthetic_task(name, seed=index))
         log(f"[memory] built {name} ({index + 1}/{count})")
     return names
@@ -108,8 +108,9 @@ def render_memory(rows, cfg, intro, out_dir) -> list[str]:
     lines = ["# Memory: experts of one frozen backbone, with and without weight sharing", ""] + intro
     lines += ["Prompt-mode bundles written by `doe build`'s code (20 soft-prompt tokens, FFN p = "
               f"{cfg['ffn_rate']:g}, each attributed on its own generated task and seed, so their kept neurons, "
-              "prompts and heads differ). Each row is a fresh process loading N experts through `Router` "
-              "(1 intra-op thread; the graph `Router` serves on CPU); memory = resident set growth. The switch "
+              "prompts and heads differ; fp32 graphs, so every expert is served at the same precision). Each row is "
+              "a fresh process loading N experts through `Router` (1 intra-op thread); memory = resident set "
+              "growth. The switch "
               "cost is the per-request time of round-robin over the N experts minus always the first, one-item "
               "requests, 20 per repeat.", "",
               "| experts | sharing | precision | RSS growth (MiB) | first expert (MiB) | each further (MiB) | "

@@ -162,7 +162,8 @@ def _initializers(spec: Any, where: str, path: str) -> tuple:
         name = _get(entry, "name", str, where, f"{here}.name")
         nbytes = _get(entry, "bytes", int, where, f"{here}.bytes")
         out.append({"name": name, "sha256": _sha256(entry, where, here), "bytes": nbytes,
-                    "dtype": _get(entry, "dtype", str, where, f"{here}.dtype", default="")})
+                    "dtype": _get(entry, "dtype", str, where, f"{here}.dtype", default=""),
+                    "consumers": tuple(_get(entry, "consumers", list, where, f"{here}.consumers", default=[]))})
     return tuple(out)
 
 

@@ -59,6 +59,7 @@ def bundle_signature(folder: Path) -> tuple:
 
 
 CHARS_PER_TOKEN_BUDGET = 32
+SHRINK_ABOVE_TOKENS = 2048  # padded tokens of a batch above which the memory arena is shrunk after the run
 
 
 def clip_text(text: str, max_length: int) -> str:
@@ -156,6 +157,13 @@ class Expert:
                 "(CUDA libraries missing or no GPU visible); use device='auto' to fall back to CPU"
             )
         self.io_binding = (self.provider == CUDA) if io_binding == "auto" else bool(io_binding)
+        # A batch far above the usual size grows onnxruntime's memory arena to its peak, and the arena never
+        # gives memory back: after such a batch the arena returns what it does not use (measured: a 4 MiB
+        # request of 256 long texts left +103 MiB resident without this).
+        self.shrink_above_tokens = SHRINK_ABOVE_TOKENS
+        self._shrink_options = ort.RunOptions()
+        self._shrink_options.add_run_config_entry("memory.enable_memory_arena_shrinkage",
+                                                  "gpu:0" if self.provider == CUDA else "cpu:0")
         self._device_type = "cuda" if self.provider == CUDA else "cpu"
         self._check_io()
         self.run(np.asarray([[1, 2]], dtype=np.int64), np.ones((1, 2), dtype=np.int64))  # warm-up at load
@@ -265,13 +273,15 @@ class Expert:
 
     def _run(self, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
         feeds = {"input_ids": ids, "attention_mask": mask}
+        options = self._shrink_options if ids.size > self.shrink_above_tokens else None
         if not self.io_binding:
-            return self.session.run([self.output_name], {name: feeds[name] for name in self.input_names})[0]
+            return self.session.run([self.output_name], {name: feeds[name] for name in self.input_names},
+                                    run_options=options)[0]
         binding = self.session.io_binding()
         for name in self.input_names:
             binding.bind_cpu_input(name, np.ascontiguousarray(feeds[name]))  # copied to the device once
         binding.bind_output(self.output_name, self._device_type)  # allocated by onnxruntime on the device
-        self.session.run_with_iobinding(binding)
+        self.session.run_with_iobinding(binding, run_options=options)
         return binding.copy_outputs_to_cpu()[0]
 
     def info(self) -> dict:

@@ -23,6 +23,18 @@ from .errors import BundleError
 from .onnxfile import OnnxFormatError, read_initializers
 
 
+# onnxruntime re-packs the constant operand of these ops into a buffer of each session's own, so a
+# tensor they consume would live once in the pool and once more per session: such tensors are not shared
+PREPACKED_OPS = frozenset({"MatMul", "Gemm", "MatMulInteger", "MatMulIntegerToFloat", "DynamicQuantizeMatMul",
+                           "FusedMatMul", "Conv", "Attention", "QAttention", "QLinearMatMul"})
+
+
+def shareable(entry: dict) -> bool:
+    """A manifest initializer entry worth sharing: not consumed by an op that re-packs it per session
+    (entries written before consumers were recorded are shared)."""
+    return not PREPACKED_OPS.intersection(entry.get("consumers", ()))
+
+
 class SharedTensor:
     """One tensor in memory: its OrtValue (and the array that backs it)."""
 
@@ -50,7 +62,7 @@ class WeightPool:
         sha256), created from the file where the pool has none yet; name -> SharedTensor."""
         import onnxruntime as ort
 
-        wanted = {entry["name"]: entry for entry in table}
+        wanted = {entry["name"]: entry for entry in table if shareable(entry)}
         out, missing = {}, {}
         with self._lock:
             for name, entry in wanted.items():
@@ -86,4 +98,4 @@ class WeightPool:
         return out
 
 
-__all__ = ["SharedTensor", "WeightPool"]
+__all__ = ["PREPACKED_OPS", "SharedTensor", "WeightPool", "shareable"]

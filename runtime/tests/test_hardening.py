@@ -190,3 +190,16 @@ def test_cli_corner_cases(bundles, capsys, tmp_path):
             main(["serve", str(bundles), flag, value])
         assert caught.value.code == 2
         assert "expected" in capsys.readouterr().err
+
+
+def test_big_batches_shrink_the_memory_arena_afterwards(bundles, monkeypatch):
+    router = Router(bundles, device="cpu", batch_size=256, precision="fp32")
+    expert = router._expert("toy-single")
+    expert.shrink_above_tokens = 100
+    seen = []
+    real = expert.session.run
+    monkeypatch.setattr(expert.session, "run", lambda out, feeds, run_options=None: seen.append(
+        (feeds["input_ids"].size, run_options)) or real(out, feeds, run_options=run_options))
+    router.predict("toy-single", ["good"])  # 3 tokens: as usual
+    router.predict("toy-single", ["good film " * 10] * 20)  # 20 x 16 = 320 tokens: shrink after it
+    assert seen[0][1] is None and seen[1][0] == 320 and seen[1][1] is expert._shrink_options

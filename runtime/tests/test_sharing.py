@@ -102,3 +102,21 @@ def test_a_shared_tensor_that_does_not_match_its_hash_is_refused(shared_bundles,
     name = table(shared_bundles / "toy-twin" / "model.onnx")[0]["name"]
     with pytest.raises(BundleError, match=rf"toy-twin/model.onnx: initializer '{name}': sha256 mismatch"):
         Router(shared_bundles, device="cpu", precision="fp32").predict("toy-twin", TEXTS)
+
+
+def test_tensors_that_sessions_repack_are_not_pooled(shared_bundles, edit_manifest):
+    """A MatMul's weight is re-packed by every session: pooling it would keep one more copy, not one less."""
+    from doe_runtime.sharing import shareable
+
+    def mark(manifest):
+        for entry in manifest["onnx"]["initializers"]:
+            entry["consumers"] = ["Gather"] if entry["name"] == "embeddings" else ["MatMul"]
+
+    edit_manifest(shared_bundles / "toy-single", mark)
+    edit_manifest(shared_bundles / "toy-twin", mark)
+    router = Router(shared_bundles, device="cpu", precision="fp32")
+    router.predict("toy-single", TEXTS)
+    router.predict("toy-twin", TEXTS)
+    assert len(router._pool) == 1  # the embedding table only, once for both
+    assert shareable({"consumers": ["Gather", "Add"]}) and not shareable({"consumers": ["Gather", "MatMul"]})
+    assert shareable({})  # manifests written before consumers were recorded
