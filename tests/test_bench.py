@@ -199,7 +199,10 @@ def test_quick_replace_records_are_complete(tmp_path):
     out = tmp_path / "results"
     assert main(["bench", "--suite", "replace", "--quick", "--out", str(out), "--work-dir", str(tmp_path / "w"),
                  "--cache-dir", str(tmp_path / "cache"), "--no-progress"]) == 0
-    rows = common.read_jsonl(out / "replace.jsonl")[1:]
+    records = common.read_jsonl(out / "replace.jsonl")[1:]
+    rows = [r for r in records if r["kind"] == "replace"]
+    skipped = [r for r in records if r["kind"] == "skipped"]
+    assert len(rows) + len(skipped) == len(records) and all("tokens or more" in r["reason"] for r in skipped)
     candidates = {"expert (shipped)", "expert fp32", "plain dense fp32", "plain dense int8"}
     for condition, items in (("real", 1), ("real", 8)):
         cell = [r for r in rows if r["condition"] == condition and r["items"] == items and r["threads"] == 1]
