@@ -203,6 +203,73 @@ def quantize_int8(src: Path, dst: Path, per_channel: bool = False, exclude: list
         root.setLevel(level)
 
 
+def weight_matmuls(path: Path) -> list[str]:
+    """Names of the MatMul/Gemm nodes that multiply by an initializer (projections, FFN, head), not the
+    attention's activation x activation products."""
+    import onnx
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+    weights = {init.name for init in graph.initializer}
+    return [node.name for node in graph.node
+            if node.op_type in ("MatMul", "Gemm") and any(name in weights for name in node.input)]
+
+
+def calibration_feeds(tokenizer, inputs: list, batches: int, size: int = 8) -> list[dict]:
+    """Up to ``batches`` feeds of ``size`` items, all padded to one length (the calibrators stack each
+    tensor's values across batches, so every batch must have the same shape)."""
+    encoded = [encode_batch(tokenizer, inputs[start: start + size])
+               for start in range(0, min(len(inputs), size * batches), size)]
+    if not encoded:
+        return []
+    longest = max(ids.shape[1] for ids, _ in encoded)
+    pad_id = (tokenizer.padding or {}).get("pad_id", 0)
+    feeds = []
+    for ids, mask in encoded:
+        extra = longest - ids.shape[1]
+        feeds.append({"input_ids": np.pad(ids, ((0, 0), (0, extra)), constant_values=pad_id),
+                      "attention_mask": np.pad(mask, ((0, 0), (0, extra)), constant_values=0)})
+    return feeds
+
+
+def quantize_int8_static(src: Path, dst: Path, feeds: list[dict], exclude: list[str] | None = None,
+                         percentile: float = 99.999) -> None:
+    """Static QDQ int8: weights per channel, activation scales fixed once from ``feeds`` (calibration
+    batches of the task's training texts; histogram percentile, so one outlier does not set the scale).
+    Only the weight MatMuls are quantized. Measured against ``quantize_int8`` by the replace suite: on this
+    project's CPU (AVX2, no VNNI) the QDQ graph of the bbc-news expert was slower than the dynamic one
+    (8 x 128: 70.0 vs 59.6 ms; 8 x 32: 14.9 vs 12.5 ms) with the same labels on 300 test texts, so bundles
+    ship the dynamic variant."""
+    from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
+                                          quantize_static)
+
+    if not feeds:
+        raise ExportValidationError(f"static int8 of {src}: no calibration batches (expected at least one)")
+
+    class Batches(CalibrationDataReader):
+        def __init__(self):
+            self.items = iter(feeds)
+
+        def get_next(self):
+            return next(self.items, None)
+
+    skip = set(exclude or [])
+    nodes = [name for name in weight_matmuls(src) if name not in skip]
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        # op types named: otherwise the calibrator also collects constant-valued tensors (mask arithmetic),
+        # on which the histogram fails ("Too many bins for data range")
+        quantize_static(str(src), str(dst), Batches(), quant_format=QuantFormat.QDQ, per_channel=True,
+                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, nodes_to_quantize=nodes,
+                        op_types_to_quantize=["MatMul", "Gemm"],
+                        calibrate_method=CalibrationMethod.Percentile,
+                        extra_options={"CalibPercentile": percentile, "WeightSymmetric": True,
+                                       "ActivationSymmetric": False})
+    finally:
+        root.setLevel(level)
+
+
 def _shortened(item, words: int):
     cut = lambda text: " ".join(text.split()[:words])  # noqa: E731
     return (cut(item[0]), cut(item[1])) if isinstance(item, tuple) else cut(item)

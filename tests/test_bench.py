@@ -203,7 +203,7 @@ def test_quick_replace_records_are_complete(tmp_path):
     rows = [r for r in records if r["kind"] == "replace"]
     skipped = [r for r in records if r["kind"] == "skipped"]
     assert len(rows) + len(skipped) == len(records) and all("tokens or more" in r["reason"] for r in skipped)
-    candidates = {"expert (shipped)", "expert fp32", "plain dense fp32", "plain dense int8"}
+    candidates = {"expert (shipped)", "expert fp32", "expert int8 static", "plain dense fp32", "plain dense int8"}
     for condition, items in (("real", 1), ("real", 8)):
         cell = [r for r in rows if r["condition"] == condition and r["items"] == items and r["threads"] == 1]
         assert {r["candidate"] for r in cell} == candidates
@@ -215,6 +215,7 @@ def test_quick_replace_records_are_complete(tmp_path):
     by = {r["candidate"]: r for r in rows if r["condition"] == "real" and r["items"] == 8 and r["threads"] == 1}
     assert by["plain dense fp32"]["speedup_vs"]["plain dense fp32"]["median"] == 1.0
     assert by["plain dense int8"]["served_precision"] == "int8" and by["expert fp32"]["served_precision"] == "fp32"
+    assert by["expert int8 static"]["served_precision"] == "int8 static QDQ"
     report = (out / "replace.md").read_text()
     assert "Verdict" in report and "plain dense int8" in report and _png(out / "replace.png")
 

@@ -31,35 +31,54 @@ from . import common
 from .report import q as _q
 from .workbench import SuiteConfig, Workbench
 
-CANDIDATES = ("expert (shipped)", "expert fp32", "plain dense fp32", "plain dense int8")
+CANDIDATES = ("expert (shipped)", "expert fp32", "expert int8 static", "plain dense fp32", "plain dense int8")
 BASES = ("plain dense fp32", "plain dense int8")
 
 
-def _plain_bundles(root: Path, shipped: Path, dense, tokenizer, test, task: str) -> dict[str, Path]:
-    """The plain dense graphs (fp32, int8) as bundles beside the shipped one, served by the same Router."""
-    from ..export import encode_sample, export_onnx, file_entry, initializer_table, quantize_int8
+def _side_bundle(root: Path, shipped: Path, name: str, graph: Path, dense: bool) -> Path:
+    """A graph as a bundle beside the shipped one (its tokenizer and task), served as-is by the same Router."""
+    from ..export import file_entry, initializer_table
 
     manifest = json.loads((shipped / "manifest.json").read_text())
-    folders = {}
+    folder = root / f"{manifest['task']['name']}-{name}"
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    shutil.copy(graph, folder / "model.onnx")
+    shutil.copy(shipped / "tokenizer.json", folder / "tokenizer.json")
+    side = {**manifest, "task": {**manifest["task"], "name": folder.name}}
+    side["onnx"] = {**manifest["onnx"], **file_entry(folder, "model.onnx"), "variants": {}, "rewrites": {},
+                    "precision": "fp32",  # served as-is: the Router picks this one graph
+                    "initializers": initializer_table(folder / "model.onnx")}
+    if dense:  # the plain export: no session settings of ours, the dense architecture
+        side["onnx"]["session"] = {}
+        side["architecture"] = {**manifest["architecture"], "ffn_widths": manifest["architecture"]["ffn_widths_dense"],
+                                "num_heads": manifest["architecture"]["num_heads_dense"]}
+    (folder / "manifest.json").write_text(json.dumps(side, indent=2))
+    return folder
+
+
+def _plain_bundles(root: Path, shipped: Path, dense, tokenizer, test) -> dict[str, Path]:
+    """The plain dense graphs (fp32, int8) as bundles beside the shipped one, served by the same Router."""
+    from ..export import encode_sample, export_onnx, quantize_int8
+
+    task = shipped.name
     fp32 = root / f"{task}-plain.onnx"
     export_onnx(dense, fp32, *encode_sample(tokenizer, test.inputs), exporter="torchscript")
     int8 = root / f"{task}-plain.int8.onnx"
     quantize_int8(fp32, int8)
-    for name, graph in (("plain-fp32", fp32), ("plain-int8", int8)):
-        folder = root / f"{task}-{name}"
-        shutil.rmtree(folder, ignore_errors=True)
-        folder.mkdir(parents=True)
-        shutil.copy(graph, folder / "model.onnx")
-        shutil.copy(shipped / "tokenizer.json", folder / "tokenizer.json")
-        plain = {**manifest, "task": {**manifest["task"], "name": folder.name}}
-        plain["onnx"] = {**manifest["onnx"], **file_entry(folder, "model.onnx"), "variants": {}, "session": {},
-                         "rewrites": {}, "precision": "fp32",  # served as-is: the Router picks this one graph
-                         "initializers": initializer_table(folder / "model.onnx")}
-        plain["architecture"] = {**manifest["architecture"], "ffn_widths": manifest["architecture"]["ffn_widths_dense"],
-                                 "num_heads": manifest["architecture"]["num_heads_dense"]}
-        (folder / "manifest.json").write_text(json.dumps(plain, indent=2))
-        folders[name] = folder
-    return folders
+    return {name: _side_bundle(root, shipped, name, graph, dense=True)
+            for name, graph in (("plain-fp32", fp32), ("plain-int8", int8))}
+
+
+def _static_bundle(root: Path, shipped: Path, tokenizer, train, batches: int) -> Path:
+    """The shipped fp32 expert after static QDQ int8, calibrated on batches of 8 training texts: what the
+    bundle's dynamic int8 variant is measured against (issue: measure both)."""
+    from ..export import calibration_feeds, quantize_int8_static
+
+    feeds = calibration_feeds(tokenizer, train.inputs, batches)
+    graph = root / f"{shipped.name}-expert.int8-static.onnx"
+    quantize_int8_static(shipped / "model.onnx", graph, feeds)
+    return _side_bundle(root, shipped, "int8-static", graph, dense=False)
 
 
 def _served_metric(router, task: str, test, metric: str) -> float:
@@ -103,8 +122,10 @@ def run_replace(config: SuiteConfig, bench: Workbench) -> list[dict]:
         spec_data = build.specs()[0]
         test, metric = stages.Splits.of(data, spec_data).test, data.metric  # exactly the split the build reports on
         shipped = Path(result.bundle)
-        folders = _plain_bundles(root, shipped, dense, fast_tokenizer(bench.loaded.hf_tokenizer, spec_data.max_length),
-                                 test, task)
+        tokenizer = fast_tokenizer(bench.loaded.hf_tokenizer, spec_data.max_length)
+        folders = _plain_bundles(root, shipped, dense, tokenizer, test)
+        folders["int8-static"] = _static_bundle(root, shipped, tokenizer, stages.Splits.of(data, spec_data).train,
+                                                2 if config.tiny else 32)
         manifest = json.loads((shipped / "manifest.json").read_text())
         for threads in threads_list:
             # several sessions run in turn here: with more than one thread, idle workers of one session would spin
@@ -113,6 +134,7 @@ def run_replace(config: SuiteConfig, bench: Workbench) -> list[dict]:
             routers = {
                 "expert (shipped)": (Router(root, **common_options), task),
                 "expert fp32": (Router(root, precision="fp32", **common_options), task),
+                "expert int8 static": (Router(root, **common_options), folders["int8-static"].name),
                 "plain dense fp32": (Router(root, **common_options), folders["plain-fp32"].name),
                 "plain dense int8": (Router(root, **common_options), folders["plain-int8"].name),
             }
@@ -183,7 +205,7 @@ def _record(task, name, condition, threads, items, tokens, times, values, metric
               "speedup_vs": {base: common.quantiles(common.ratios(times, base, name)) for base in BASES},
               "metric": metric, "value": values[name], "split": test.name, "split_size": len(test),
               "served_precision": served["precision"] if name == "expert (shipped)" else
-              ("fp32" if name != "plain dense int8" else "int8"),
+              {"plain dense int8": "int8", "expert int8 static": "int8 static QDQ"}.get(name, "fp32"),
               "extra_positions": manifest["adaptation"].get("prompt_length", 0),
               "dense_pytorch": result.dense, "expert_pytorch": result.expert,
               "ffn_widths": manifest["architecture"]["ffn_widths"], "build_seconds": build_seconds,
@@ -201,13 +223,16 @@ def render_replace(rows, cfg, intro, out_dir) -> list[str]:
     lines = ["# Replace: the shipped expert against the plain dense model a user already has", ""] + intro
     lines += ["Candidates: **expert (shipped)** = the bundle exactly as `doe build` writes it with its defaults, "
               "served by `Router` with its defaults (on CPU: its validated int8 variant); **expert fp32** = the same "
-              "bundle's fp32 graph; **plain dense fp32** = the same fine-tuned dense model exported with "
+              "bundle's fp32 graph; **expert int8 static** = that fp32 graph after static QDQ int8 (`quantize_static`: "
+              "per-channel weights, activation scales fixed from 256 training texts by a 99.999 histogram percentile, "
+              "weight MatMuls only) — not shipped, measured beside the bundle's dynamic int8 variant; "
+              "**plain dense fp32** = the same fine-tuned dense model exported with "
               "`torch.onnx.export` (TorchScript, no rewrites); **plain dense int8** = that graph after one "
-              "`quantize_dynamic` call. All four go through the same `Router` (tokenization, length-sorted "
+              "`quantize_dynamic` call. All five go through the same `Router` (tokenization, length-sorted "
               "batching), so the comparison includes everything a request costs. Speed-ups are medians of "
               "per-request (or per-repeat) paired ratios; the metric is each candidate's, as served, on the "
               "whole reporting split. With 2 threads every candidate's idle intra-op threads sleep instead of spinning "
-              "(`Router(allow_spinning=False)`): with four sessions run in turn, spinning workers of one took the "
+              "(`Router(allow_spinning=False)`): with five sessions run in turn, spinning workers of one took the "
               "cores of the next.", ""]
     skipped = [r for r in rows if r["kind"] == "skipped"]
     rows = [r for r in rows if r["kind"] == "replace"]
@@ -281,7 +306,7 @@ def _pareto(rows, out_dir: Path) -> Path | None:
 
     tasks = sorted({r["task"] for r in picked})
     fig, axes = plt.subplots(1, len(tasks), figsize=(5.5 * len(tasks), 4), squeeze=False)
-    markers = dict(zip(CANDIDATES, "o*s^"))
+    markers = dict(zip(CANDIDATES, "o*Ds^"))
     for ax, task in zip(axes[0], tasks):
         for r in (r for r in picked if r["task"] == task):
             ax.scatter(1e3 * r["latency_s"]["median"], 100 * r["value"], marker=markers[r["candidate"]], s=80,
