@@ -147,6 +147,8 @@ def test_quick_load_suite_serves_without_errors(tmp_path):
     record, big = common.read_jsonl(out / "load.jsonl")[1:]
     assert record["requests"] > 0 and record["errors"] == 0 and record["mismatches"] == 0
     assert record["latency_s"]["p50"] <= record["latency_s"]["p99"] <= record["latency_s"]["max"]
+    # the server's own time (Server-Timing) of every answer is within the client's time of it
+    assert 0 < record["server_s"]["p50"] and record["server_s"]["max"] <= record["latency_s"]["max"]
     assert record["graceful_shutdown"] is True and record["rss_samples"] >= 1
     assert record["health_probes"] >= 5 and record["health_s"]["max"] < 1e9  # every probe answered
     assert big["kind"] == "big_request" and big["status"] == 200 and big["bytes"] > 4_000_000

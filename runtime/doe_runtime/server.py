@@ -21,6 +21,7 @@ while requests already running finish on the old session.
 import ipaddress
 import json
 import logging
+import time
 from pathlib import Path
 from typing import Annotated, Any, Union
 
@@ -100,6 +101,29 @@ class HostCheck:
                                     f"Host {shown!r} is not served here (allowed: {', '.join(sorted(self.allowed))}); "
                                     "a server bound to loopback answers loopback names only")
         return await self.app(scope, receive, send)
+
+
+class ServerTiming:
+    """ASGI middleware: every response says how long the server held the request, from the parsed
+    request head to the response head, as ``Server-Timing: app;dur=MILLISECONDS`` (the W3C header
+    browsers and load tools read). It tells time spent in the server (admission queue included) from
+    time spent in the network or the client."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        start = time.perf_counter()
+
+        async def timed(message):
+            if message["type"] == "http.response.start":
+                took = f"app;dur={1e3 * (time.perf_counter() - start):.1f}".encode()
+                message = {**message, "headers": [*message.get("headers", []), (b"server-timing", took)]}
+            await send(message)
+
+        return await self.app(scope, receive, timed)
 
 
 async def _send_json(send, status: int, kind: str, message: str) -> None:
@@ -284,6 +308,7 @@ def create_app(root: str | Path, router: Router | None = None, max_items: int = 
     app.add_middleware(BodyLimit, limit=max_body_bytes)
     if allowed_hosts is not None:
         app.add_middleware(HostCheck, allowed=set(allowed_hosts))
+    app.add_middleware(ServerTiming)  # added last: outermost, so it times every answer, refusals included
     return app
 
 

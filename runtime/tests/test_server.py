@@ -222,3 +222,15 @@ def test_admission_limit_caps_concurrent_predictions(bundles):
     assert statuses == [200] * 6 and peak[0] == 1
     with pytest.raises(ConfigError, match="max_concurrency must be an int >= 1"):
         create_app(root, max_concurrency=0)
+
+
+def test_every_answer_says_how_long_the_server_held_it(client):
+    """Server-Timing on answers, refusals from the middlewares and errors alike: the load suite reads it to
+    tell time in the server (admission queue included) from time in the client."""
+    answers = [client.post("/v1/tasks/toy-single/predict", json={"inputs": ["a short text"]}),
+               client.post("/v1/tasks/toy-single/predict", json={"inputs": ["word " * 5000]}),  # 413, BodyLimit
+               client.get("/v1/tasks/nope"), client.get("/healthz")]
+    assert [a.status_code for a in answers] == [200, 413, 404, 200]
+    for answer in answers:
+        name, _, value = answer.headers["server-timing"].partition(";dur=")
+        assert name == "app" and 0.0 <= float(value) < 60_000
