@@ -59,6 +59,27 @@ def bundle_signature(folder: Path) -> tuple:
 
 
 CHARS_PER_TOKEN_BUDGET = 32
+def release_free_memory() -> bool:
+    """Return the C heap's free pages to the operating system (glibc ``malloc_trim``); False where
+    there is no glibc. After one request far above the usual size (a 4 MiB body, batches of 256 long
+    texts) the freed tokenizer, numpy and onnxruntime buffers otherwise stay resident: measured +31 MiB
+    in a Router alone and +86 MiB in the server, all of it returned by this call."""
+    global _TRIM
+    if _TRIM is None:
+        import ctypes
+        import ctypes.util
+
+        try:
+            _TRIM = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+        except (OSError, AttributeError):  # not glibc (macOS, Windows, musl without it)
+            _TRIM = False
+    if not _TRIM:
+        return False
+    _TRIM(0)  # 1 if memory was released, 0 if there was none to release
+    return True
+
+
+_TRIM = None
 SHRINK_ABOVE_TOKENS = 2048  # padded tokens of a batch above which the memory arena is shrunk after the run
 
 
@@ -161,9 +182,11 @@ class Expert:
         # gives memory back: after such a batch the arena returns what it does not use (measured: a 4 MiB
         # request of 256 long texts left +103 MiB resident without this).
         self.shrink_above_tokens = SHRINK_ABOVE_TOKENS
-        self._shrink_options = ort.RunOptions()
-        self._shrink_options.add_run_config_entry("memory.enable_memory_arena_shrinkage",
-                                                  "gpu:0" if self.provider == CUDA else "cpu:0")
+        self._shrink_options = None
+        if self.provider == CUDA or self._cpu_arena:
+            self._shrink_options = ort.RunOptions()
+            self._shrink_options.add_run_config_entry("memory.enable_memory_arena_shrinkage",
+                                                      "gpu:0" if self.provider == CUDA else "cpu:0")
         self._device_type = "cuda" if self.provider == CUDA else "cpu"
         self._check_io()
         self.run(np.asarray([[1, 2]], dtype=np.int64), np.ones((1, 2), dtype=np.int64))  # warm-up at load
@@ -175,6 +198,8 @@ class Expert:
         path = verify_file(self.folder, ref, field)
         self.model_bytes = path.stat().st_size
         options = options() if callable(options) else options  # a fresh SessionOptions per session
+        # the CPU arena can only be shrunk where there is one (Router(memory_arena=False) has none)
+        self._cpu_arena = options is None or bool(options.enable_cpu_mem_arena)
         self.shared = {}
         if self.pool is not None and ref.initializers:
             # experts of different base models never share: the pool key includes the base weights' hash
@@ -529,8 +554,12 @@ class Router:
         probs = np.empty((len(items), len(expert.labels)), dtype=np.float64)
         batches = length_sorted_batches(expert.tokenizer, items, self.batch_size, self.max_batch_tokens,
                                         self.sort_by_length)
+        big = False
         for chunk, ids, mask in batches:
             probs[chunk] = softmax(expert.run(ids, mask).astype(np.float64))
+            big = big or ids.size > expert.shrink_above_tokens
+        if big:  # the batches' buffers are free now: give the heap's free pages back (see release_free_memory)
+            release_free_memory()
         return [
             Prediction(
                 label=expert.labels[int(row.argmax())],

@@ -18,6 +18,7 @@ while requests already running finish on the old session.
 """
 
 # no `from __future__ import annotations`: FastAPI reads the request models from the annotations
+import asyncio
 import ipaddress
 import json
 import logging
@@ -28,7 +29,7 @@ from typing import Annotated, Any, Union
 from .bundle import read_manifest
 from .errors import (BundleError, ConfigError, DeviceError, DoeRuntimeError, InputError, RunError, TaskNameError,
                      UnknownTaskError)
-from .router import Router
+from .router import Router, release_free_memory
 
 log = logging.getLogger("doe_runtime.server")
 
@@ -36,6 +37,7 @@ DEFAULT_MAX_BODY_BYTES = 4 * 1024 * 1024
 DEFAULT_MAX_ITEMS = 256
 DEFAULT_MAX_QUEUE = 64
 LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
+TRIM_ABOVE_BYTES = 1 << 20  # request bodies above this are followed by release_free_memory()
 MULTIPLEXED_HEADER = "serve_multiplexed_model_id"  # Ray Serve's header; the task in the path must match it
 
 
@@ -80,7 +82,13 @@ class BodyLimit:
                 return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
             return await receive()  # after the body: disconnect notices
 
-        return await self.app(scope, replay, send)
+        if seen <= TRIM_ABOVE_BYTES:
+            return await self.app(scope, replay, send)
+        try:
+            return await self.app(scope, replay, send)
+        finally:  # a large body, answered: its parsed texts and batches are garbage now; give the memory back
+            chunks.clear()
+            await asyncio.to_thread(release_free_memory)
 
 
 class HostCheck:

@@ -203,3 +203,40 @@ def test_big_batches_shrink_the_memory_arena_afterwards(bundles, monkeypatch):
     router.predict("toy-single", ["good"])  # 3 tokens: as usual
     router.predict("toy-single", ["good film " * 10] * 20)  # 20 x 16 = 320 tokens: shrink after it
     assert seen[0][1] is None and seen[1][0] == 320 and seen[1][1] is expert._shrink_options
+
+
+def test_without_an_arena_big_batches_run_and_the_heap_is_trimmed(bundles, monkeypatch):
+    """memory_arena=False has no arena to shrink: a big batch must still run (it raised RunError: 'Did not
+    find an arena based allocator'), and after it the heap's free pages go back to the system."""
+    import doe_runtime.router as router_module
+
+    trims = []
+    monkeypatch.setattr(router_module, "release_free_memory", lambda: trims.append(1) or True)
+    for arena in (False, True):
+        router = Router(bundles, device="cpu", batch_size=256, precision="fp32", memory_arena=arena)
+        expert = router._expert("toy-single")
+        expert.shrink_above_tokens = 100
+        assert (expert._shrink_options is None) == (not arena)
+        router.predict("toy-single", ["good"])
+        assert len(trims) == (0 if not arena else 1)
+        got = router.predict("toy-single", ["good film " * 10] * 20)  # 320 tokens > 100
+        assert len(got) == 20 and len(trims) == (1 if not arena else 2)
+
+
+def test_release_free_memory_works_here():
+    from doe_runtime.router import release_free_memory
+
+    assert release_free_memory() is True  # glibc (Linux): the call exists and ran
+
+
+def test_large_bodies_are_followed_by_a_heap_trim(bundles, monkeypatch):
+    import doe_runtime.server as server_module
+
+    trims = []
+    monkeypatch.setattr(server_module, "release_free_memory", lambda: trims.append(1) or True)
+    monkeypatch.setattr(server_module, "TRIM_ABOVE_BYTES", 10_000)
+    with TestClient(create_app(bundles, device="cpu", max_body_bytes=1 << 20)) as client:
+        assert client.post("/v1/tasks/toy-single/predict", json={"inputs": ["good"]}).status_code == 200
+        assert trims == []
+        big = client.post("/v1/tasks/toy-single/predict", json={"inputs": ["good film " * 200] * 8})
+        assert big.status_code == 200 and trims == [1]
