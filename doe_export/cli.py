@@ -17,6 +17,7 @@ import os
 import sys
 
 
+from .console import exit_on_sigterm
 from .errors import ConfigError
 
 
@@ -370,6 +371,7 @@ def bench_main(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    exit_on_sigterm()  # a stopped build or bench still runs its cleanup (servers, Ray, temp folders)
     if args.command == "tasks":
         from .tasks import BUILTIN_TASKS
 

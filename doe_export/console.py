@@ -41,3 +41,22 @@ class Timer:
             yield
         finally:
             self.seconds[name] = round(self.seconds.get(name, 0.0) + time.perf_counter() - start, 2)
+
+
+def exit_on_sigterm() -> bool:
+    """Make SIGTERM (a scheduler's stop, `timeout`, `kill`) end the program like Ctrl-C does: as an
+    exception, so every ``finally`` runs — the bench suites' server processes and Ray clusters are
+    stopped, temp files removed — instead of the process vanishing and leaving them behind. Exit
+    status 143 (128 + SIGTERM), as the shell expects. Only the main thread can install it (False
+    elsewhere)."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return False
+
+    def stop(signum, frame):
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, stop)
+    return True

@@ -83,3 +83,28 @@ def test_second_task_errors_stop_before_the_first_trains(tmp_path, tiny_backbone
                  "--user-task", f"name=small,train={small},text=t,label=y"])
     assert code == 2
     assert "task 'small': --calib-examples 64 exceeds the" in capsys.readouterr().err
+
+
+def test_sigterm_runs_cleanup_like_ctrl_c():
+    """`doe` turns SIGTERM into SystemExit(143): finally blocks run (the bench suites stop their server
+    processes there; without it a stopped `doe bench --suite load --engine ray` left a Ray cluster running)."""
+    import signal
+    import subprocess
+    import sys
+
+    code = ("import os, signal, time\n"
+            "from doe_export.console import exit_on_sigterm\n"
+            "assert exit_on_sigterm()\n"
+            "try:\n"
+            "    os.kill(os.getpid(), signal.SIGTERM)\n"
+            "    time.sleep(30)\n"
+            "finally:\n"
+            "    print('cleaned up', flush=True)\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 128 + signal.SIGTERM and done.stdout.strip() == "cleaned up", done.stderr
+    before = signal.getsignal(signal.SIGTERM)
+    try:
+        assert main(["tasks"]) == 0
+        assert signal.getsignal(signal.SIGTERM) not in (before, signal.SIG_DFL)  # main installed it
+    finally:
+        signal.signal(signal.SIGTERM, before)
