@@ -38,9 +38,10 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser(
         "build",
         help="adapt, attribute, prune, recover and export experts",
-        description="Adapt the model to each task (prompt tuning by default), score FFN neurons (DoE "
-        "attribution), remove the least important share physically, re-tune briefly (recovery), export "
-        "to ONNX, validate against PyTorch and write one bundle per task.",
+        description="Adapt the model to each task (fine-tuning by default; --adapt prompt for the paper's soft "
+        "prompt), score FFN neurons (DoE attribution), remove the least important share physically, recover by "
+        "distillation from the dense model, export to ONNX, validate against PyTorch, write int8/fp16 variants "
+        "that pass their checks and one bundle per task.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     b.add_argument("--model", default="packaged:all-MiniLM-L6-v2",
