@@ -213,14 +213,16 @@ def test_without_an_arena_big_batches_run_and_the_heap_is_trimmed(bundles, monke
     trims = []
     monkeypatch.setattr(router_module, "release_free_memory", lambda: trims.append(1) or True)
     for arena in (False, True):
+        trims.clear()
         router = Router(bundles, device="cpu", batch_size=256, precision="fp32", memory_arena=arena)
         expert = router._expert("toy-single")
+        assert trims == [1]  # after loading: the parsed model file's buffers are free
         expert.shrink_above_tokens = 100
         assert (expert._shrink_options is None) == (not arena)
         router.predict("toy-single", ["good"])
-        assert len(trims) == (0 if not arena else 1)
+        assert trims == [1]  # a usual request: no trim
         got = router.predict("toy-single", ["good film " * 10] * 20)  # 320 tokens > 100
-        assert len(got) == 20 and len(trims) == (1 if not arena else 2)
+        assert len(got) == 20 and trims == [1, 1]
 
 
 def test_release_free_memory_works_here():
