@@ -120,12 +120,12 @@ def run_replace(config: SuiteConfig, bench: Workbench) -> list[dict]:
         result, dense, _ = build_task(build, bench.loaded, data, return_models=True)
         build_seconds = time.perf_counter() - start
         spec_data = build.specs()[0]
-        test, metric = stages.Splits.of(data, spec_data).test, data.metric  # exactly the split the build reports on
+        splits = stages.Splits.of(data, spec_data)
+        test, metric = splits.test, data.metric  # exactly the split the build reports on
         shipped = Path(result.bundle)
         tokenizer = fast_tokenizer(bench.loaded.hf_tokenizer, spec_data.max_length)
         folders = _plain_bundles(root, shipped, dense, tokenizer, test)
-        folders["int8-static"] = _static_bundle(root, shipped, tokenizer, stages.Splits.of(data, spec_data).train,
-                                                2 if config.tiny else 32)
+        folders["int8-static"] = _static_bundle(root, shipped, tokenizer, splits.train, 2 if config.tiny else 32)
         manifest = json.loads((shipped / "manifest.json").read_text())
         for threads in threads_list:
             # several sessions run in turn here: with more than one thread, idle workers of one session would spin
@@ -296,7 +296,7 @@ def _verdict(rows) -> list[str]:
 
 
 def _pareto(rows, out_dir: Path) -> Path | None:
-    picked = [r for r in rows if r.get("kind") == "replace" and r["condition"] == "real" and r["items"] == 8 and r["threads"] == 1]
+    picked = [r for r in rows if r["condition"] == "real" and r["items"] == 8 and r["threads"] == 1]
     if not picked:
         return None
     import matplotlib
