@@ -9,6 +9,7 @@ caller's order. At most ``max_resident`` sessions are kept; the least recently u
 from __future__ import annotations
 
 import collections
+import functools
 import hashlib
 import os
 import threading
@@ -59,29 +60,32 @@ def bundle_signature(folder: Path) -> tuple:
 
 
 CHARS_PER_TOKEN_BUDGET = 32
+SHRINK_ABOVE_TOKENS = 2048  # padded tokens of a batch above which the memory arena is shrunk after the run
+
+
 def release_free_memory() -> bool:
     """Return the C heap's free pages to the operating system (glibc ``malloc_trim``); False where
     there is no glibc. After one request far above the usual size (a 4 MiB body, batches of 256 long
     texts) the freed tokenizer, numpy and onnxruntime buffers otherwise stay resident: measured +31 MiB
     in a Router alone and +86 MiB in the server; with this call the server ended 47 MiB below where it
     started. Also called after loading an expert (the parsed model file's buffers)."""
-    global _TRIM
-    if _TRIM is None:
-        import ctypes
-        import ctypes.util
-
-        try:
-            _TRIM = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
-        except (OSError, AttributeError):  # not glibc (macOS, Windows, musl without it)
-            _TRIM = False
-    if not _TRIM:
+    trim = _malloc_trim()
+    if trim is None:
         return False
-    _TRIM(0)  # 1 if memory was released, 0 if there was none to release
+    trim(0)  # 1 if memory was released, 0 if there was none to release
     return True
 
 
-_TRIM = None
-SHRINK_ABOVE_TOKENS = 2048  # padded tokens of a batch above which the memory arena is shrunk after the run
+@functools.cache
+def _malloc_trim():
+    """glibc's ``malloc_trim``, looked up once; None where the C library has none."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # not glibc (macOS, Windows, musl without it)
+        return None
 
 
 def clip_text(text: str, max_length: int) -> str:
@@ -184,7 +188,8 @@ class Expert:
         # request of 256 long texts left +103 MiB resident without this).
         self.shrink_above_tokens = SHRINK_ABOVE_TOKENS
         self._shrink_options = None
-        if self.provider == CUDA or self._cpu_arena:
+        # the CPU arena can only be shrunk where there is one (Router(memory_arena=False) has none)
+        if self.provider == CUDA or self.session.get_session_options().enable_cpu_mem_arena:
             self._shrink_options = ort.RunOptions()
             self._shrink_options.add_run_config_entry("memory.enable_memory_arena_shrinkage",
                                                       "gpu:0" if self.provider == CUDA else "cpu:0")
@@ -199,8 +204,6 @@ class Expert:
         path = verify_file(self.folder, ref, field)
         self.model_bytes = path.stat().st_size
         options = options() if callable(options) else options  # a fresh SessionOptions per session
-        # the CPU arena can only be shrunk where there is one (Router(memory_arena=False) has none)
-        self._cpu_arena = options is None or bool(options.enable_cpu_mem_arena)
         self.shared = {}
         if self.pool is not None and ref.initializers:
             # experts of different base models never share: the pool key includes the base weights' hash
