@@ -78,15 +78,16 @@ def _serve_and_load(config: SuiteConfig, root: Path, names: list, requests: list
             if server.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"the server ({label}) did not become ready: {server_log.read_text()[-2000:]}")
             time.sleep(0.5)
+        memory = (lambda: _replica_rss(server.pid)) if engine == "ray" else (lambda: _process_rss(server.pid))
         for connections in config.load_connection_steps or (config.load_connections,):
-            memory = (lambda: _replica_rss(server.pid)) if engine == "ray" else (lambda: _process_rss(server.pid))
             result = asyncio.run(_load(base, memory, requests, expected, config, connections))
             result.update(engine=engine, replicas=replicas)
             results.append(result)
             log(f"[load] {label}, {connections} connections: {result['requests']} answered, {result['shed']} shed "
                 f"(503 + Retry-After), {result['errors']} errors, {result['mismatches']} mismatches, "
                 f"p50 {1e3 * result['latency_s']['p50']:.0f} ms, p99 {1e3 * result['latency_s']['p99']:.0f} ms "
-                f"(in server {1e3 * (result['server_s']['p99'] or 0):.0f} ms), /healthz p99 {1e3 * result['health_s']['p99']:.1f} ms, memory growth {100 * result['rss_growth']:+.2f}%")
+                f"(in server {1e3 * (result['server_s']['p99'] or 0):.0f} ms), "
+                f"/healthz p99 {1e3 * result['health_s']['p99']:.1f} ms, memory growth {100 * result['rss_growth']:+.2f}%")
         if config.load_big_request and engine == "fastapi":
             results.append(_big_request(base, server.pid))
     finally:
@@ -130,12 +131,16 @@ with httpx.Client(timeout=30) as client, open(path, "a", buffering=1) as out:
 
 
 def _replica_rss(pid: int) -> int:
-    """Resident memory of the Ray expert replicas started under the server process (summed)."""
+    """Resident memory of the Ray expert replicas started under the server process (summed). The server
+    leads its own session (``start_new_session``) and Ray's workers stay in it, so replicas of any other
+    Ray cluster on the machine are not counted."""
+    import os
+
     total = 0
     for status in Path("/proc").glob("[0-9]*/cmdline"):
         try:
             cmdline = status.read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            if "DoeExperts" in cmdline:
+            if "DoeExperts" in cmdline and os.getsid(int(status.parent.name)) == pid:
                 total += _process_rss(int(status.parent.name))
         except (OSError, ValueError):
             continue
