@@ -33,7 +33,7 @@ except ImportError as exc:  # the Ray engine is an optional extra
 
 from .errors import ConfigError, DoeRuntimeError
 from .router import Router
-from .server import create_app, error_for
+from .server import create_app, error_for, predict_response
 
 log = logging.getLogger("doe_runtime.ray")
 APP_NAME = "doe"
@@ -60,18 +60,12 @@ def _experts_deployment(max_experts: int):
             task = serve.get_multiplexed_model_id()
             try:
                 await self.load(task)
-                body = await asyncio.to_thread(self._predict, task, items)
+                body = await asyncio.to_thread(predict_response, self.router, task, items)
                 return {"status": 200, "body": body, "replica": self.replica}
             except (DoeRuntimeError, OSError) as exc:
                 status, kind, message = error_for(task, exc, self.root)
                 return {"status": status, "body": {"error": {"type": kind, "message": message}},
                         "replica": self.replica}
-
-        def _predict(self, task: str, items: list) -> dict:
-            predictions = self.router.predict(task, [tuple(i) if isinstance(i, list) else i for i in items])
-            info = self.router.info(task)
-            return {"task": task, "provider": info["provider"], "precision": info["precision"],
-                    "predictions": [p.to_dict() for p in predictions]}
 
     return DoeExperts
 

@@ -284,10 +284,7 @@ def create_app(root: str | Path, router: Router | None = None, max_items: int = 
                                             f"{limit} prediction slots; retry shortly", headers={"Retry-After": "1"})
 
         def run():
-            predictions = router.predict(task, items)
-            info = router.info(task)  # one lookup (a bundle scan with auto_reload), not one per field
-            return {"task": task, "provider": info["provider"], "precision": info["precision"],
-                    "predictions": [p.to_dict() for p in predictions]}
+            return predict_response(router, task, items)
 
         in_flight["waiting"] += 1
         queued = True
@@ -318,6 +315,15 @@ def create_app(root: str | Path, router: Router | None = None, max_items: int = 
         app.add_middleware(HostCheck, allowed=set(allowed_hosts))
     app.add_middleware(ServerTiming)  # added last: outermost, so it times every answer, refusals included
     return app
+
+
+def predict_response(router: Router, task: str, items: list) -> dict:
+    """The predict endpoint's body for ``items`` (texts, or pairs as tuples or 2-item lists): both engines
+    (this process's Router, a Ray replica's) answer with it."""
+    predictions = router.predict(task, [tuple(item) if isinstance(item, list) else item for item in items])
+    info = router.info(task)  # one lookup (a bundle scan with auto_reload), not one per field
+    return {"task": task, "provider": info["provider"], "precision": info["precision"],
+            "predictions": [p.to_dict() for p in predictions]}
 
 
 def error_for(task: str, exc: BaseException, root: Path) -> tuple[int, str, str]:
