@@ -177,7 +177,9 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--quick", action="store_true", help="tiny model and generated data: checks the code path")
     st.add_argument("--out", default="benchmarks/results", help="records, report and plot go here")
     st.add_argument("--cache-dir", default=None, help="adapted models and statistics (default <cache>/study)")
-    st.add_argument("--tasks", default="sst2,mrpc,rte,cola,qnli")
+    st.add_argument("--tasks", default=None,
+                    help="comma-separated tasks (default: sst2,mrpc,rte,cola,qnli for localization, bbc-news,sst2 for "
+                         "recovery)")
     st.add_argument("--rates", default="0.3,0.5,0.65,0.8,0.9")
     st.add_argument("--methods", default="doe,random,activation,gradient,magnitude,taylor,skill")
     st.add_argument("--adapt", choices=("prompt", "finetune"), default="prompt",
@@ -222,7 +224,7 @@ def study_main(args) -> int:
     if args.render_only:
         return _render_only("doe study", out / "localization.jsonl", study.render)
     try:
-        methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
+        methods = _names(args.methods)
         unknown = sorted(set(methods) - set(study.METHODS))
         if unknown:
             raise ConfigError(f"unknown methods {unknown}; available: {', '.join(study.METHODS)}")
@@ -233,7 +235,7 @@ def study_main(args) -> int:
             datasets, loaded = [synthetic_task("toy")], tiny_model()
         else:
             config = study.StudyConfig(
-                tasks=tuple(t.strip() for t in args.tasks.split(",") if t.strip()), rates=_numbers(args.rates, float),
+                tasks=_names(args.tasks or "sst2,mrpc,rte,cola,qnli"), rates=_numbers(args.rates, float),
                 methods=methods, max_train=args.max_train, recovery_examples=args.recovery_examples,
                 max_eval=args.max_eval, max_length=args.max_length, ablations=not args.no_ablations,
                 adapt=args.adapt, lr=args.lr, epochs=args.epochs, prompt_length=args.prompt_length,
@@ -271,14 +273,18 @@ def recovery_main(args, out) -> int:
             path = recovery_study.run(("toy",), out, cache, build=build, variants=variants, progress=False,
                                       datasets=[synthetic_task("toy")], loaded=tiny_model())
         else:
-            tasks = args.tasks if args.tasks != "sst2,mrpc,rte,cola,qnli" else "bbc-news,sst2"
-            path = recovery_study.run(tuple(t.strip() for t in tasks.split(",") if t.strip()), out, cache,
-                                      args.data_dir, progress=not args.no_progress)
+            path = recovery_study.run(_names(args.tasks or "bbc-news,sst2"), out, cache, args.data_dir,
+                                      progress=not args.no_progress)
     except DoeExportError as exc:
         print(f"doe study: error: {exc}", file=sys.stderr)
         return 2
     print(f"records: {path}\nreport:  {out / 'recovery.md'}")
     return 0
+
+
+def _names(text: str) -> tuple[str, ...]:
+    """Comma-separated names, blanks dropped."""
+    return tuple(t.strip() for t in text.split(",") if t.strip())
 
 
 def _numbers(text: str, kind=int) -> tuple:
@@ -329,9 +335,10 @@ def bench_main(args) -> int:
             )
         if any(not 0 < r < 1 for r in config.rates) or min(config.batches + config.tokens + config.threads) < 1:
             raise ConfigError("rates must be in (0, 1); batches, tokens and threads must be >= 1")
+        engines = ("fastapi", "ray") if args.engine == "ray" else ("fastapi",)
         if args.quick:
             suite_cfg = suites.SuiteConfig(model=args.model, threads=1, flow=quick_flow(), **suites.QUICK,
-                                           load_engines=("fastapi", "ray") if args.engine == "ray" else ("fastapi",))
+                                           load_engines=engines)
         else:
             flow = None  # doe build's defaults
             if args.adapt != "finetune" or args.lr is not None or args.epochs != 3:
@@ -344,7 +351,7 @@ def bench_main(args) -> int:
                                            load_connections=_numbers(args.load_connections)[0],
                                            load_connection_steps=_numbers(args.load_connections),
                                            load_big_request=args.load_big_request,
-                                           load_engines=("fastapi", "ray") if args.engine == "ray" else ("fastapi",),
+                                           load_engines=engines,
                                            load_memory_arena=not args.load_no_arena)
             if set(suites_to_run) & {"layers", "peers", "replace"} and not args.data_dir:
                 raise ConfigError("the layers, peers and replace suites need GLUE data: pass --data-dir (GLUE layout, e.g. "
@@ -394,7 +401,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         user_tasks = {t.name: t for t in map(parse_user_task, args.user_task)}
         config = BuildConfig(
-            model=args.model, tasks=tuple(t.strip() for t in args.tasks.split(",") if t.strip()),
+            model=args.model, tasks=_names(args.tasks),
             data_dir=args.data_dir, cache_dir=args.cache_dir, out_dir=args.out, adapt=args.adapt,
             prompt_length=args.prompt_length, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
             scorer=args.scorer, token_agg=args.token_agg, rate=args.rate, layer_types=args.layer_types,
