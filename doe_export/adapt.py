@@ -17,6 +17,7 @@ from __future__ import annotations
 import random
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -28,15 +29,15 @@ from doe_runtime.tokenization import encode_batch
 from .console import log
 from .errors import ConfigError
 from .evaluate import evaluate_torch, torch_logits
+from .specs import DEFAULT_LR, TrainedParams, check_training
 from .tasks import Split
-
-PARAMS = ("prompt", "all")
-DEFAULT_LR = {"prompt": 1e-2, "all": 8e-5}
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    params: str = "prompt"  # "prompt" (soft prompt + head) | "all"
+    """One training loop's settings (built from an AdaptSpec or a RecoverySpec by the stage API)."""
+
+    params: TrainedParams = TrainedParams.PROMPT  # what trains: the soft prompt + head, or every weight
     epochs: int = 2
     lr: float | None = None  # None: DEFAULT_LR[params]
     batch_size: int = 16
@@ -45,17 +46,16 @@ class TrainConfig:
     distill: float = 0.0  # weight of the distillation term (needs a teacher); 0: cross-entropy only
     temperature: float = 2.0
 
-    def check(self) -> "TrainConfig":
-        if self.params not in PARAMS:
-            raise ConfigError(f"trained parameters must be one of {PARAMS}, got {self.params!r}")
-        if self.epochs < 0 or self.batch_size < 1:
-            raise ConfigError(f"epochs must be >= 0 and batch size >= 1, got {self.epochs} and {self.batch_size}")
-        if self.lr is not None and not self.lr > 0:
-            raise ConfigError(f"learning rate must be > 0, got {self.lr}")
-        if not 0.0 <= self.distill <= 1.0 or not self.temperature > 0:
-            raise ConfigError(f"distillation weight must be in [0, 1] and temperature > 0, got {self.distill} and "
-                              f"{self.temperature}")
-        return self
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "params", TrainedParams.parse(self.params, "trained parameters"))
+        check_training(
+            "training",
+            epochs=self.epochs,
+            lr=self.lr,
+            batch_size=self.batch_size,
+            distill=self.distill,
+            temperature=self.temperature,
+        )
 
     def learning_rate(self) -> float:
         return self.lr if self.lr is not None else DEFAULT_LR[self.params]
@@ -66,14 +66,22 @@ def set_seed(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor, weight: float,
-                      temperature: float) -> torch.Tensor:
+def distillation_loss(
+    student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor, weight: float, temperature: float
+) -> torch.Tensor:
     """``weight * T^2 * KL(teacher_T || student_T) + (1 - weight) * CE(student, labels)``."""
     hard = F.cross_entropy(student, labels)
     if weight == 0.0:
         return hard
-    soft = F.kl_div(F.log_softmax(student / temperature, dim=-1), F.log_softmax(teacher / temperature, dim=-1),
-                    reduction="batchmean", log_target=True) * temperature ** 2
+    soft = (
+        F.kl_div(
+            F.log_softmax(student / temperature, dim=-1),
+            F.log_softmax(teacher / temperature, dim=-1),
+            reduction="batchmean",
+            log_target=True,
+        )
+        * temperature**2
+    )
     return weight * soft + (1.0 - weight) * hard
 
 
@@ -82,6 +90,7 @@ def train(
     tokenizer,
     train_split: Split,
     dev_split: Split | None,
+    *,
     metric: str,
     config: TrainConfig,
     desc: str = "train",
@@ -89,14 +98,21 @@ def train(
     teacher=None,
 ) -> dict:
     """Train in place; return a record (losses, dev metric per epoch, best epoch, seconds)."""
-    config.check()
     if config.distill > 0 and teacher is None:
         raise ConfigError(f"{desc}: distillation weight {config.distill} needs a teacher model")
     start = time.perf_counter()
-    record = {"params": config.params, "epochs": config.epochs, "lr": config.learning_rate(),
-              "batch_size": config.batch_size, "examples": len(train_split), "seed": config.seed,
-              "distill": config.distill if teacher is not None else 0.0, "temperature": config.temperature,
-              "epoch_loss": [], "dev_metric": []}
+    record: dict[str, Any] = {
+        "params": str(config.params),
+        "epochs": config.epochs,
+        "lr": config.learning_rate(),
+        "batch_size": config.batch_size,
+        "examples": len(train_split),
+        "seed": config.seed,
+        "distill": config.distill if teacher is not None else 0.0,
+        "temperature": config.temperature,
+        "epoch_loss": [],
+        "dev_metric": [],
+    }
     if config.epochs == 0 or len(train_split) == 0:
         record["seconds"] = 0.0
         return record
@@ -104,85 +120,113 @@ def train(
     teacher_logits = None
     if teacher is not None and config.distill > 0:
         teacher_logits = torch.from_numpy(torch_logits(teacher, tokenizer, train_split.inputs))  # [N, K], once
-    params = model.trainable("prompt" if config.params == "prompt" else "finetune")
-    optimizer = torch.optim.AdamW(params, lr=config.learning_rate(),
-                                  weight_decay=0.0 if config.params == "prompt" else 0.01)
-    steps_per_epoch = (len(train_split) + config.batch_size - 1) // config.batch_size
-    total = steps_per_epoch * config.epochs
-    warmup = max(1, total // 10)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: min((step + 1) / warmup, max(0.0, (total - step) / max(1, total - warmup)))
-    )
+    loop = _Loop(model, tokenizer, train_split, config, teacher_logits)
     rng = random.Random(config.seed)
-    best = (float("-inf"), None, -1)
+    best: tuple[float, dict | None, int] = (float("-inf"), None, -1)
     order = list(range(len(train_split)))
     for epoch in range(config.epochs):
-        model.train()
-        if config.params == "prompt":
-            model.backbone.eval()  # frozen backbone: no dropout, as in prompt tuning
         rng.shuffle(order)
-        losses = []
         epoch_start = time.perf_counter()
         if not progress:
-            log(f"{desc}: epoch {epoch + 1}/{config.epochs} ({steps_per_epoch} batches of {config.batch_size})")
-        bar = tqdm(range(steps_per_epoch), desc=f"{desc} epoch {epoch + 1}/{config.epochs}", disable=not progress,
-                   leave=False, unit="batch")
-        for step in bar:
-            chunk = order[step * config.batch_size : (step + 1) * config.batch_size]
-            ids, mask = encode_batch(tokenizer, [train_split.inputs[i] for i in chunk])
-            labels = torch.tensor([train_split.labels[i] for i in chunk])
-            logits = model(torch.from_numpy(ids), torch.from_numpy(mask))
-            if teacher_logits is not None:
-                loss = distillation_loss(logits, teacher_logits[chunk], labels, config.distill, config.temperature)
-            else:
-                loss = F.cross_entropy(logits, labels)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
-            optimizer.step()
-            schedule.step()
-            losses.append(loss.item())
-            if step % 10 == 0:
-                bar.set_postfix(loss=f"{sum(losses[-10:]) / len(losses[-10:]):.3f}")
-        record["epoch_loss"].append(sum(losses) / len(losses))
+            log(f"{desc}: epoch {epoch + 1}/{config.epochs} ({loop.steps} batches of {config.batch_size})")
+        record["epoch_loss"].append(loop.epoch(order, f"{desc} epoch {epoch + 1}/{config.epochs}", progress))
         if dev_split is not None and len(dev_split):
             value = evaluate_torch(model, tokenizer, dev_split, metric)
             record["dev_metric"].append(value)
             if value > best[0]:
-                best = (value, {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}, epoch)
+                trained = {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
+                best = (value, trained, epoch)
         if not progress:
             spent = time.perf_counter() - epoch_start
             dev = f", dev {metric} {record['dev_metric'][-1]:.4f}" if record["dev_metric"] else ""
-            log(f"{desc}: epoch {epoch + 1}/{config.epochs} done in {spent:.0f}s (loss {record['epoch_loss'][-1]:.3f}"
-                f"{dev}); about {spent * (config.epochs - epoch - 1):.0f}s left")
+            log(
+                f"{desc}: epoch {epoch + 1}/{config.epochs} done in {spent:.0f}s (loss {record['epoch_loss'][-1]:.3f}"
+                f"{dev}); about {spent * (config.epochs - epoch - 1):.0f}s left"
+            )
     if best[1] is not None and best[2] != config.epochs - 1:
-        with torch.no_grad():
-            named = dict(model.named_parameters())
-            for name, value in best[1].items():
-                named[name].copy_(value)
+        _restore(model, best[1])
     record["best_epoch"] = best[2] + 1 if best[1] is not None else config.epochs
     record["seconds"] = round(time.perf_counter() - start, 2)
+    _freeze(model)
+    return record
+
+
+class _Loop:
+    """The optimizer, schedule and one epoch of steps of :func:`train`."""
+
+    def __init__(self, model, tokenizer, split: Split, config: TrainConfig, teacher_logits):
+        self.model, self.tokenizer, self.split, self.config = model, tokenizer, split, config
+        self.teacher_logits = teacher_logits
+        prompt_only = config.params is TrainedParams.PROMPT
+        self.params = model.trainable("prompt" if prompt_only else "finetune")
+        self.optimizer = torch.optim.AdamW(
+            self.params, lr=config.learning_rate(), weight_decay=0.0 if prompt_only else 0.01
+        )
+        self.steps = (len(split) + config.batch_size - 1) // config.batch_size
+        total = self.steps * config.epochs
+        warmup = max(1, total // 10)
+        self.schedule = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda step: min((step + 1) / warmup, max(0.0, (total - step) / max(1, total - warmup)))
+        )
+
+    def epoch(self, order: list[int], desc: str, progress: bool) -> float:
+        """One pass over the training split in ``order``; returns the mean loss."""
+        config, model = self.config, self.model
+        model.train()
+        if config.params is TrainedParams.PROMPT:
+            model.backbone.eval()  # frozen backbone: no dropout, as in prompt tuning
+        losses = []
+        bar = tqdm(range(self.steps), desc=desc, disable=not progress, leave=False, unit="batch")
+        for step in bar:
+            chunk = order[step * config.batch_size : (step + 1) * config.batch_size]
+            ids, mask = encode_batch(self.tokenizer, [self.split.inputs[i] for i in chunk])
+            labels = torch.tensor([self.split.labels[i] for i in chunk])
+            logits = model(torch.from_numpy(ids), torch.from_numpy(mask))
+            if self.teacher_logits is not None:
+                loss = distillation_loss(logits, self.teacher_logits[chunk], labels, config.distill, config.temperature)
+            else:
+                loss = F.cross_entropy(logits, labels)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(self.params, config.max_grad_norm)
+            self.optimizer.step()
+            self.schedule.step()
+            losses.append(loss.item())
+            if step % 10 == 0:
+                bar.set_postfix(loss=f"{sum(losses[-10:]) / len(losses[-10:]):.3f}")
+        return sum(losses) / len(losses)
+
+
+def _restore(model, weights: dict) -> None:
+    """Put the kept epoch's trained weights back."""
+    with torch.no_grad():
+        named = dict(model.named_parameters())
+        for name, value in weights.items():
+            named[name].copy_(value)
+
+
+def _freeze(model) -> None:
     model.eval()
     for param in model.parameters():
         param.requires_grad_(False)
-    return record
 
 
 def examples_per_second(model, tokenizer, split: Split, config: TrainConfig, batches: int = 4) -> float:
     """Training throughput measured on a few batches of ``split`` (weights restored afterwards)."""
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    params = model.trainable("prompt" if config.params == "prompt" else "finetune")
+    params = model.trainable("prompt" if config.params is TrainedParams.PROMPT else "finetune")
     optimizer = torch.optim.AdamW(params, lr=config.learning_rate())
     model.train()
     rng = np.random.default_rng(config.seed)
-    seen, start = 0, None
+    seen, start = 0, time.perf_counter()
     for index in range(batches + 1):  # the first batch warms up and is not timed
         if index == 1:
             start = time.perf_counter()
         chunk = rng.choice(len(split), size=min(config.batch_size, len(split)), replace=False)
         ids, mask = encode_batch(tokenizer, [split.inputs[i] for i in chunk])
-        loss = F.cross_entropy(model(torch.from_numpy(ids), torch.from_numpy(mask)),
-                               torch.tensor([split.labels[i] for i in chunk]))
+        loss = F.cross_entropy(
+            model(torch.from_numpy(ids), torch.from_numpy(mask)), torch.tensor([split.labels[i] for i in chunk])
+        )
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -190,10 +234,8 @@ def examples_per_second(model, tokenizer, split: Split, config: TrainConfig, bat
             seen += len(chunk)
     rate = seen / (time.perf_counter() - start)
     model.load_state_dict(state)
-    model.eval()
-    for param in model.parameters():
-        param.requires_grad_(False)
+    _freeze(model)
     return rate
 
 
-__all__ = ["DEFAULT_LR", "PARAMS", "TrainConfig", "distillation_loss", "examples_per_second", "set_seed", "train"]
+__all__ = ["TrainConfig", "distillation_loss", "examples_per_second", "set_seed", "train"]

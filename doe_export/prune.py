@@ -19,37 +19,54 @@ from torch import nn
 
 from .archs import set_module
 from .errors import ConfigError
-
-BUDGETS = ("per-layer", "global")
+from .specs import TENSOR_CORE_ALIGNMENT, Budget, LayerTypes, Rounding
 
 
 @dataclass(frozen=True)
 class PruneConfig:
+    """The surgery's own settings (the stage API builds them from a PruneSpec)."""
+
     rate: float = 0.65  # share of FFN neurons removed
-    budget: str = "per-layer"  # "per-layer" | "global"
-    round_to: int = 1  # kept width of each layer rounded up to a multiple of this
+    budget: Budget = Budget.PER_LAYER
+    round_to: int = 1  # kept width of each layer made a multiple of this (per ``rounding``)
     fold_bias: bool = False
     min_keep: int = 1  # never empty a layer (zero-width MatMuls are not portable across runtimes)
+    rounding: Rounding = Rounding.UP
 
-    def check(self) -> "PruneConfig":
+    def __post_init__(self) -> None:
         if not 0.0 <= self.rate < 1.0:
             raise ConfigError(f"pruning rate must be in [0, 1), got {self.rate}")
-        if self.budget not in BUDGETS:
-            raise ConfigError(f"budget must be one of {BUDGETS}, got {self.budget!r}")
+        object.__setattr__(self, "budget", Budget.parse(self.budget, "budget"))
+        object.__setattr__(self, "rounding", Rounding.parse(self.rounding, "rounding"))
         if self.round_to < 1 or self.min_keep < 1:
             raise ConfigError(f"round_to and min_keep must be >= 1, got {self.round_to}, {self.min_keep}")
-        return self
 
 
 def _round_width(k: int, width: int, config: PruneConfig) -> int:
-    k = max(k, config.min_keep)
-    k = int(math.ceil(k / config.round_to) * config.round_to)
-    return min(k, width)
+    """``k`` kept of ``width`` made a multiple of ``round_to`` (up, down or to the nearest; at least one multiple
+    and never more than the width)."""
+    k, step = max(k, config.min_keep), config.round_to
+    if config.rounding is Rounding.UP:
+        k = math.ceil(k / step) * step
+    elif config.rounding is Rounding.DOWN:
+        k = (k // step) * step
+    else:
+        k = math.floor(k / step + 0.5) * step
+    return min(max(k, step), width)
+
+
+def alignment(round_to: int | None, dense: int, unit: int = 1) -> int:
+    """The multiple, in ``unit``s, that a kept count of a dimension must be: with ``round_to`` None the tensor-core
+    alignment wherever the dense size ``dense * unit`` is a multiple of it (else 1: nothing to align); with an
+    explicit ``round_to`` that multiple always. For heads, ``unit`` is the head size (heads x head size aligned)."""
+    target = TENSOR_CORE_ALIGNMENT if round_to is None else round_to
+    if round_to is None and (dense * unit) % target:
+        return 1
+    return target // math.gcd(target, unit)
 
 
 def select_neurons(importance: list[torch.Tensor], config: PruneConfig) -> list[torch.Tensor]:
     """Sorted indices of the neurons to keep in each layer."""
-    config.check()
     widths = [len(scores) for scores in importance]
     if config.budget == "per-layer":
         counts = [round(w * (1.0 - config.rate)) for w in widths]
@@ -107,7 +124,7 @@ def prune_ffn(model, keep: list[torch.Tensor], mean_activation: list[torch.Tenso
             if new_down.bias is None:
                 new_down = _with_bias(new_down)
             with torch.no_grad():
-                new_down.bias += shift
+                new_down.bias.add_(shift)
         set_module(layer, spec.down, new_down)
     return {
         "params_before": before,
@@ -123,9 +140,6 @@ def _with_bias(linear: nn.Linear) -> nn.Linear:
         new.weight.copy_(linear.weight)
         new.bias.zero_()
     return new
-
-
-LAYER_TYPES = ("ffn", "attention", "both")
 
 
 def head_rows(heads: torch.Tensor, head_dim: int) -> torch.Tensor:
@@ -174,27 +188,46 @@ def prune_heads(model, keep: list[torch.Tensor]) -> dict:
     }
 
 
-def prune_model(model, layer_types: str, config: PruneConfig, importance: list[torch.Tensor] | None,
-                head_importance: list[torch.Tensor] | None = None, head_rate: float | None = None,
-                mean_activation: list[torch.Tensor] | None = None) -> dict:
+def prune_model(
+    model,
+    layer_types: str,
+    config: PruneConfig,
+    importance: list[torch.Tensor] | None,
+    *,
+    head_importance: list[torch.Tensor] | None = None,
+    head_rate: float | None = None,
+    head_multiple: int = 1,
+    mean_activation: list[torch.Tensor] | None = None,
+) -> dict:
     """Remove FFN neurons, attention heads or both (``layer_types``); one report for the whole model.
 
     FFN neurons follow ``config`` (rate, budget, rounding, folding); heads follow ``head_rate``
-    (default: ``config.rate``) with the same budget, at least one head per layer.
+    (default: ``config.rate``) with the same budget and rounding, in multiples of ``head_multiple`` heads, at
+    least one multiple per layer.
     """
-    if layer_types not in LAYER_TYPES:
-        raise ConfigError(f"layer types must be one of {LAYER_TYPES}, got {layer_types!r}")
-    config.check()
+    layer_types = LayerTypes.parse(layer_types, "layer types")
     spec = model.spec
-    report = {"params_before": count_parameters(model), "ffn_widths_before": model.ffn_widths(),
-              "head_counts_before": spec.head_counts(model.backbone), "layer_types": layer_types}
+    report = {
+        "params_before": count_parameters(model),
+        "ffn_widths_before": model.ffn_widths(),
+        "head_counts_before": spec.head_counts(model.backbone),
+        "layer_types": layer_types,
+    }
     if layer_types in ("ffn", "both"):
+        if importance is None:
+            raise ConfigError("removing FFN neurons needs their importance (one tensor per layer)")
         keep = select_neurons(importance, config)
         prune_ffn(model, keep, mean_activation if config.fold_bias else None)
     if layer_types in ("attention", "both"):
+        if head_importance is None:
+            raise ConfigError("removing attention heads needs their importance (one tensor per layer)")
         rate = config.rate if head_rate is None else head_rate
-        head_keep = select_neurons(head_importance, PruneConfig(rate, config.budget))
+        head_config = PruneConfig(rate, config.budget, round_to=head_multiple, rounding=config.rounding)
+        head_keep = select_neurons(head_importance, head_config)
         prune_heads(model, head_keep)
-    report.update(params_after=count_parameters(model), ffn_widths=model.ffn_widths(),
-                  head_counts=spec.head_counts(model.backbone))
+    report.update(
+        params_after=count_parameters(model),
+        ffn_widths=model.ffn_widths(),
+        head_counts=spec.head_counts(model.backbone),
+    )
     return report

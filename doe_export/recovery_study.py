@@ -10,13 +10,13 @@ over the tasks, dev and test both shown).
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, replace
+from dataclasses import replace
 from pathlib import Path
 
-from . import evaluate, records, stages
-from .cache import cached_adapted
+from . import records
 from .console import log
-from .loading import fast_tokenizer, load_model
+from .records import to_json
+from .specs import BuildConfig
 from .tasks import load_task
 
 VARIANTS = {
@@ -29,43 +29,90 @@ VARIANTS = {
 }
 
 
-def run(tasks: tuple[str, ...], out_dir: Path, cache: Path, data_dir=None, build=None, variants=None,
-        progress: bool = True, datasets=None, loaded=None) -> Path:
-    from .pipeline import BuildConfig
+DEFAULT_TASKS = ("bbc-news", "sst2")
+
+
+def _scores(score) -> dict:
+    return {"dev": score.dev, "test": score.test}
+
+
+def run(
+    tasks: tuple[str, ...],
+    out_dir: Path,
+    cache: Path,
+    *,
+    data_dir=None,
+    build: BuildConfig | None = None,
+    variants=None,
+    progress: bool = True,
+    datasets=None,
+    loaded=None,
+) -> Path:
+    """Every recovery variant of ``build``'s flow on each task; records in ``out_dir/recovery.jsonl``."""
+    from . import stages
+    from .cache import adapted_path, cached_adapted
+    from .loading import fast_tokenizer, load_model
 
     build = build or BuildConfig()
     variants = variants or VARIANTS
     loaded = loaded or load_model(build.model)
-    spec_data, spec_adapt, spec_prune, spec_recovery, _ = build.specs()
     path = Path(out_dir) / "recovery.jsonl"
-    header = {**records.environment([1], []), "suite": "recovery",
-              "config": {"build": asdict(build), "variants": variants}}
+    header = {
+        **records.environment([1], []),
+        "suite": "recovery",
+        "config": {"build": to_json(build), "variants": variants},
+    }
     rows = [header]
-    for data in datasets or [load_task(task, build.seed, data_dir) for task in tasks]:
-        splits = stages.Splits.of(data, spec_data)
-        tokenizer = fast_tokenizer(loaded.hf_tokenizer, spec_data.max_length)
-        key = stages.spec_key(spec_data, spec_adapt, extra=[build.model, data.name])
-        dense = cached_adapted(Path(cache) / f"{data.name}-dense-{key}.pt", loaded, data, spec_adapt, tokenizer,
-                               splits, progress)
-
-        def score(model, splits=splits, tokenizer=tokenizer, data=data):
-            return {"dev": evaluate.evaluate_torch(model, tokenizer, splits.dev, data.metric),
-                    "test": evaluate.evaluate_torch(model, tokenizer, splits.test, data.metric)}
-
-        dense_scores = score(dense)
-        stats = stages.calibration_stats(dense, tokenizer, splits.train, spec_prune, progress)
+    for data in datasets or [load_task(task, build.data.seed, data_dir) for task in tasks]:
+        splits = stages.Splits.of(data, build.data)
+        tokenizer = fast_tokenizer(loaded.hf_tokenizer, build.data.max_length)
+        dense = cached_adapted(
+            adapted_path(Path(cache), build.model, data.name, build.data, build.adapt),
+            loaded,
+            data,
+            build.adapt,
+            tokenizer=tokenizer,
+            splits=splits,
+            progress=progress,
+        )
+        score = stages.scorer(tokenizer, splits, dev=True)
+        dense_scores = _scores(score(dense))
+        stats = stages.calibration_stats(dense, tokenizer, splits.train, build.prune, progress=progress)
         for name, change in variants.items():
             start = time.perf_counter()
-            result = stages.make_expert(dense, tokenizer, splits, data.metric, spec_prune,
-                                        replace(spec_recovery, **change), progress, f"[{data.name}] {name}",
-                                        stats=stats, score=score)
-            rows.append({"kind": "recovery", "task": data.name, "variant": name, **change, "metric": data.metric,
-                         "dense": dense_scores, "before": result.before, "after": result.after,
-                         "best_epoch": result.recovery.get("best_epoch"), "split": splits.test.name,
-                         "split_size": len(splits.test), "dev_size": len(splits.dev),
-                         "seconds": round(time.perf_counter() - start, 1)})
-            log(f"[{data.name}] {name}: test {result.after['test']:.4f} (dense {dense_scores['test']:.4f}), dev "
-                f"{result.after['dev']:.4f}")
+            result = stages.make_expert(
+                dense,
+                tokenizer,
+                splits,
+                build.prune,
+                replace(build.recovery, **change),
+                progress=progress,
+                desc=f"[{data.name}] {name}",
+                stats=stats,
+                score=score,
+            )
+            after = _scores(result.after)
+            rows.append(
+                {
+                    "kind": "recovery",
+                    "task": data.name,
+                    "variant": name,
+                    **change,
+                    "metric": data.metric,
+                    "dense": dense_scores,
+                    "before": _scores(result.before),
+                    "after": after,
+                    "best_epoch": result.recovery.get("best_epoch"),
+                    "split": splits.test.name,
+                    "split_size": len(splits.test),
+                    "dev_size": len(splits.dev),
+                    "seconds": round(time.perf_counter() - start, 1),
+                }
+            )
+            log(
+                f"[{data.name}] {name}: test {after['test']:.4f} (dense {dense_scores['test']:.4f}), dev "
+                f"{after['dev']:.4f}"
+            )
             records.write_jsonl(path, rows)
     render(path, Path(out_dir))
     return path
@@ -77,16 +124,22 @@ def render(records_path: Path, out_dir: Path) -> Path:
     tasks = list(dict.fromkeys(r["task"] for r in rows))
     variants = list(dict.fromkeys(r["variant"] for r in rows))
     build = head["config"]["build"]
-    lines = ["# Recovery: which re-training keeps the metric after pruning", "",
-             f"`doe build`'s flow (fine-tuned `{build['model']}`, at most {build['max_train']} training examples, "
-             f"DoE, FFN p = {build['rate']:g}), then each recovery variant (every remaining weight trains, "
-             "distillation from the dense model with the given weight at T = 2, best dev epoch kept). Cells: "
-             "test (dev) x100; the loss against the dense model in brackets. Environment: "
-             f"{head['cpu']}, recorded {head['created']}.", "",
-             "| variant | " + " | ".join(tasks) + " | average test loss |", "|---|" + "---:|" * (len(tasks) + 1)]
+    lines = [
+        "# Recovery: which re-training keeps the metric after pruning",
+        "",
+        f"`doe build`'s flow (fine-tuned `{build['model']}`, at most {build.get('data', build)['max_train']} training examples, "
+        f"DoE, FFN p = {build.get('prune', build)['rate']:g}), then each recovery variant (every remaining weight trains, "
+        "distillation from the dense model with the given weight at T = 2, best dev epoch kept). Cells: "
+        "test (dev) x100; the loss against the dense model in brackets. Environment: "
+        f"{head['cpu']}, recorded {head['created']}.",
+        "",
+        "| variant | " + " | ".join(tasks) + " | average test loss |",
+        "|---|" + "---:|" * (len(tasks) + 1),
+    ]
     dense = {r["task"]: r["dense"] for r in rows}
-    lines.append("| dense | " + " | ".join(f"{100 * dense[t]['test']:.1f} ({100 * dense[t]['dev']:.1f})"
-                                          for t in tasks) + " | |")
+    lines.append(
+        "| dense | " + " | ".join(f"{100 * dense[t]['test']:.1f} ({100 * dense[t]['dev']:.1f})" for t in tasks) + " | |"
+    )
     averages = {}
     for variant in variants:
         cells, losses = [], []
@@ -102,13 +155,19 @@ def render(records_path: Path, out_dir: Path) -> Path:
         averages[variant] = sum(losses) / len(losses) if len(losses) == len(tasks) else float("nan")
         lines.append(f"| {variant} | " + " | ".join(cells) + f" | {averages[variant]:+.2f} |")
     before = {t: next(r["before"]["test"] for r in rows if r["task"] == t) for t in tasks}
-    lines += ["", "Before recovery (pruning alone): " + ", ".join(f"{t} {100 * v:.1f}" for t, v in before.items())
-              + ".", ""]
+    lines += [
+        "",
+        "Before recovery (pruning alone): " + ", ".join(f"{t} {100 * v:.1f}" for t, v in before.items()) + ".",
+        "",
+    ]
     finite = {k: v for k, v in averages.items() if v == v}
     if finite:
-        best = min(finite, key=finite.get)
-        lines += [f"Smallest average loss: **{best}** ({finite[best]:+.2f} points). Test splits of a few hundred "
-                  "items move 0.1-0.25 points per item: differences under a point are within noise.", ""]
+        best = min(finite, key=lambda name: finite[name])
+        lines += [
+            f"Smallest average loss: **{best}** ({finite[best]:+.2f} points). Test splits of a few hundred "
+            "items move 0.1-0.25 points per item: differences under a point are within noise.",
+            "",
+        ]
     path = Path(out_dir) / "recovery.md"
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return path

@@ -16,6 +16,8 @@ BERT tokenizers produce (a test checks this against the tokenizer).
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -28,8 +30,9 @@ POOLINGS = ("mean", "cls", "last")
 class TaskModel(nn.Module):
     def __init__(
         self,
-        backbone: nn.Module,
+        backbone: Any,  # a transformers PreTrainedModel (AutoModel): config and embeddings are its own
         num_labels: int,
+        *,
         prompt_length: int = 0,
         pooling: str | None = None,
         sep_token_id: int | None = None,

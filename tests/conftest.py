@@ -9,16 +9,22 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a stray hub call fails in ms instead of retrying
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
-import pytest  # noqa: E402
+import pytest
 
-TINY = dict(hidden_size=24, num_hidden_layers=2, num_attention_heads=3, intermediate_size=37, vocab_size=30522,
-            max_position_embeddings=160)
+from doe_export.loading import TINY_BERT as TINY
 
 
 def tiny_config(family: str):
     """A tiny random config per family; vocab matches the packaged MiniLM tokenizer."""
-    from transformers import (BertConfig, DistilBertConfig, ElectraConfig, LlamaConfig, MPNetConfig,
-                              RobertaConfig, XLMRobertaConfig)
+    from transformers import (
+        BertConfig,
+        DistilBertConfig,
+        ElectraConfig,
+        LlamaConfig,
+        MPNetConfig,
+        RobertaConfig,
+        XLMRobertaConfig,
+    )
 
     if family == "bert":
         return BertConfig(**TINY)
@@ -31,12 +37,20 @@ def tiny_config(family: str):
     if family == "mpnet":
         return MPNetConfig(**TINY, pad_token_id=0)
     if family == "distilbert":
-        return DistilBertConfig(vocab_size=30522, dim=24, n_layers=2, n_heads=3, hidden_dim=37,
-                                max_position_embeddings=160, pad_token_id=0)
+        return DistilBertConfig(
+            vocab_size=30522, dim=24, n_layers=2, n_heads=3, hidden_dim=37, max_position_embeddings=160, pad_token_id=0
+        )
     if family == "llama":
-        return LlamaConfig(vocab_size=30522, hidden_size=24, intermediate_size=37, num_hidden_layers=2,
-                           num_attention_heads=3, num_key_value_heads=3, max_position_embeddings=160,
-                           pad_token_id=0)
+        return LlamaConfig(
+            vocab_size=30522,
+            hidden_size=24,
+            intermediate_size=37,
+            num_hidden_layers=2,
+            num_attention_heads=3,
+            num_key_value_heads=3,
+            max_position_embeddings=160,
+            pad_token_id=0,
+        )
     raise KeyError(family)
 
 
@@ -78,10 +92,17 @@ def tiny_bundles(tmp_path_factory, _tiny_backbones, hf_tokenizer):
     """Two bundles (single-text and pair task) built by the real pipeline from a tiny BERT."""
     from doe_export.loading import LoadedModel
     from doe_export.pipeline import BuildConfig, build_task
+    from doe_export.specs import AdaptSpec, DataSpec, PruneSpec, RecoverySpec
 
     root = tmp_path_factory.mktemp("bundles")
-    config = BuildConfig(out_dir=str(root), epochs=1, recovery_epochs=1, calib_examples=16, max_length=32,
-                         batch_size=8, progress=False, lr=5e-3)
+    config = BuildConfig(
+        out_dir=str(root),
+        data=DataSpec(max_length=32),
+        adapt=AdaptSpec(epochs=1, batch_size=8, lr=5e-3),
+        prune=PruneSpec(calib_examples=16, batch_size=8),
+        recovery=RecoverySpec(epochs=1, batch_size=8),
+        progress=False,
+    )
     results = {}
     for name, kind in (("toy-single", "single"), ("toy-pair", "pair")):
         loaded = LoadedModel(copy.deepcopy(_tiny_backbones["bert"]), hf_tokenizer, "tiny-bert", "config", None)

@@ -5,12 +5,12 @@ import numpy as np
 import pytest
 import torch
 
-from doe_export import attribution, export, prune
+from doe_export import attribution, onnx_export, prune, scorers
 from doe_export.archs import UnsupportedModelError, arch_for, supported_model_types
 from doe_export.loading import fast_tokenizer
 from doe_export.taskmodel import TaskModel
-
 from doe_export.tasks import synthetic_task
+from doe_runtime.tokenization import encode_batch
 
 from .conftest import FAMILIES
 
@@ -24,9 +24,10 @@ def test_family_prunes_and_exports(family, tiny_backbone, hf_tokenizer, tmp_path
     assert model.ffn_widths() == [37, 37]
     assert model.pooling == ("last" if family == "llama" else "mean")
 
-    stats = attribution.collect_stats(model, attribution.calibration_batches(tokenizer, data.train, 16, 8, 0),
-                                      progress=False)
-    scores = attribution.DoEScorer("mean").score(model, stats)
+    stats = attribution.collect_stats(
+        model, attribution.calibration_batches(tokenizer, data.train, 16, 8, 0), progress=False
+    )
+    scores = scorers.DoEScorer("mean").score(model, stats)
     assert [len(s) for s in scores.importance] == [37, 37]
     assert all(bool((s >= 0).all()) and float(s.sum()) > 0 for s in scores.importance)
 
@@ -39,10 +40,10 @@ def test_family_prunes_and_exports(family, tiny_backbone, hf_tokenizer, tmp_path
             assert up.out_features == 15
         assert model.spec.down_linear(layer).in_features == 15
 
-    ids, mask = export.encode_batch(tokenizer, data.test.inputs[:3])
+    ids, mask = encode_batch(tokenizer, data.test.inputs[:3])
     path = tmp_path / "m.onnx"
-    export.export_onnx(model, path, ids, mask)
-    report = export.validate_onnx(model, path, export.validation_batches(tokenizer, data.test.inputs))
+    onnx_export.export_onnx(model, path, ids, mask)
+    report = onnx_export.validate_onnx(model, path, onnx_export.validation_batches(tokenizer, data.test.inputs))
     assert report["max_abs_diff"] <= 1e-4
     assert report["label_agreement"] == 1.0
     assert report["padded_batch_included"]
@@ -96,11 +97,13 @@ def test_ort_fusions_keep_outputs(family, tiny_backbone, hf_tokenizer, tmp_path)
     data = synthetic_task()
     keep = prune.select_neurons([torch.rand(37), torch.rand(37)], prune.PruneConfig(rate=0.5))
     prune.prune_ffn(model, keep)
-    ids, mask = export.encode_batch(tokenizer, data.test.inputs[:2])
-    export.export_onnx(model, tmp_path / "raw.onnx", ids, mask)
-    fusions = export.fuse_for_ort(tmp_path / "raw.onnx", tmp_path / "fused.onnx")
+    ids, mask = encode_batch(tokenizer, data.test.inputs[:2])
+    onnx_export.export_onnx(model, tmp_path / "raw.onnx", ids, mask)
+    fusions = onnx_export.fuse_for_ort(tmp_path / "raw.onnx", tmp_path / "fused.onnx")
     assert fusions, "no fusion applied"
     ops = {node.op_type for node in onnx.load(str(tmp_path / "fused.onnx")).graph.node}
     assert ops & {"MultiHeadAttention", "Attention", "SkipLayerNormalization", "BiasGelu", "FastGelu"}
-    report = export.validate_onnx(model, tmp_path / "fused.onnx", export.validation_batches(tokenizer, data.test.inputs))
+    report = onnx_export.validate_onnx(
+        model, tmp_path / "fused.onnx", onnx_export.validation_batches(tokenizer, data.test.inputs)
+    )
     assert report["max_abs_diff"] <= 1e-4 and report["label_agreement"] == 1.0

@@ -5,12 +5,21 @@ import pytest
 
 from doe_export.bench import common, grid
 from doe_export.cli import main
+from doe_export.flops import flop_bound, model_bound
+from doe_runtime.bundle import read_manifest
+
+
+def _bench(suite: str, out, work, *extra: str) -> int:
+    """``doe bench --suite SUITE --quick`` into ``out`` (records) and ``work`` (graphs, bundles)."""
+    return main(
+        ["bench", "--suite", suite, "--quick", "--out", str(out), "--work-dir", str(work), "--no-progress", *extra]
+    )
 
 
 def test_flop_bound_matches_design_example():
     # BERT-base, L=128: S(0.65) = 1.73 (design.md section 1)
-    assert common.flop_bound(0.65, 768, 3072, 128) == pytest.approx(1.73, abs=0.005)
-    assert common.flop_bound(0.0, 384, 1536, 64) == 1.0
+    assert flop_bound(0.65, 768, 3072, 128) == pytest.approx(1.73, abs=0.005)
+    assert flop_bound(0.0, 384, 1536, 64) == 1.0
 
 
 def test_paired_timing_interleaves_and_rotates():
@@ -23,8 +32,7 @@ def test_paired_timing_interleaves_and_rotates():
 
 def test_quick_grid_records_are_complete(tmp_path, capsys):
     out = tmp_path / "results"
-    assert main(["bench", "--suite", "grid", "--quick", "--out", str(out), "--work-dir", str(tmp_path / "g"),
-                 "--no-progress"]) == 0
+    assert _bench("grid", out, tmp_path / "g") == 0
     records = common.read_jsonl(out / "grid.jsonl")
     header, rows = records[0], records[1:]
     assert header["kind"] == "environment" and header["suite"] == "grid"
@@ -53,8 +61,10 @@ def test_bench_rejects_bad_grid(capsys, tmp_path):
 
 def test_quick_grid_with_fused_graphs(tmp_path):
     out = tmp_path / "fused"
-    assert main(["bench", "--quick", "--fused", "--out", str(out), "--work-dir", str(tmp_path / "g"),
-                 "--no-progress"]) == 0
+    assert (
+        main(["bench", "--quick", "--fused", "--out", str(out), "--work-dir", str(tmp_path / "g"), "--no-progress"])
+        == 0
+    )
     header = common.read_jsonl(out / "grid.jsonl")[0]
     assert header["config"]["fused"] is True
     assert (tmp_path / "g" / "dense.fused.onnx").is_file() and (tmp_path / "g" / "p0.5.fused.onnx").is_file()
@@ -71,14 +81,15 @@ def test_quick_layers_and_peers_records_are_complete(tmp_path):
 
     out = tmp_path / "results"
     for suite in ("layers", "peers"):
-        assert main(["bench", "--suite", suite, "--quick", "--out", str(out), "--work-dir", str(tmp_path / "w"),
-                     "--cache-dir", str(tmp_path / "cache"), "--no-progress"]) == 0
+        assert _bench(suite, out, tmp_path / "w", "--cache-dir", str(tmp_path / "cache")) == 0
     layers = common.read_jsonl(out / "layers.jsonl")
     assert layers[0]["suite"] == "layers" and layers[0]["model_shape"]["heads"] == 3
     rows = [r for r in layers[1:] if r["kind"] == "layers"]
     shape = layers[0]["model_shape"]
     for budget in suites.QUICK["budgets"]:
-        assert {r["layer_types"] for r in rows if r["budget"] == budget} == set(layers_suite.matched_rates(shape, budget, 0.95))
+        assert {r["layer_types"] for r in rows if r["budget"] == budget} == set(
+            layers_suite.matched_rates(shape, budget, 0.95)
+        )
     for r in rows:
         assert 0 <= r["value"] <= 1 and 0 <= r["value_before_recovery"] <= 1
         assert r["speedup"]["p25"] <= r["speedup"]["median"] <= r["speedup"]["p75"] and r["bound"] > 1
@@ -87,10 +98,18 @@ def test_quick_layers_and_peers_records_are_complete(tmp_path):
         assert r["max_abs_diff"]["max_abs_diff"] <= 1e-4 and r["max_abs_diff"]["fusions"]  # fused graph, validated
     assert "| 0.3 | both |" in (out / "layers.md").read_text() and _png(out / "layers.png")
 
-    peers = [r for r in common.read_jsonl(out / "peers.jsonl")[1:]]
+    peers = list(common.read_jsonl(out / "peers.jsonl")[1:])
     names = [r["peer"] for r in peers]
-    assert names == ["pytorch eager dense", "onnx dense", "onnx dense fused", "onnx expert", "onnx expert fused",
-                     "onnx expert fused int8", "onnx both fused", "onnx both fused int8"]
+    assert names == [
+        "pytorch eager dense",
+        "onnx dense",
+        "onnx dense fused",
+        "onnx expert",
+        "onnx expert fused",
+        "onnx expert fused int8",
+        "onnx both fused",
+        "onnx both fused int8",
+    ]
     by_name = {r["peer"]: r for r in peers}
     assert by_name["pytorch eager dense"]["speedup_vs_eager"]["median"] == 1.0
     assert by_name["onnx dense"]["speedup_vs_onnx_dense"]["median"] == 1.0
@@ -108,15 +127,15 @@ def test_matched_rates_remove_the_same_parameters():
         removed = {kind: f * ffn + h * attention for kind, (f, h) in rates.items()}
         assert all(v == pytest.approx(budget * (ffn + attention)) for v in removed.values())
     assert "attention" not in suites.matched_rates(shape, 0.43, 0.95)  # would need > 95 % of the heads
-    assert common.model_bound(384, [1536] * 2, [12] * 2, [538] * 2, [12] * 2, 148) == pytest.approx(
-        common.flop_bound(1 - 538 / 1536, 384, 1536, 148))
+    assert model_bound(
+        384, dense_ffn=[1536] * 2, dense_heads=[12] * 2, ffn=[538] * 2, heads=[12] * 2, tokens=148
+    ) == pytest.approx(flop_bound(1 - 538 / 1536, 384, 1536, 148))
 
 
 def test_quick_switch_and_e2e_records_are_complete(tmp_path):
     out = tmp_path / "results"
     for suite in ("switch", "e2e"):
-        assert main(["bench", "--suite", suite, "--quick", "--out", str(out), "--work-dir", str(tmp_path / "w"),
-                     "--no-progress"]) == 0
+        assert _bench(suite, out, tmp_path / "w") == 0
     switch = common.read_jsonl(out / "switch.jsonl")[1:]
     kinds = [r["kind"] for r in switch]
     assert kinds.count("load") == 1 and kinds.count("overhead") == 1 and kinds.count("switch") == 2
@@ -142,13 +161,12 @@ def test_quick_load_suite_serves_without_errors(tmp_path):
     """The real server process under the bounded client: counts are complete, answers match."""
     pytest.importorskip("fastapi")
     out = tmp_path / "results"
-    assert main(["bench", "--suite", "load", "--quick", "--out", str(out), "--work-dir", str(tmp_path / "w"),
-                 "--no-progress"]) == 0
+    assert _bench("load", out, tmp_path / "w") == 0
     record, big = common.read_jsonl(out / "load.jsonl")[1:]
     assert record["requests"] > 0 and record["errors"] == 0 and record["mismatches"] == 0
     assert record["latency_s"]["p50"] <= record["latency_s"]["p99"] <= record["latency_s"]["max"]
     # the server's own time (Server-Timing) of every answer is within the client's time of it
-    assert 0 < record["server_s"]["p50"] and record["server_s"]["max"] <= record["latency_s"]["max"]
+    assert record["server_s"]["p50"] > 0 and record["server_s"]["max"] <= record["latency_s"]["max"]
     assert record["graceful_shutdown"] is True and record["rss_samples"] >= 1
     assert record["health_probes"] >= 5 and record["health_s"]["max"] < 1e9  # every probe answered
     assert big["kind"] == "big_request" and big["status"] == 200 and big["bytes"] > 4_000_000
@@ -156,16 +174,38 @@ def test_quick_load_suite_serves_without_errors(tmp_path):
     assert "answers differing" in report and "/healthz p99" in report and "MiB lasting" in report
 
 
-def test_gpu_check_script_runs_on_cpu_in_quick_mode(tmp_path):
-    """The prepared GPU script (PyTorch proxy path) runs here on the CPU, so it cannot rot."""
+def test_quick_gpu_suite_records_every_candidate_and_the_verdicts(tmp_path):
+    """The gpu suite's code on the CPU provider: doe build's bundles (aligned widths, fused fp16 variant) through
+    Router against PyTorch eager and the dense onnxruntime graphs, every cell recorded, the report rendered."""
     from doe_export.bench import gpu
 
-    assert gpu.main(["--out", str(tmp_path), "--quick", "--repeats", "2", "--device", "cpu"]) == 0
-    records = common.read_jsonl(tmp_path / "gpu.jsonl")
-    assert records[0]["suite"] == "gpu" and records[0]["random_weights"] is True
-    rows = [r for r in records[1:] if r["kind"] == "gpu"]
-    assert {r["expert"] for r in rows} == {"ffn-0.65", "both-0.65"} and len(rows) == 8
-    assert all(r["bound"] > 1 and r["speedup"]["median"] > 0 for r in rows)
+    out = tmp_path / "results"
+    assert _bench("gpu", out, tmp_path / "w") == 0
+    records = common.read_jsonl(out / "gpu.jsonl")
+    head, rows = records[0], [r for r in records[1:] if r["kind"] == "gpu"]
+    assert head["suite"] == "gpu" and head["model_shape"]["random_weights"] is True
+    cells = {(r["batch"], r["tokens"]) for r in rows}
+    assert cells == {(1, 16), (1, 32), (4, 16), (4, 32)}
+    for cell in cells:
+        names = {r["candidate"] for r in rows if (r["batch"], r["tokens"]) == cell}
+        assert names == {gpu.EAGER, *gpu.DENSE_ORT, *gpu.EXPERTS, gpu.NO_GRAPHS}
+    for r in rows:
+        assert r["latency_s"]["median"] > 0 and r["p99_s"] >= r["latency_s"]["p25"] and r["items_per_s"] > 0
+        assert (r["bound"] is not None) == r["candidate"].startswith("expert") and r["best_ort_dense"] in gpu.DENSE_ORT
+    served = head["model_shape"]["served_tiny"]["expert-ffn"]
+    assert served["provider"] == "CPUExecutionProvider" and served["cuda_graphs"]["off"]
+    bundle = read_manifest(tmp_path / "w" / "gpu-bundles" / "tiny-expert-both")
+    fp16 = bundle.raw["onnx"]["variants"]["fp16"]
+    assert fp16["recipe"].startswith("dynamo export") and fp16["form"]["fused_attention_layers"] == 2
+    assert bundle.raw["pruning"]["alignment"] == {"ffn_multiple": 64, "head_multiple": 2}
+    report = (out / "gpu.md").read_text()
+    assert "vs PyTorch eager fp16" in report and "| 4 x 32 |" in report and _png(out / "gpu.png")
+
+
+def test_the_gpu_suite_without_a_cuda_provider_says_what_is_missing(tmp_path, capsys):
+    assert main(["bench", "--suite", "gpu", "--out", str(tmp_path), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "the gpu suite needs onnxruntime's CUDAExecutionProvider" in err and "doe-runtime[gpu]" in err
 
 
 def test_optimum_peer_without_optimum_says_how_to_get_it(tmp_path):
@@ -173,7 +213,9 @@ def test_optimum_peer_without_optimum_says_how_to_get_it(tmp_path):
 
     from doe_export.bench import peers as suites
 
-    with pytest.raises(ValueError, match="optimum-onnx is not importable there.*pip install torch==2.13.0 optimum-onnx"):
+    with pytest.raises(
+        ValueError, match=r"optimum-onnx is not importable there.*pip install torch==2\.13\.0 optimum-onnx"
+    ):
         suites.export_with_optimum(sys.executable, "unused", tmp_path, 2)
 
 
@@ -188,7 +230,7 @@ def test_peers_with_an_optimum_graph_records_speed_only(tmp_path, monkeypatch):
     from doe_export.bench.workbench import quick_flow
 
     config = suites.SuiteConfig(threads=1, optimum_python="unused", flow=quick_flow(), **suites.QUICK)
-    suites.run("peers", config, tmp_path / "out", tmp_path / "w", tmp_path / "cache", progress=False)
+    suites.run("peers", config, out_dir=tmp_path / "out", work=tmp_path / "w", cache=tmp_path / "cache", progress=False)
     rows = common.read_jsonl(tmp_path / "out" / "peers.jsonl")[1:]
     optimum = [r for r in rows if r["peer"].startswith("optimum")]
     assert len(optimum) == 1 and optimum[0]["value"] is None and optimum[0]["latency_s"]["median"] > 0
@@ -199,8 +241,7 @@ def test_peers_with_an_optimum_graph_records_speed_only(tmp_path, monkeypatch):
 def test_quick_replace_records_are_complete(tmp_path):
     """The shipped bundle (doe build's own code) against the plain dense export, fp32 and int8."""
     out = tmp_path / "results"
-    assert main(["bench", "--suite", "replace", "--quick", "--out", str(out), "--work-dir", str(tmp_path / "w"),
-                 "--cache-dir", str(tmp_path / "cache"), "--no-progress"]) == 0
+    assert _bench("replace", out, tmp_path / "w", "--cache-dir", str(tmp_path / "cache")) == 0
     records = common.read_jsonl(out / "replace.jsonl")[1:]
     rows = [r for r in records if r["kind"] == "replace"]
     skipped = [r for r in records if r["kind"] == "skipped"]
@@ -225,8 +266,7 @@ def test_quick_replace_records_are_complete(tmp_path):
 def test_quick_memory_suite_shares_the_backbone(tmp_path):
     """Prompt-mode experts of one backbone: with sharing on, the second expert adds less than without."""
     out = tmp_path / "results"
-    assert main(["bench", "--suite", "memory", "--quick", "--out", str(out), "--work-dir", str(tmp_path / "w"),
-                 "--no-progress"]) == 0
+    assert _bench("memory", out, tmp_path / "w") == 0
     rows = common.read_jsonl(out / "memory.jsonl")[1:]
     assert {(r["experts"], r["share_weights"]) for r in rows} == {(1, False), (1, True), (2, False), (2, True)}
     shared = next(r for r in rows if r["experts"] == 2 and r["share_weights"])
@@ -240,8 +280,7 @@ def test_quick_load_suite_with_the_ray_engine(tmp_path):
     """The same client against `serve --engine ray` (1 replica) beside the FastAPI server."""
     pytest.importorskip("ray", reason="the [ray] extra is part of the README install")
     out = tmp_path / "results"
-    assert main(["bench", "--suite", "load", "--quick", "--engine", "ray", "--out", str(out), "--work-dir",
-                 str(tmp_path / "w"), "--no-progress"]) == 0
+    assert _bench("load", out, tmp_path / "w", "--engine", "ray") == 0
     rows = [r for r in common.read_jsonl(out / "load.jsonl")[1:] if r["kind"] == "load"]
     assert [(r["engine"], r["replicas"]) for r in rows] == [("fastapi", None), ("ray", 1)]
     ray_row = rows[1]

@@ -25,6 +25,26 @@ def test_ci_runs_the_readme_install_and_test_commands_in_a_fresh_venv():
     assert install.count("-c constraints.txt") == install.count("pip install")
 
 
+def test_ci_runs_the_checks_the_readme_names():
+    """Lint, format and types of both packages, and the slow test the default run leaves out."""
+    ci = [line.strip() for line in (ROOT / ".ci" / "run").read_text().splitlines()]
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    for command in ("ruff check .", "ruff format --check .", "mypy", "python -m pytest -m slow"):
+        assert command in ci, f".ci/run does not run {command!r}"
+        assert command in readme, f"the README does not say how to run {command!r}"
+    assert ci.index("ruff check .") < ci.index("python -m pytest")  # findings fail fast, before the tests
+
+
+def test_the_readme_is_a_guide_and_docs_numbers_link_to_records():
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    assert len(readme.splitlines()) <= 300
+    for doc in ("export", "runtime", "benchmarks", "results", "design"):
+        assert f"docs/{doc}.md" in readme and (ROOT / "docs" / f"{doc}.md").is_file()
+    results = (ROOT / "docs" / "results.md").read_text(encoding="utf-8")
+    for link in re.findall(r"\]\((\.\./benchmarks/results/[^)]+)\)", results):
+        assert (ROOT / "docs" / link).resolve().exists(), f"docs/results.md links to a missing record: {link}"
+
+
 def test_constraints_pin_every_declared_dependency():
     pins = {}
     for line in (ROOT / "constraints.txt").read_text().splitlines():

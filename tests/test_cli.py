@@ -6,9 +6,8 @@ import json
 import pytest
 
 from doe_export.cli import main
-from doe_runtime import Router
-
 from doe_export.tasks import synthetic_task
+from doe_runtime import Router
 
 
 def test_help_documents_every_flag(capsys):
@@ -16,11 +15,67 @@ def test_help_documents_every_flag(capsys):
         main(["build", "--help"])
     assert info.value.code == 0
     text = capsys.readouterr().out
-    for flag in ("--model", "--tasks", "--data-dir", "--adapt", "--rate", "--scorer", "--budget", "--max-train",
-                 "--max-length", "--seed", "--out", "--recovery-epochs", "--round-to", "--user-task", "--max-loss",
-                 "--search-rates", "--train-budget", "--distill", "--temperature", "--recovery-params", "--exporter",
-                 "--attention", "--no-int8"):
+    for flag in (
+        "--model",
+        "--tasks",
+        "--data-dir",
+        "--adapt",
+        "--rate",
+        "--scorer",
+        "--budget",
+        "--max-train",
+        "--max-length",
+        "--seed",
+        "--out",
+        "--recovery-epochs",
+        "--round-to",
+        "--user-task",
+        "--max-loss",
+        "--search-rates",
+        "--train-budget",
+        "--distill",
+        "--temperature",
+        "--recovery-params",
+        "--exporter",
+        "--attention",
+        "--no-int8",
+    ):
         assert flag in text
+
+
+def test_cli_defaults_are_the_specs_defaults(monkeypatch):
+    """Every flag's default is its spec field's: no flags make exactly the default configs."""
+    from doe_export.bench.grid import GridConfig
+    from doe_export.bench.workbench import SuiteConfig
+    from doe_export.cli import bench, build, build_parser, study
+    from doe_export.cli.options import default
+    from doe_export.specs import BuildConfig
+    from doe_export.study import StudyConfig
+
+    monkeypatch.delenv("DOE_DATA_DIR", raising=False)
+    parser = build_parser()
+    args = parser.parse_args(["build"])
+    assert build.config_from_args(args) == BuildConfig()
+    for dest, (part, name) in build.FIELDS.items():
+        assert getattr(args, dest) == default(BuildConfig if part is None else build.SPECS[part], name), dest
+    for dest, (part, name) in build.INVERTED.items():
+        assert getattr(args, dest) is False and default(build.SPECS[part], name) is True, dest
+    args = parser.parse_args(["bench"])
+    assert bench.grid_config(args) == GridConfig() and bench.suite_config(args) == SuiteConfig()
+    for dest, (cls, name) in bench.FIELDS.items():
+        assert str(getattr(args, dest)) == str(default(cls, name)), dest
+    args = parser.parse_args(["study", "localization"])
+    assert study.study_config(args) == StudyConfig()
+    flow = StudyConfig().flow
+    for dest, (part, name) in study.FIELDS.items():
+        expected = default(StudyConfig, name) if part is None else getattr(getattr(flow, part), name)
+        assert getattr(args, dest) == expected, dest
+
+
+def test_a_scorer_option_the_scorer_does_not_take_is_refused(capsys):
+    assert main(["build", "--no-progress", "--scorer", "magnitude", "--token-agg", "max"]) == 2
+    err = capsys.readouterr().err
+    assert "scorer 'magnitude' takes no option token_agg (given max" in err and "drop --token-agg" in err
 
 
 @pytest.mark.parametrize(
@@ -29,11 +84,16 @@ def test_help_documents_every_flag(capsys):
         (["--tasks", "nope"], "unknown task 'nope'"),
         (["--rate", "1.5"], "pruning rate must be in [0, 1)"),
         (["--tasks", "Bad Name"], "invalid task name"),
-        (["--scorer", "psychic"], "unknown scorer 'psychic'; available: activation, doe, gradient, magnitude, random, skill, taylor"),
+        (
+            ["--scorer", "psychic"],
+            "unknown scorer 'psychic'; available: activation, doe, gradient, magnitude, random, skill, taylor",
+        ),
         (["--distill", "1.5"], "distillation weight must be in [0, 1]"),
         (["--adapt", "prompt", "--prompt-length", "0"], "prompt tuning needs a prompt length >= 1"),
         (["--search-rates", "0.5,x"], "expected comma-separated floats"),
         (["--tasks", "sst2", "--data-dir", "/nonexistent/glue"], "/nonexistent/glue/SST-2: no such folder"),
+        (["--json", "/nonexistent/dir/r.json"], "--json /nonexistent/dir/r.json: its folder does not exist"),
+        (["--scorer", "random", "--token-agg", "max"], "scorer 'random' takes no option token_agg"),
     ],
 )
 def test_bad_input_stops_before_training(args, message, capsys):
@@ -47,15 +107,42 @@ def test_build_user_task_with_local_model_folder(tmp_path, tiny_backbone, hf_tok
     hf_tokenizer.save_pretrained(model_dir)
     data = synthetic_task(n_train=60)
     csv_path = tmp_path / "reviews.csv"
-    rows = ["review,verdict"] + [f"{text},{'yes' if y else 'no'}" for text, y in zip(data.train.inputs, data.train.labels)]
+    rows = ["review,verdict"] + [
+        f"{text},{'yes' if y else 'no'}" for text, y in zip(data.train.inputs, data.train.labels)
+    ]
     csv_path.write_text("\n".join(rows) + "\n")
     out = tmp_path / "artifacts"
-    code = main([
-        "build", "--model", str(model_dir), "--tasks", "reviews", "--out", str(out), "--no-progress",
-        "--user-task", f"name=reviews,train={csv_path},text=review,label=verdict",
-        "--epochs", "1", "--recovery-epochs", "0", "--calib-examples", "8", "--max-length", "24",
-        "--prompt-length", "2", "--rate", "0.5", "--round-to", "4", "--json", str(tmp_path / "r.json"), "--fuse",
-    ])
+    code = main(
+        [
+            "build",
+            "--model",
+            str(model_dir),
+            "--tasks",
+            "reviews",
+            "--out",
+            str(out),
+            "--no-progress",
+            "--user-task",
+            f"name=reviews,train={csv_path},text=review,label=verdict",
+            "--epochs",
+            "1",
+            "--recovery-epochs",
+            "0",
+            "--calib-examples",
+            "8",
+            "--max-length",
+            "24",
+            "--prompt-length",
+            "2",
+            "--rate",
+            "0.5",
+            "--round-to",
+            "4",
+            "--json",
+            str(tmp_path / "r.json"),
+            "--fuse",
+        ]
+    )
     captured = capsys.readouterr()
     assert code == 0, captured.err
     assert "reviews" in captured.out and "FFN widths" in captured.out
@@ -78,9 +165,22 @@ def test_second_task_errors_stop_before_the_first_trains(tmp_path, tiny_backbone
     big.write_text("t,y\n" + "".join(f"text {i},{i % 2}\n" for i in range(400)))
     small.write_text("t,y\n" + "".join(f"text {i},{i % 2}\n" for i in range(20)))
     monkeypatch.setattr(adapt, "train", lambda *a, **k: pytest.fail("nothing may train"))
-    code = main(["build", "--model", str(model_dir), "--tasks", "big,small", "--no-progress", "--calib-examples", "64",
-                 "--user-task", f"name=big,train={big},text=t,label=y",
-                 "--user-task", f"name=small,train={small},text=t,label=y"])
+    code = main(
+        [
+            "build",
+            "--model",
+            str(model_dir),
+            "--tasks",
+            "big,small",
+            "--no-progress",
+            "--calib-examples",
+            "64",
+            "--user-task",
+            f"name=big,train={big},text=t,label=y",
+            "--user-task",
+            f"name=small,train={small},text=t,label=y",
+        ]
+    )
     assert code == 2
     assert "task 'small': --calib-examples 64 exceeds the" in capsys.readouterr().err
 
@@ -92,14 +192,16 @@ def test_sigterm_runs_cleanup_like_ctrl_c():
     import subprocess
     import sys
 
-    code = ("import os, signal, time\n"
-            "from doe_export.console import exit_on_sigterm\n"
-            "assert exit_on_sigterm()\n"
-            "try:\n"
-            "    os.kill(os.getpid(), signal.SIGTERM)\n"
-            "    time.sleep(30)\n"
-            "finally:\n"
-            "    print('cleaned up', flush=True)\n")
+    code = (
+        "import os, signal, time\n"
+        "from doe_export.console import exit_on_sigterm\n"
+        "assert exit_on_sigterm()\n"
+        "try:\n"
+        "    os.kill(os.getpid(), signal.SIGTERM)\n"
+        "    time.sleep(30)\n"
+        "finally:\n"
+        "    print('cleaned up', flush=True)\n"
+    )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert done.returncode == 128 + signal.SIGTERM and done.stdout.strip() == "cleaned up", done.stderr
     before = signal.getsignal(signal.SIGTERM)

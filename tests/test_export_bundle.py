@@ -14,8 +14,8 @@ import time
 
 import pytest
 
+from doe_export.bundle import BundleWriter, manifest_for
 from doe_export.errors import ConfigError
-from doe_export.export import BundleWriter, manifest_for
 from doe_runtime import BundleError, Router
 from doe_runtime.bundle import read_manifest, verify_files
 
@@ -62,27 +62,28 @@ def test_manifest_records_the_contract(bundles):
 
 def test_manifest_for_is_pure_and_checked_by_the_reader(bundles):
     root, _ = bundles
-    sections = {key: value for key, value in json.loads((root / "toy-pair" / "manifest.json").read_text()).items()
-                if key != "schema_version"}
+    sections = {
+        key: value
+        for key, value in json.loads((root / "toy-pair" / "manifest.json").read_text()).items()
+        if key != "schema_version"
+    }
     built = manifest_for(**sections)
     assert built["schema_version"] == 1 and built["task"] == sections["task"]
     sections["task"] = {**sections["task"], "labels": []}
-    with pytest.raises(BundleError, match="'task.labels' must be a non-empty list"):
+    with pytest.raises(BundleError, match=r"'task\.labels' must be a non-empty list"):
         manifest_for(**sections)
 
 
 def test_interrupted_export_keeps_previous_bundle(bundles):
     root, _ = bundles
     before = (root / "toy-single" / "model.onnx").read_bytes()
-    with pytest.raises(KeyboardInterrupt):
-        with BundleWriter(root, "toy-single") as writer:
-            (writer.folder / "model.onnx").write_bytes(b"half a model")
-            raise KeyboardInterrupt  # the user pressed Ctrl-C half-way
+    with pytest.raises(KeyboardInterrupt), BundleWriter(root, "toy-single") as writer:
+        (writer.folder / "model.onnx").write_bytes(b"half a model")
+        raise KeyboardInterrupt  # the user pressed Ctrl-C half-way
     assert (root / "toy-single" / "model.onnx").read_bytes() == before
     assert [p.name for p in root.iterdir() if p.name.startswith(".")] == []  # temp folder cleaned, no lock file
-    with pytest.raises(ConfigError, match="without write_manifest"):
-        with BundleWriter(root, "toy-single") as writer:
-            (writer.folder / "model.onnx").write_bytes(b"no manifest follows")
+    with pytest.raises(ConfigError, match="without write_manifest"), BundleWriter(root, "toy-single") as writer:
+        (writer.folder / "model.onnx").write_bytes(b"no manifest follows")
     assert (root / "toy-single" / "model.onnx").read_bytes() == before
     assert Router(root, device="cpu").predict("toy-single", ["good"])[0].label_id in (0, 1)
 
@@ -90,9 +91,8 @@ def test_interrupted_export_keeps_previous_bundle(bundles):
 def test_orphan_of_a_writer_killed_mid_swap_is_restored(bundles):
     root, _ = bundles
     (root / "toy-single").rename(root / ".toy-single.previous")  # killed between its two renames
-    with pytest.raises(RuntimeError):
-        with BundleWriter(root, "toy-single"):
-            raise RuntimeError("export failed")
+    with pytest.raises(RuntimeError), BundleWriter(root, "toy-single"):
+        raise RuntimeError("export failed")
     assert read_manifest(root / "toy-single").task.name == "toy-single"
     assert not (root / ".toy-single.previous").exists()
 
@@ -142,7 +142,7 @@ def test_export_killed_with_sigkill_keeps_previous_bundle_served(bundles, tmp_pa
     script = (
         "import time\n"
         "from pathlib import Path\n"
-        "from doe_export.export import BundleWriter\n"
+        "from doe_export.bundle import BundleWriter\n"
         f"with BundleWriter(Path({str(root)!r}), 'toy-single') as writer:\n"
         "    (writer.folder / 'model.onnx').write_bytes(b'half a model')\n"
         f"    Path({str(ready)!r}).write_text('x')\n"
@@ -193,7 +193,7 @@ def test_rebuilds_leave_no_moment_without_the_bundle(bundles):
 
 
 def test_int8_recipes_name_the_nodes_they_keep_in_fp32(bundles):
-    from doe_export.export import INT8_RECIPES, recipe_exclusions
+    from doe_export.variants import INT8_RECIPES, recipe_exclusions
 
     root, _ = bundles
     graph = root / "toy-single" / "model.onnx"

@@ -4,10 +4,9 @@ score equals activation x gradient computed by hand."""
 import pytest
 import torch
 
-from doe_export import attribution, prune
+from doe_export import attribution, prune, scorers
 from doe_export.loading import fast_tokenizer
 from doe_export.taskmodel import TaskModel
-
 from doe_export.tasks import synthetic_task
 
 
@@ -75,7 +74,7 @@ def test_doe_score_matches_hand_computation(agg, tiny_backbone, hf_tokenizer):
     data = synthetic_task(n_train=6)
     batches = list(attribution.calibration_batches(tokenizer, data.train, 6, 3, seed=0))
     stats = attribution.collect_stats(model, batches, progress=False)
-    scores = attribution.DoEScorer(agg).score(model, stats)
+    scores = scorers.DoEScorer(agg).score(model, stats)
 
     # by hand: one example at a time, retain_grad on the down-projection inputs
     totals = [torch.zeros(37, dtype=torch.float64) for _ in range(2)]
@@ -86,7 +85,7 @@ def test_doe_score_matches_hand_computation(agg, tiny_backbone, hf_tokenizer):
             acts = []
             handles = [
                 model.spec.down_linear(layer).register_forward_pre_hook(
-                    lambda m, a: acts.append(a[0]) or a[0].retain_grad()
+                    lambda m, a, acts=acts: acts.append(a[0]) or a[0].retain_grad()
                 )
                 for layer in model.spec.layer_list(model.backbone)
             ]
@@ -114,8 +113,9 @@ def test_calibration_larger_than_split_is_refused(hf_tokenizer):
 def _stats(model, hf_tokenizer, n=12):
     tokenizer = fast_tokenizer(hf_tokenizer, 16)
     data = synthetic_task(n_train=n)
-    return attribution.collect_stats(model, attribution.calibration_batches(tokenizer, data.train, n, 4, 0),
-                                     progress=False)
+    return attribution.collect_stats(
+        model, attribution.calibration_batches(tokenizer, data.train, n, 4, 0), progress=False
+    )
 
 
 @pytest.mark.parametrize("family", ["bert", "llama"])
@@ -134,7 +134,7 @@ def test_dead_neuron_scores_zero_for_every_data_and_weight_scorer(family, tiny_b
     assert [p.requires_grad for p in model.parameters()] == flags  # collect_stats restores what it changed
     assert all(p.grad is None for p in model.backbone.parameters())
     for name in ("doe", "activation", "gradient", "magnitude", "taylor"):
-        importance = attribution.make_scorer(name).score(model, stats).importance
+        importance = scorers.make_scorer(name).score(model, stats).importance
         assert float(importance[1][5]) == pytest.approx(0.0, abs=1e-12), name
         assert float(importance[1].max()) > 0, name
         assert [len(t) for t in importance] == [37, 37]
@@ -142,19 +142,19 @@ def test_dead_neuron_scores_zero_for_every_data_and_weight_scorer(family, tiny_b
 
 def test_random_scorer_is_seeded_and_data_free(tiny_backbone):
     model = _model(tiny_backbone)
-    a = attribution.make_scorer("random", seed=1).score(model, None).importance
-    b = attribution.make_scorer("random", seed=1).score(model, None).importance
-    c = attribution.make_scorer("random", seed=2).score(model, None).importance
+    a = scorers.make_scorer("random", seed=1).score(model, None).importance
+    b = scorers.make_scorer("random", seed=1).score(model, None).importance
+    c = scorers.make_scorer("random", seed=2).score(model, None).importance
     assert all(torch.equal(x, y) for x, y in zip(a, b))
     assert not torch.equal(a[0], c[0])
     with pytest.raises(ValueError, match="needs calibration statistics"):
-        attribution.make_scorer("taylor").score(model, None)
+        scorers.make_scorer("taylor").score(model, None)
 
 
 def test_skill_predictivity_by_hand(tiny_backbone, hf_tokenizer):
     model = _model(tiny_backbone)
     stats = _stats(model, hf_tokenizer)
-    importance = attribution.make_scorer("skill").score(model, stats).importance
+    importance = scorers.make_scorer("skill").score(model, stats).importance
     acts = stats.prompt_act[0][:, 7]  # neuron 7 of layer 0, one value per example
     above = acts > acts.mean()
     labels = stats.labels.bool()
@@ -175,6 +175,9 @@ def test_taylor_down_column_equals_activation_times_gradient(tiny_backbone, hf_t
         p.requires_grad_(True)
     loss = sum(-torch.log_softmax(model(ids, mask), -1).gather(1, y[:, None]).sum() for ids, mask, y in batches)
     loss.backward()
-    expected = ((up.weight * up.weight.grad).abs().sum(1) + (up.bias * up.bias.grad).abs()
-                + (down.weight * down.weight.grad).abs().sum(0))
+    expected = (
+        (up.weight * up.weight.grad).abs().sum(1)
+        + (up.bias * up.bias.grad).abs()
+        + (down.weight * down.weight.grad).abs().sum(0)
+    )
     torch.testing.assert_close(stats.taylor[0].float(), expected.detach(), atol=1e-6, rtol=1e-4)

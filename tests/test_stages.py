@@ -2,38 +2,49 @@
 loop keeps the best dev epoch and distils as written; calibration gathers only what is needed."""
 
 import copy
+import json
+from dataclasses import replace
 
 import pytest
 import torch
 
-from doe_export import adapt, attribution, stages
+from doe_export import adapt, attribution, scorers, stages
 from doe_export.errors import ConfigError
 from doe_export.loading import LoadedModel, fast_tokenizer
+from doe_export.records import to_json
+from doe_export.specs import AdaptMode, BuildConfig, LayerTypes, TrainedParams
+from doe_export.stages import AdaptSpec, DataSpec, ExportSpec, PruneSpec, RecoverySpec
 from doe_export.tasks import synthetic_task
 
 
 def test_study_path_and_build_make_identical_experts(tiny_backbone, hf_tokenizer, tmp_path):
-    """`doe build` and the study/bench runner, same settings and seed: the same expert, weight for weight."""
-    from doe_export.pipeline import BuildConfig, build_task
-    from doe_export.study import StudyConfig, TaskRunner
+    """`doe build` and the study/bench runner, same flow and seed: the same expert, weight for weight."""
+    from doe_export.pipeline import build_task
+    from doe_export.runner import TaskRunner
 
     data = synthetic_task("toy", n_train=64)
     backbone = tiny_backbone("bert")
-    config = BuildConfig(out_dir=str(tmp_path / "out"), epochs=2, calib_examples=16, max_length=24, batch_size=8,
-                         max_train=48, max_dev=8, progress=False, fp16=False, int8=False, lr=1e-3)
+    config = BuildConfig(
+        out_dir=str(tmp_path / "out"),
+        data=DataSpec(max_train=48, max_dev=8, max_length=24),
+        adapt=AdaptSpec(epochs=2, lr=1e-3, batch_size=8),
+        prune=PruneSpec(calib_examples=16, batch_size=8),
+        recovery=RecoverySpec(batch_size=8),
+        export=ExportSpec(fp16=False, int8=False),
+        progress=False,
+    )
     loaded = LoadedModel(copy.deepcopy(backbone), hf_tokenizer, "tiny-bert", "config", None)
     _, built_dense, built = build_task(config, loaded, data, return_models=True)
 
-    study = StudyConfig(model="tiny", adapt="finetune", prompt_length=0, lr=1e-3, epochs=2, max_train=48, max_dev=8,
-                        max_length=24, batch_size=8, calib_examples=16, recovery_params="all", distill=0.5,
-                        recovery_epochs=2, recovery_examples=None, recovery_on_dev=True)
-    assert StudyConfig.from_specs(*config.specs()[:4], model="tiny") == study  # the bench's mapping, too
-    runner = TaskRunner(study, data, LoadedModel(copy.deepcopy(backbone), hf_tokenizer, "tiny-bert", "config", None),
-                        tmp_path / "cache", progress=False)
-    spec_data, _, spec_prune, spec_recovery, _ = config.specs()
-    assert study.data_spec() == spec_data and study.recovery_spec() == spec_recovery
-    assert study.adapt_spec() == config.specs()[1]
-    result = runner.expert(spec_prune)
+    flow = replace(config.flow, model="tiny")
+    runner = TaskRunner(
+        flow,
+        data,
+        LoadedModel(copy.deepcopy(backbone), hf_tokenizer, "tiny-bert", "config", None),
+        tmp_path / "cache",
+        progress=False,
+    )
+    result = runner.expert(config.prune)
     for name, value in built_dense.state_dict().items():
         assert torch.equal(value, runner.adapted.state_dict()[name]), f"dense {name}"
     got = result.model.state_dict()
@@ -42,22 +53,110 @@ def test_study_path_and_build_make_identical_experts(tiny_backbone, hf_tokenizer
         assert torch.equal(value, got[name]), f"expert {name}"
 
 
-@pytest.mark.parametrize("spec, message", [
-    (lambda: stages.AdaptSpec(mode="prompt", prompt_length=0), "prompt tuning needs a prompt length >= 1"),
-    (lambda: stages.AdaptSpec(mode="lora"), "adaptation mode must be one of"),
-    (lambda: stages.AdaptSpec(lr=0.0), "learning rate must be > 0"),
-    (lambda: stages.PruneSpec(rate=1.0), r"pruning rate must be in \[0, 1\)"),
-    (lambda: stages.PruneSpec(scorer="psychic"), "unknown scorer 'psychic'; available"),
-    (lambda: stages.PruneSpec(layer_types="both", scorer="taylor"), "cannot score attention heads"),
-    (lambda: stages.RecoverySpec(params="head"), "recovery params must be one of"),
-    (lambda: stages.RecoverySpec(distill=1.5), r"distillation weight must be in \[0, 1\]"),
-    (lambda: stages.RecoverySpec(max_examples=0), "recovery max_examples must be an integer >= 1"),
-    (lambda: stages.ExportSpec(exporter="tflite"), "exporter must be one of"),
-    (lambda: stages.DataSpec(max_length=4), "max_length must be an integer >= 8"),
-])
-def test_specs_refuse_bad_settings(spec, message):
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        (lambda: stages.AdaptSpec(mode="prompt", prompt_length=0), "prompt tuning needs a prompt length >= 1"),
+        (lambda: stages.AdaptSpec(mode="lora"), "adaptation mode must be one of"),
+        (lambda: stages.AdaptSpec(lr=0.0), "learning rate must be > 0"),
+        (lambda: stages.PruneSpec(rate=1.0), r"pruning rate must be in \[0, 1\)"),
+        (lambda: stages.PruneSpec(scorer="psychic"), "unknown scorer 'psychic'; available"),
+        (lambda: stages.PruneSpec(layer_types="both", scorer="taylor"), "cannot score attention heads"),
+        (lambda: stages.RecoverySpec(params="head"), "recovery params must be one of"),
+        (lambda: stages.RecoverySpec(distill=1.5), r"distillation weight must be in \[0, 1\]"),
+        (lambda: stages.RecoverySpec(max_examples=0), "recovery max_examples must be an integer >= 1"),
+        (lambda: stages.ExportSpec(exporter="tflite"), "exporter must be one of"),
+        (lambda: stages.DataSpec(max_length=4), "max_length must be an integer >= 8"),
+        (lambda: stages.PruneSpec(scorer="magnitude", token_agg="max"), "scorer 'magnitude' takes no option token_agg"),
+        (lambda: stages.PruneSpec(scorer="random", rank="mean-abs"), "scorer 'random' takes no option rank"),
+        (lambda: BuildConfig(recovery=RecoverySpec(params="prompt")), "recovery of the prompt and head needs a soft"),
+        (lambda: BuildConfig(search_rates=(0.5, 1.2)), r"--search-rates must be rates in \(0, 1\)"),
+    ],
+)
+def test_specs_refuse_bad_settings_on_construction(spec, message):
     with pytest.raises(ConfigError, match=message):
-        spec().check()
+        spec()
+
+
+def test_modes_are_enums_that_read_and_write_as_strings():
+    spec = stages.AdaptSpec(mode="prompt")
+    assert spec.mode is AdaptMode.PROMPT and spec.mode == "prompt" and spec.prompt_length == 20
+    assert stages.AdaptSpec().prompt_length == 0 and stages.AdaptSpec().trains is TrainedParams.ALL
+    assert spec.trains is TrainedParams.PROMPT
+    assert json.dumps(to_json(spec))[:18] == '{"mode": "prompt",'
+    assert stages.PruneSpec(layer_types="both").layer_types is LayerTypes.BOTH
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        BuildConfig(),
+        BuildConfig(
+            tasks=("sst2", "mrpc"),
+            adapt=AdaptSpec(mode="prompt", pooling="cls", lr=3e-3),
+            prune=PruneSpec(rate=0.5, layer_types="both", head_rate=0.25, budget="global", round_to=64),
+            recovery=RecoverySpec(params="prompt", lr=2e-3, distill=0.0),
+            export=ExportSpec(fuse=True, int8=False),
+            search_rates=(0.3, 0.6),
+            max_loss=1.0,
+        ),
+    ],
+)
+def test_a_build_config_round_trips_through_its_record(config):
+    """Every setting survives JSON (the records' form): pooling and the recovery learning rate included."""
+    again = BuildConfig.from_json(json.loads(json.dumps(to_json(config))))
+    assert again == config and again.adapt.mode is config.adapt.mode and isinstance(again.search_rates, tuple)
+
+
+def test_study_and_bench_records_round_trip_to_identical_specs():
+    from doe_export.bench.workbench import SuiteConfig, quick_flow
+    from doe_export.study import QUICK, StudyConfig
+
+    study = StudyConfig(
+        **{
+            **QUICK,
+            "flow": replace(
+                QUICK["flow"],
+                adapt=AdaptSpec(mode="prompt", pooling="mean"),
+                recovery=RecoverySpec(params="prompt", lr=1e-3),
+            ),
+        }
+    )
+    assert StudyConfig.from_json(json.loads(json.dumps(study.to_json()))) == study
+    suite = SuiteConfig(tiny=True, flow=quick_flow(), load_connection_steps=(4, 8))
+    assert SuiteConfig.from_json(json.loads(json.dumps(suite.to_json()))) == suite
+    assert SuiteConfig.from_json(json.loads(json.dumps(SuiteConfig().to_json()))) == SuiteConfig()
+    with pytest.raises(ConfigError, match=r"StudyConfig.flow.adapt: unknown settings \['epoch'\]"):
+        StudyConfig.from_json({"flow": {"adapt": {"epoch": 3}}})
+
+
+def test_records_of_the_first_studies_read_as_their_flow():
+    """The committed localization records have a flat config; it maps to the same flow the study ran."""
+    from doe_export.study import StudyConfig
+
+    flat = {
+        "model": "m",
+        "tasks": ["sst2"],
+        "adapt": "finetune",
+        "lr": 8e-5,
+        "prompt_length": 0,
+        "epochs": 2,
+        "max_train": 1024,
+        "recovery_params": "all",
+        "distill": 0.5,
+        "recovery_epochs": 1,
+        "calib_examples": 128,
+        "recovery_examples": None,
+        "recovery_on_dev": True,
+        "rates": [0.5],
+        "methods": ["doe"],
+        "seed": 0,
+    }
+    config = StudyConfig.from_json(flat)
+    assert config.tasks == ("sst2",) and config.rates == (0.5,) and config.flow.model == "m"
+    assert config.flow.adapt == AdaptSpec(mode="finetune", prompt_length=0, epochs=2, lr=8e-5)
+    assert config.flow.prune.calib_examples == 128 and config.flow.recovery.seed == 1
+    assert config.flow.recovery == RecoverySpec(epochs=1, params="all", distill=0.5, select_on_dev=True)
 
 
 def test_spec_key_changes_with_any_field():
@@ -70,8 +169,7 @@ def test_spec_key_changes_with_any_field():
 def test_training_keeps_the_best_dev_epoch(tiny_backbone, hf_tokenizer, monkeypatch):
     """Dev metric scripted 0.9, 0.1, 0.5: the weights after training are those after epoch 1."""
     data = synthetic_task("toy")
-    model = stages.new_model(LoadedModel(tiny_backbone("bert"), hf_tokenizer, "t", "c", None), data,
-                             stages.AdaptSpec())
+    model = stages.new_model(LoadedModel(tiny_backbone("bert"), hf_tokenizer, "t", "c", None), data, stages.AdaptSpec())
     tokenizer = fast_tokenizer(hf_tokenizer, 24)
     scripted, snapshots = iter([0.9, 0.1, 0.5]), []
 
@@ -80,8 +178,15 @@ def test_training_keeps_the_best_dev_epoch(tiny_backbone, hf_tokenizer, monkeypa
         return next(scripted)
 
     monkeypatch.setattr(adapt, "evaluate_torch", fake_dev)
-    record = adapt.train(model, tokenizer, data.train, data.dev, "accuracy",
-                         adapt.TrainConfig("all", 3, 1e-3, 8, 0), progress=False)
+    record = adapt.train(
+        model,
+        tokenizer,
+        data.train,
+        data.dev,
+        metric="accuracy",
+        config=adapt.TrainConfig("all", 3, 1e-3, 8, 0),
+        progress=False,
+    )
     assert record["best_epoch"] == 1 and record["dev_metric"] == [0.9, 0.1, 0.5]
     assert any(not torch.equal(snapshots[0][k], snapshots[2][k]) for k in snapshots[0])  # training moved them
     for name, value in model.state_dict().items():
@@ -97,19 +202,22 @@ def test_distillation_loss_by_hand():
     ce = torch.nn.functional.cross_entropy(student, labels)
     p_t = torch.softmax(teacher / temperature, -1)
     log_p_s = torch.log_softmax(student / temperature, -1)
-    kl = (p_t * (torch.log(p_t) - log_p_s)).sum(-1).mean() * temperature ** 2
+    kl = (p_t * (torch.log(p_t) - log_p_s)).sum(-1).mean() * temperature**2
     got = adapt.distillation_loss(student, teacher, labels, weight, temperature)
     assert got.item() == pytest.approx((weight * kl + (1 - weight) * ce).item(), rel=1e-6)
     assert adapt.distillation_loss(student, teacher, labels, 0.0, temperature).item() == pytest.approx(ce.item())
     assert adapt.distillation_loss(student, student, labels, 1.0, temperature).item() == pytest.approx(0.0, abs=1e-7)
     with pytest.raises(ConfigError, match="needs a teacher"):
-        adapt.train(None, None, synthetic_task().train, None, "accuracy", adapt.TrainConfig("all", 1, distill=0.5))
+        adapt.train(
+            None, None, synthetic_task().train, None, metric="accuracy", config=adapt.TrainConfig("all", 1, distill=0.5)
+        )
 
 
 def test_calibration_gathers_only_what_the_scorer_needs(tiny_backbone, hf_tokenizer):
     data = synthetic_task("toy")
-    model = stages.new_model(LoadedModel(tiny_backbone("bert"), hf_tokenizer, "t", "c", None), data,
-                             stages.AdaptSpec()).eval()
+    model = stages.new_model(
+        LoadedModel(tiny_backbone("bert"), hf_tokenizer, "t", "c", None), data, stages.AdaptSpec()
+    ).eval()
     tokenizer = fast_tokenizer(hf_tokenizer, 24)
     spec = stages.PruneSpec(calib_examples=16, batch_size=8)
     assert spec.needs() == ("ag_mean",)
@@ -120,13 +228,15 @@ def test_calibration_gathers_only_what_the_scorer_needs(tiny_backbone, hf_tokeni
     assert stats.gathered == ("ag_mean",) and stats.taylor is None and stats.act is None
     assert all(p.grad is None for p in model.parameters())  # no weight-gradient (Taylor) pass
     with pytest.raises(ValueError, match=r"scorer 'taylor' needs calibration statistics \['taylor'\]"):
-        attribution.make_scorer("taylor").score(model, stats)
+        scorers.make_scorer("taylor").score(model, stats)
     full = stages.calibration_stats(model, tokenizer, data.train, spec, progress=False, needs=attribution.STATS)
     for name in ("ag_mean",):
         for a, b in zip(getattr(stats, name), getattr(full, name)):
             assert torch.allclose(a, b)
-    assert stages.calibration_stats(model, tokenizer, data.train, stages.PruneSpec(scorer="random"),
-                                    progress=False) is None
+    assert (
+        stages.calibration_stats(model, tokenizer, data.train, stages.PruneSpec(scorer="random"), progress=False)
+        is None
+    )
 
 
 def test_splits_cap_the_reporting_split_by_a_stratified_sample():
@@ -150,33 +260,52 @@ def test_rate_search_bisects_on_dev_and_reports_every_try(tiny_backbone, hf_toke
     tokenizer = fast_tokenizer(hf_tokenizer, 24)
     calls = []
 
-    def fake_expert(dense_, tokenizer_, data_, metric, prune_spec, recovery_spec, progress, desc, stats, score):
+    def fake_expert(dense_, tokenizer_, data_, prune_spec, recovery_spec, **options):
         calls.append(prune_spec.rate)
         dev = 0.90 - 0.1 * prune_spec.rate  # the metric falls with the rate: p=0.5 loses 5 points
-        return stages.ExpertResult("model", None, {}, {}, {"dev": dev, "test": dev - 0.01},
-                                   {"dev": dev, "test": dev - 0.02})
+        before, after = stages.Score("accuracy", dev - 0.01, dev), stages.Score("accuracy", dev - 0.02, dev)
+        return stages.ExpertResult("model", None, {}, {}, before, after)
 
     monkeypatch.setattr(stages, "make_expert", fake_expert)
     monkeypatch.setattr(evaluate, "evaluate_torch", lambda *args, **kwargs: 0.90)  # the dense model on dev
-    found = stages.search_rate(dense, tokenizer, splits, "accuracy", stages.PruneSpec(calib_examples=16),
-                               stages.RecoverySpec(), max_loss=5.0, progress=False)
-    assert found.rate == 0.5 and found.expert.after == {"dev": 0.85, "test": 0.83}
+
+    def search(max_loss):
+        return stages.search_rate(
+            dense,
+            tokenizer,
+            splits,
+            stages.PruneSpec(calib_examples=16),
+            stages.RecoverySpec(),
+            max_loss=max_loss,
+            progress=False,
+        )
+
+    found = search(5.0)
+    assert found.rate == 0.5 and found.expert.after == stages.Score("accuracy", 0.83, 0.85)
     assert calls == [0.5, 0.8, 0.65]  # bisection over 0.2 .. 0.9: 3 tries, not 6
     assert found.record["dense_dev"] == 0.90 and [t["rate"] for t in found.record["tried"]] == [0.5, 0.65, 0.8]
     assert found.record["chosen_rate"] == 0.5 and found.record["split"] == splits.dev.name
     with pytest.raises(ConfigError, match=r"no pruning rate kept the dev accuracy within 1 points .*p=0.2: 0.8800"):
-        stages.search_rate(dense, tokenizer, splits, "accuracy", stages.PruneSpec(calib_examples=16),
-                           stages.RecoverySpec(), max_loss=1.0, progress=False)
+        search(1.0)
     with pytest.raises(ConfigError, match="--max-loss must be >= 0"):
-        stages.search_rate(dense, tokenizer, splits, "accuracy", stages.PruneSpec(), stages.RecoverySpec(), -1.0)
+        search(-1.0)
 
 
 def test_build_with_max_loss_records_the_search(tiny_backbone, hf_tokenizer, tmp_path):
-    from doe_export.pipeline import BuildConfig, build_task
+    from doe_export.pipeline import build_task
     from doe_runtime import read_manifest
 
-    config = BuildConfig(out_dir=str(tmp_path), epochs=1, calib_examples=16, max_length=24, batch_size=8,
-                         progress=False, fp16=False, int8=False, max_loss=100.0, search_rates=(0.3, 0.6))
+    config = BuildConfig(
+        out_dir=str(tmp_path),
+        data=DataSpec(max_length=24),
+        adapt=AdaptSpec(epochs=1, batch_size=8),
+        prune=PruneSpec(calib_examples=16, batch_size=8),
+        recovery=RecoverySpec(batch_size=8),
+        export=ExportSpec(fp16=False, int8=False),
+        progress=False,
+        max_loss=100.0,
+        search_rates=(0.3, 0.6),
+    )
     loaded = LoadedModel(tiny_backbone("bert"), hf_tokenizer, "tiny-bert", "config", None)
     result = build_task(config, loaded, synthetic_task("toy"))
     manifest = read_manifest(tmp_path / "toy")
@@ -188,16 +317,24 @@ def test_build_with_max_loss_records_the_search(tiny_backbone, hf_tokenizer, tmp
 
 def test_train_budget_sizes_the_training_split_or_refuses_before_training(tiny_backbone, hf_tokenizer, monkeypatch):
     from doe_export import adapt
-    from doe_export.pipeline import BuildConfig, plan_training
+    from doe_export.pipeline import plan_training
+
+    def budget(minutes, epochs=3, max_train=None):
+        return BuildConfig(
+            train_budget=minutes,
+            data=DataSpec(max_train=max_train),
+            adapt=AdaptSpec(epochs=epochs),
+            prune=PruneSpec(calib_examples=16),
+        )
 
     loaded = LoadedModel(tiny_backbone("bert"), hf_tokenizer, "tiny-bert", "config", None)
     data = synthetic_task("toy", n_train=400)
     monkeypatch.setattr(adapt, "examples_per_second", lambda *args, **kwargs: 2.0)
     monkeypatch.setattr(adapt, "train", lambda *a, **k: pytest.fail("nothing may train while planning"))
-    planned = plan_training(BuildConfig(train_budget=1.0, epochs=3, max_train=None, calib_examples=16), loaded, data)
-    assert planned.max_train == 40  # 1 min x 2 examples/s / 3 epochs
-    capped = plan_training(BuildConfig(train_budget=60.0, epochs=1, max_train=None, calib_examples=16), loaded, data)
-    assert capped.max_train == len(data.train)  # the whole split fits
+    planned = plan_training(budget(1.0), loaded, data)
+    assert planned.data.max_train == 40  # 1 min x 2 examples/s / 3 epochs
+    capped = plan_training(budget(60.0, epochs=1), loaded, data)
+    assert capped.data.max_train == len(data.train)  # the whole split fits
     with pytest.raises(ConfigError, match=r"fits 4 training examples per epoch \(2.0 examples/s .*fewer than the 16"):
-        plan_training(BuildConfig(train_budget=0.1, epochs=3, calib_examples=16), loaded, data)
+        plan_training(budget(0.1, max_train=2000), loaded, data)
     assert plan_training(BuildConfig(), loaded, data) == BuildConfig()  # no budget: untouched

@@ -1,7 +1,6 @@
 """`doe study localization --quick`: the real study code on a tiny model and generated data.
 Records complete, reruns identical, resumable, and bad data stops before any training."""
 
-
 import pytest
 
 from doe_export import study
@@ -10,8 +9,20 @@ from doe_export.cli import main
 
 
 def _quick(out, cache, methods="doe,random,magnitude"):
-    return main(["study", "localization", "--quick", "--out", str(out), "--cache-dir", str(cache), "--no-progress",
-                 "--methods", methods])
+    return main(
+        [
+            "study",
+            "localization",
+            "--quick",
+            "--out",
+            str(out),
+            "--cache-dir",
+            str(cache),
+            "--no-progress",
+            "--methods",
+            methods,
+        ]
+    )
 
 
 def test_quick_study_records_report_and_determinism(tmp_path):
@@ -21,7 +32,7 @@ def test_quick_study_records_report_and_determinism(tmp_path):
     assert header["suite"] == "localization" and header["versions"]["torch"].startswith("2.13")
     runs = [r for r in rows if r["kind"] == "run"]
     dense = [r for r in rows if r["kind"] == "dense"]
-    config = study.StudyConfig(model="tiny", methods=("doe", "random", "magnitude"), **study.QUICK)
+    config = study.StudyConfig(**{**study.QUICK, "methods": ("doe", "random", "magnitude")})
     assert len(dense) == 1 and len(runs) == len(study.run_specs(config))
     assert dense[0]["majority"] == {"label": "no", "value": 0.5}  # generated labels alternate: ties -> first label
     for run in runs:
@@ -29,8 +40,14 @@ def test_quick_study_records_report_and_determinism(tmp_path):
         assert run["split_size"] == 24 and run["metric"] == "accuracy"
         assert run["ffn_widths"] == [round(37 * (1 - run["rate"]))] * 2 or run["variant"] == "global-budget"
     assert {r["seed"] for r in runs if r["method"] == "random" and r["rate"] == 0.5} == {0, 1}
-    assert {r["variant"] for r in runs} >= {"default", "max-tokens", "global-budget", "fold-bias", "no-prompt-tuning",
-                                            "calib-8"}
+    assert {r["variant"] for r in runs} >= {
+        "default",
+        "max-tokens",
+        "global-budget",
+        "fold-bias",
+        "no-prompt-tuning",
+        "calib-8",
+    }
     report = (tmp_path / "a" / "localization.md").read_text()
     assert "## toy" in report and "## Targets" in report and "DoE ablations" in report
     assert "majority label 'no': 50.0" in report
@@ -47,8 +64,10 @@ def test_quick_study_resumes_and_grows(tmp_path, monkeypatch):
     assert _quick(tmp_path / "out", tmp_path / "cache", methods="doe") == 0
     first = common.read_jsonl(tmp_path / "out" / "localization.jsonl")
     calls = []
-    original = study.TaskRunner.run
-    monkeypatch.setattr(study.TaskRunner, "run", lambda self, spec: calls.append(spec) or original(self, spec))
+    original = study.run_record
+    monkeypatch.setattr(
+        study, "run_record", lambda runner, config, spec: calls.append(spec) or original(runner, config, spec)
+    )
     assert _quick(tmp_path / "out", tmp_path / "cache", methods="doe") == 0
     assert calls == []  # nothing recomputed
     assert _quick(tmp_path / "out", tmp_path / "cache", methods="doe,magnitude") == 0
@@ -61,10 +80,10 @@ def test_changed_settings_are_refused(tmp_path, capsys):
     assert _quick(tmp_path / "out", tmp_path / "cache", methods="doe") == 0
     path = tmp_path / "out" / "localization.jsonl"
     records = common.read_jsonl(path)
-    records[0]["config"]["max_length"] = 99
+    records[0]["config"]["flow"]["data"]["max_length"] = 99
     common.write_jsonl(path, records)
     assert _quick(tmp_path / "out", tmp_path / "cache", methods="doe") == 2
-    assert "other settings of ['max_length']" in capsys.readouterr().err
+    assert "other settings of ['data.max_length']" in capsys.readouterr().err
 
 
 def test_bad_data_stops_before_training(tmp_path, capsys, monkeypatch):
@@ -72,10 +91,14 @@ def test_bad_data_stops_before_training(tmp_path, capsys, monkeypatch):
     (glue / "SST-2").mkdir(parents=True)
     (glue / "SST-2" / "train.tsv").write_text("sentence\tlabel\n" + "".join(f"s {i} \t{i % 2}\n" for i in range(40)))
     (glue / "SST-2" / "dev.tsv").write_text("sentence\tlabel\nok \t1\n")
-    monkeypatch.setattr(study, "load_model", lambda *a: pytest.fail("the model must not load before the checks"))
+    from doe_export import loading
+
+    monkeypatch.setattr(loading, "load_model", lambda *a: pytest.fail("the model must not load before the checks"))
     args = ["study", "localization", "--data-dir", str(glue), "--out", str(tmp_path / "o"), "--no-progress"]
     assert main(args + ["--tasks", "sst2"]) == 2
-    assert "task 'sst2': calibration needs 1024 examples but the train split (GLUE SST-2 train" in capsys.readouterr().err
+    assert (
+        "task 'sst2': calibration needs 1024 examples but the train split (GLUE SST-2 train" in capsys.readouterr().err
+    )
     assert main(args + ["--tasks", "sst2,rte"]) == 2
     assert "RTE: no such folder" in capsys.readouterr().err
     (glue / "SST-2" / "dev.tsv").write_text("sentence\tlabel\nok \t3\n")
@@ -88,8 +111,21 @@ def test_quick_recovery_study_records_and_report(tmp_path):
     from doe_export import records as record_io
     from doe_export.cli import main as cli
 
-    assert cli(["study", "recovery", "--quick", "--out", str(tmp_path / "out"), "--cache-dir", str(tmp_path / "c"),
-                "--no-progress"]) == 0
+    assert (
+        cli(
+            [
+                "study",
+                "recovery",
+                "--quick",
+                "--out",
+                str(tmp_path / "out"),
+                "--cache-dir",
+                str(tmp_path / "c"),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     rows = record_io.read_jsonl(tmp_path / "out" / "recovery.jsonl")
     assert rows[0]["suite"] == "recovery" and len(rows) == 3
     for row in rows[1:]:

@@ -8,14 +8,16 @@ import tarfile
 import pytest
 
 from doe_export import evaluate
-from doe_export.tasks import (TaskDataError, load_bbc_news, load_snli, load_task, parse_user_task,
-                              stratified_split)
+from doe_export.tasks import TaskDataError, load_bbc_news, load_snli, load_task, parse_user_task, stratified_split
 
 
 def test_bbc_news_is_deduplicated_and_split_stratified():
     data = load_bbc_news(seed=0)
     assert data.labels == ["business", "entertainment", "politics", "sports", "tech"]
-    assert "100 duplicate texts removed before splitting (98 byte-identical, 2 differing only in whitespace)" in data.notes[0]
+    assert (
+        "100 duplicate texts removed before splitting (98 byte-identical, 2 differing only in whitespace)"
+        in data.notes[0]
+    )
     total = len(data.train) + len(data.dev) + len(data.test)
     assert total == 2225 - 100
     texts = set(data.train.inputs) | set(data.dev.inputs)
@@ -30,13 +32,18 @@ def test_bbc_news_is_deduplicated_and_split_stratified():
 
 def _snli_tarball(path):
     rows = {
-        "snli_1.0_train_subset.jsonl": [("A dog runs.", "An animal moves.", "entailment"),
-                                        ("A cat sleeps.", "A cat runs.", "contradiction"),
-                                        ("Kids play.", "Kids play outside.", "neutral"),
-                                        ("Odd row.", "Unlabelled.", "-")] * 30,
-        "snli_1.0_test.jsonl": [("A man sings.", "A person sings.", "entailment"),
-                                ("A man sings.", "Nobody sings.", "contradiction"),
-                                ("No gold.", "Dropped.", "-")],
+        "snli_1.0_train_subset.jsonl": [
+            ("A dog runs.", "An animal moves.", "entailment"),
+            ("A cat sleeps.", "A cat runs.", "contradiction"),
+            ("Kids play.", "Kids play outside.", "neutral"),
+            ("Odd row.", "Unlabelled.", "-"),
+        ]
+        * 30,
+        "snli_1.0_test.jsonl": [
+            ("A man sings.", "A person sings.", "entailment"),
+            ("A man sings.", "Nobody sings.", "contradiction"),
+            ("No gold.", "Dropped.", "-"),
+        ],
     }
     with tarfile.open(path, "w:gz") as tar:
         for name, items in rows.items():
@@ -106,7 +113,7 @@ def test_glue_errors_name_the_file(tmp_path):
     (tmp_path / "SST-2" / "dev.tsv").write_text("sentence\tlabel\nfine \t7\n")
     with pytest.raises(TaskDataError, match=r"SST-2/dev.tsv:2: label '7'"):
         load_task("sst2", data_dir=tmp_path)
-    with pytest.raises(TaskDataError, match="unknown task 'nope'.*bbc-news"):
+    with pytest.raises(TaskDataError, match=r"unknown task 'nope'.*bbc-news"):
         load_task("nope")
 
 
@@ -134,7 +141,7 @@ def test_user_task_csv_and_jsonl(tmp_path):
 def test_stratified_split_keeps_every_label():
     inputs = [f"t{i}" for i in range(100)]
     labels = [0] * 90 + [1] * 10
-    (rest_x, rest_y), (held_x, held_y) = stratified_split(inputs, labels, 0.2, seed=3)
+    (rest_x, _rest_y), (held_x, held_y) = stratified_split(inputs, labels, 0.2, seed=3)
     assert held_y.count(1) == 2 and held_y.count(0) == 18
     assert sorted(rest_x + held_x) == sorted(inputs)
 

@@ -1,5 +1,5 @@
-"""What every benchmark suite shares: the environment header, the FLOP bound, paired timing of
-several sessions on the same inputs, and JSON-lines records.
+"""What every benchmark suite shares: the environment header, paired timing of several sessions on
+the same inputs, and JSON-lines records (the FLOP bounds live in :mod:`doe_export.flops`).
 
 Speed is compared as a ratio measured in one run: the sessions are run interleaved (order
 rotated every repeat) on the same inputs with the same thread count, and the speed-up of each
@@ -10,35 +10,22 @@ from __future__ import annotations
 
 import statistics
 import time
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Callable
 
-from ..records import cpu_model, environment, read_jsonl, write_jsonl  # noqa: F401  (the suites' record helpers)
+from ..records import cpu_model, environment, read_jsonl, write_jsonl
 
-
-def ffn_share(hidden: int, ffn: int, tokens: int) -> float:
-    """Share of a layer's FLOPs in the FFN: f = I / (2H + L + I) (design.md section 1)."""
-    return ffn / (2 * hidden + tokens + ffn)
-
-
-def flop_bound(rate: float, hidden: int, ffn: int, tokens: int) -> float:
-    """Upper bound on the speed-up from removing a share ``rate`` of FFN neurons: 1 / (1 - p f)."""
-    return 1.0 / (1.0 - rate * ffn_share(hidden, ffn, tokens))
-
-
-def layer_flops(hidden: int, ffn: int, tokens: int, head_share: float = 1.0) -> float:
-    """FLOPs per token of one layer (design.md section 1): 8H^2 + 4LH for attention (both scale
-    with the share of heads kept) + 4HI for the FFN."""
-    return head_share * (8 * hidden * hidden + 4 * tokens * hidden) + 4 * hidden * ffn
-
-
-def model_bound(hidden: int, dense_ffn: list[int], dense_heads: list[int], ffn: list[int], heads: list[int],
-                tokens: int) -> float:
-    """FLOP bound of a pruned model with per-layer FFN widths and head counts over its dense model;
-    equals :func:`flop_bound` when only FFN neurons are removed, at the same rate in every layer."""
-    dense = sum(layer_flops(hidden, i, tokens) for i in dense_ffn)
-    pruned = sum(layer_flops(hidden, i, tokens, h / d) for i, h, d in zip(ffn, heads, dense_heads))
-    return dense / pruned
+__all__ = [
+    "cpu_model",
+    "environment",
+    "paired_timing",
+    "quantiles",
+    "random_check_batches",
+    "ratios",
+    "read_jsonl",
+    "session",
+    "write_jsonl",
+]
 
 
 def quantiles(values: list[float]) -> dict:
@@ -49,8 +36,13 @@ def quantiles(values: list[float]) -> dict:
     return {"median": statistics.median(ordered), "p25": q[0], "p75": q[2]}
 
 
-def paired_timing(runners: dict[str, Callable[[], object]], repeats: int, warmup: int = 1,
-                  min_seconds: float = 0.0, max_repeats: int = 50) -> dict[str, list[float]]:
+def paired_timing(
+    runners: Mapping[str, Callable[..., object]],
+    repeats: int,
+    warmup: int = 1,
+    min_seconds: float = 0.0,
+    max_repeats: int = 50,
+) -> dict[str, list[float]]:
     """Run every runner ``repeats`` times (more, up to ``max_repeats``, until ``min_seconds`` have
     passed), interleaved with the order rotated each repeat; return seconds per run per name."""
     names = list(runners)
@@ -61,7 +53,7 @@ def paired_timing(runners: dict[str, Callable[[], object]], repeats: int, warmup
     start = time.perf_counter()
     done = 0
     while done < repeats or (time.perf_counter() - start < min_seconds and done < max_repeats):
-        order = names[done % len(names):] + names[: done % len(names)]
+        order = names[done % len(names) :] + names[: done % len(names)]
         for name in order:
             t0 = time.perf_counter()
             runners[name]()

@@ -7,9 +7,11 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..console import log
+from ..flops import report_bound
 from . import common
 from .report import q as _q
-from .workbench import SuiteConfig, Workbench, random_feeds, time_sessions
+from .workbench import SuiteConfig, Workbench, random_feeds, record_flow, time_sessions
+
 
 def matched_rates(shape: dict, budget: float, max_rate: float) -> dict[str, tuple[float, float]]:
     """(FFN rate, head rate) per layer type that removes ``budget`` of the FFN + attention weights."""
@@ -27,69 +29,102 @@ def matched_rates(shape: dict, budget: float, max_rate: float) -> dict[str, tupl
 def run_layers(config: SuiteConfig, bench: Workbench) -> list[dict]:
     shape = bench.shape
     feeds = random_feeds(shape["vocab"], config.batch, config.tokens, config.seed)
-    seq = config.tokens + bench.study_config.prompt_length
+    seq = config.tokens + (bench.flow.adapt.prompt_length or 0)
     records = []
     for task in config.layer_tasks:
         runner = bench.runner(task)
-        dense_value = runner.evaluate(runner.adapted)[runner.data.metric]
+        dense_value = runner.score(runner.adapted).test
         dense_path, _ = bench.export(runner.adapted, f"{task}-dense", fuse=True)
-        records.append({"kind": "dense", "task": task, "metric": runner.data.metric, "value": dense_value,
-                        "split": runner.test.name, "split_size": len(runner.test),
-                        "majority": _majority(runner)})
+        records.append(
+            {
+                "kind": "dense",
+                "task": task,
+                "metric": runner.data.metric,
+                "value": dense_value,
+                "split": runner.test.name,
+                "split_size": len(runner.test),
+                "majority": _majority(runner),
+            }
+        )
         for budget in config.budgets:
             for layer_types, (ffn_rate, head_rate) in matched_rates(shape, budget, config.max_rate).items():
                 model, report, before, after = bench.expert(task, layer_types, ffn_rate, head_rate)
                 path, checks = bench.export(model, f"{task}-{layer_types}-{budget:g}", fuse=True)
                 times = time_sessions({"dense": dense_path, "expert": path}, feeds, config)
                 speedup = common.quantiles(common.ratios(times, "dense", "expert"))
-                bound = common.model_bound(shape["hidden"], report["ffn_widths_before"], report["head_counts_before"],
-                                           report["ffn_widths"], report["head_counts"], seq)
-                records.append({
-                    "kind": "layers", "task": task, "layer_types": layer_types, "budget": budget,
-                    "ffn_rate": ffn_rate, "head_rate": head_rate, "metric": runner.data.metric,
-                    "dense_value": dense_value, "value_before_recovery": before, "value": after,
-                    "params_before": report["params_before"], "params_after": report["params_after"],
-                    "ffn_widths": report["ffn_widths"], "head_counts": report["head_counts"],
-                    "batch": config.batch, "tokens": config.tokens, "sequence": seq, "repeats": len(times["dense"]),
-                    "dense_latency_s": common.quantiles(times["dense"]),
-                    "expert_latency_s": common.quantiles(times["expert"]),
-                    "speedup": speedup, "bound": bound, "share_of_bound": speedup["median"] / bound,
-                    "max_abs_diff": checks,
-                })
-                log(f"[layers] {task} {layer_types} budget {budget:g} (FFN {ffn_rate:.2f}, heads {head_rate:.2f}): "
+                bound = report_bound(shape["hidden"], report, seq)
+                records.append(
+                    {
+                        "kind": "layers",
+                        "task": task,
+                        "layer_types": layer_types,
+                        "budget": budget,
+                        "ffn_rate": ffn_rate,
+                        "head_rate": head_rate,
+                        "metric": runner.data.metric,
+                        "dense_value": dense_value,
+                        "value_before_recovery": before,
+                        "value": after,
+                        "params_before": report["params_before"],
+                        "params_after": report["params_after"],
+                        "ffn_widths": report["ffn_widths"],
+                        "head_counts": report["head_counts"],
+                        "batch": config.batch,
+                        "tokens": config.tokens,
+                        "sequence": seq,
+                        "repeats": len(times["dense"]),
+                        "dense_latency_s": common.quantiles(times["dense"]),
+                        "expert_latency_s": common.quantiles(times["expert"]),
+                        "speedup": speedup,
+                        "bound": bound,
+                        "share_of_bound": speedup["median"] / bound,
+                        "max_abs_diff": checks,
+                    }
+                )
+                log(
+                    f"[layers] {task} {layer_types} budget {budget:g} (FFN {ffn_rate:.2f}, heads {head_rate:.2f}): "
                     f"{100 * dense_value:.1f} -> {100 * after:.1f} ({100 * before:.1f} before recovery); "
-                    f"x{speedup['median']:.2f} (bound x{bound:.2f})")
+                    f"x{speedup['median']:.2f} (bound x{bound:.2f})"
+                )
     return records
 
 
 def _majority(runner) -> float:
     from ..study import majority_baseline
 
-    return majority_baseline(runner.data, runner.config)["value"]
+    return majority_baseline(runner.data, runner.flow)["value"]
 
 
 def _render_layers(rows, cfg, intro, out_dir) -> list[str]:
     lines = ["# Layer types: FFN neurons vs attention heads vs both, at matched parameter budgets", ""] + intro
-    flow = cfg.get("flow") or cfg  # records before the stage API kept these settings at the top level
-    lines += [f"DoE scores on {flow['calib_examples']} calibration examples of the {flow['adapt']}-adapted model, "
-              f"{flow.get('recovery_epochs', 1)} recovery epoch(s) ({flow.get('recovery_params', 'prompt')}, distill "
-              f"{flow.get('distill', 0)}) on {flow['recovery_examples'] or 'all training'} examples; graphs with "
-              "onnxruntime fusions (validated "
-              f"against PyTorch after every rewrite); speed at batch {cfg['batch']} x {cfg['tokens']} tokens (+ "
-              f"{flow['prompt_length']} prompt). Budget = share of the FFN + attention projection weights removed; "
-              "the bound is the FLOP bound of each expert's own widths and head counts.", ""]
+    flow = record_flow(cfg)
+    lines += [
+        f"DoE scores on {flow.prune.calib_examples} calibration examples of the {flow.adapt.mode}-adapted model, "
+        f"{flow.recovery.epochs} recovery epoch(s) ({flow.recovery.params}, distill {flow.recovery.distill:g}) on "
+        f"{flow.recovery.max_examples or 'all training'} examples; graphs with onnxruntime fusions (validated "
+        f"against PyTorch after every rewrite); speed at batch {cfg['batch']} x {cfg['tokens']} tokens (+ "
+        f"{flow.adapt.prompt_length} prompt). Budget = share of the FFN + attention projection weights removed; "
+        "the bound is the FLOP bound of each expert's own widths and head counts.",
+        "",
+    ]
     dense = {r["task"]: r for r in rows if r["kind"] == "dense"}
     data = [r for r in rows if r["kind"] == "layers"]
     for task, d in dense.items():
-        lines += [f"## {task}: {d['metric']} on {d['split']} (n={d['split_size']}); dense {100 * d['value']:.1f}, "
-                  f"majority label {100 * d['majority']:.1f}", "",
-                  "| budget | layer types | FFN rate | head rate | heads kept | params (M) | metric (before recovery) "
-                  "| speed-up | bound | share |", "|---:|---|---:|---:|---|---:|---:|---:|---:|---:|"]
+        lines += [
+            f"## {task}: {d['metric']} on {d['split']} (n={d['split_size']}); dense {100 * d['value']:.1f}, "
+            f"majority label {100 * d['majority']:.1f}",
+            "",
+            "| budget | layer types | FFN rate | head rate | heads kept | params (M) | metric (before recovery) "
+            "| speed-up | bound | share |",
+            "|---:|---|---:|---:|---|---:|---:|---:|---:|---:|",
+        ]
         for r in sorted((r for r in data if r["task"] == task), key=lambda r: (r["budget"], r["layer_types"])):
-            lines.append(f"| {r['budget']:g} | {r['layer_types']} | {r['ffn_rate']:.2f} | {r['head_rate']:.2f} | "
-                         f"{','.join(map(str, r['head_counts']))} | {r['params_before'] / 1e6:.1f} -> "
-                         f"{r['params_after'] / 1e6:.1f} | {100 * r['value']:.1f} ({100 * r['value_before_recovery']:.1f})"
-                         f" | x{_q(r['speedup'])} | x{r['bound']:.2f} | {r['share_of_bound']:.0%} |")
+            lines.append(
+                f"| {r['budget']:g} | {r['layer_types']} | {r['ffn_rate']:.2f} | {r['head_rate']:.2f} | "
+                f"{','.join(map(str, r['head_counts']))} | {r['params_before'] / 1e6:.1f} -> "
+                f"{r['params_after'] / 1e6:.1f} | {100 * r['value']:.1f} ({100 * r['value_before_recovery']:.1f})"
+                f" | x{_q(r['speedup'])} | x{r['bound']:.2f} | {r['share_of_bound']:.0%} |"
+            )
         lines.append("")
     plot = _plot_layers(data, dense, out_dir)
     if plot:

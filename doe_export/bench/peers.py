@@ -9,21 +9,17 @@ from pathlib import Path
 import numpy as np
 
 from ..console import log
-from ..export import quantize_int8
+from ..errors import ConfigError
 from . import common
 from .report import q as _q
 from .workbench import SuiteConfig, Workbench, random_feeds, time_sessions
-from ..errors import ConfigError
 
-def run_peers(config: SuiteConfig, bench: Workbench) -> list[dict]:
-    import torch
 
-    task = config.peers_task
-    runner = bench.runner(task)
-    shape = bench.shape
-    metric = runner.data.metric
-    dense = runner.adapted
-    dense_value = runner.evaluate(dense)[metric]
+def _graphs(config: SuiteConfig, bench: Workbench, task: str) -> tuple[dict, dict, dict]:
+    """The peers' ONNX graphs (dense, expert, fused, int8, both layer types): paths, metrics, notes."""
+    from ..variants import quantize_int8
+
+    dense = bench.runner(task).adapted
     paths, values, notes = {}, {}, {}
     paths["onnx dense"], _ = bench.export(dense, f"peers-{task}-dense", fuse=False)
     paths["onnx dense fused"], _ = bench.export(dense, f"peers-{task}-dense", fuse=True)
@@ -39,28 +35,47 @@ def run_peers(config: SuiteConfig, bench: Workbench) -> list[dict]:
     for name, path in paths.items():
         values[name] = bench.onnx_metric(task, path)
     notes["onnx expert"] = f"FFN p={config.ffn_rate:g}; PyTorch metric {100 * ffn_value:.1f}"
-    notes["onnx both fused"] = (f"FFN p={config.both_rates[0]:g} + heads p={config.both_rates[1]:g} "
-                                f"(heads {both_report['head_counts']}); PyTorch metric {100 * both_value:.1f}")
+    notes["onnx both fused"] = (
+        f"FFN p={config.both_rates[0]:g} + heads p={config.both_rates[1]:g} "
+        f"(heads {both_report['head_counts']}); PyTorch metric {100 * both_value:.1f}"
+    )
+    return paths, values, notes
+
+
+def run_peers(config: SuiteConfig, bench: Workbench) -> list[dict]:
+    import torch
+
+    task = config.peers_task
+    runner = bench.runner(task)
+    shape = bench.shape
+    metric = runner.data.metric
+    dense = runner.adapted
+    dense_value = runner.score(dense).test
+    paths, values, notes = _graphs(config, bench, task)
 
     feeds = random_feeds(shape["vocab"], config.batch, config.tokens, config.seed)
     extra_sessions = {}
     if config.optimum_python:
-        optimum_path, optimum_version = export_with_optimum(config.optimum_python, bench.loaded.path,
-                                                            bench.work / "optimum", len(runner.data.labels))
+        optimum_path, optimum_version = export_with_optimum(
+            config.optimum_python, bench.loaded.path, bench.work / "optimum", len(runner.data.labels)
+        )
         optimum_session = common.session(optimum_path, config.threads)
-        optimum_feeds = {i.name: (feeds[i.name] if i.name in feeds else np.zeros_like(feeds["input_ids"]))
-                         for i in optimum_session.get_inputs()}
-        extra_sessions["optimum-cli dense (base model, own head)"] = (
-            lambda: optimum_session.run(None, optimum_feeds))
+        optimum_feeds = {
+            i.name: (feeds[i.name] if i.name in feeds else np.zeros_like(feeds["input_ids"]))
+            for i in optimum_session.get_inputs()
+        }
+        extra_sessions["optimum-cli dense (base model, own head)"] = lambda: optimum_session.run(None, optimum_feeds)
         notes["optimum-cli dense (base model, own head)"] = (
             f"optimum-onnx {optimum_version}, exported in a separate environment from the base model with its "
-            f"untrained classification head and no soft prompt ({bench.study_config.prompt_length} fewer positions): a speed "
-            "peer only, no task metric")
+            f"untrained classification head and no soft prompt ({bench.flow.adapt.prompt_length} fewer positions): a speed "
+            "peer only, no task metric"
+        )
         values["optimum-cli dense (base model, own head)"] = None
     torch_ids, torch_mask = torch.from_numpy(feeds["input_ids"]), torch.from_numpy(feeds["attention_mask"])
     threads = torch.get_num_threads()
     torch.set_num_threads(config.threads)
     try:
+
         def eager():
             with torch.inference_mode():
                 dense(torch_ids, torch_mask)
@@ -74,14 +89,29 @@ def run_peers(config: SuiteConfig, bench: Workbench) -> list[dict]:
     for name in [base] + list(paths) + list(extra_sessions):
         speedup = common.quantiles(common.ratios(times, base, name))
         over_onnx = common.quantiles(common.ratios(times, "onnx dense", name))
-        records.append({"kind": "peer", "task": task, "peer": name, "metric": metric, "value": values[name],
-                        "metric_split": runner.test.name, "metric_split_size": len(runner.test),
-                        "batch": config.batch, "tokens": config.tokens, "repeats": len(times[name]),
-                        "latency_s": common.quantiles(times[name]), "speedup_vs_eager": speedup,
-                        "speedup_vs_onnx_dense": over_onnx, "note": notes.get(name, "")})
+        records.append(
+            {
+                "kind": "peer",
+                "task": task,
+                "peer": name,
+                "metric": metric,
+                "value": values[name],
+                "metric_split": runner.test.name,
+                "metric_split_size": len(runner.test),
+                "batch": config.batch,
+                "tokens": config.tokens,
+                "repeats": len(times[name]),
+                "latency_s": common.quantiles(times[name]),
+                "speedup_vs_eager": speedup,
+                "speedup_vs_onnx_dense": over_onnx,
+                "note": notes.get(name, ""),
+            }
+        )
         shown = "n/a" if values[name] is None else f"{100 * values[name]:.1f}"
-        log(f"[peers] {name}: {metric} {shown}, x{speedup['median']:.2f} vs eager, "
-            f"x{over_onnx['median']:.2f} vs ONNX dense")
+        log(
+            f"[peers] {name}: {metric} {shown}, x{speedup['median']:.2f} vs eager, "
+            f"x{over_onnx['median']:.2f} vs ONNX dense"
+        )
     return records
 
 
@@ -90,15 +120,28 @@ def export_with_optimum(python: str, model_dir: str, out: Path, num_labels: int)
     import subprocess
 
     out.mkdir(parents=True, exist_ok=True)
-    probe = subprocess.run([python, "-c", "from importlib.metadata import version; print(version('optimum-onnx'))"],
-                           capture_output=True, text=True)
+    probe = subprocess.run(
+        [python, "-c", "from importlib.metadata import version; print(version('optimum-onnx'))"],
+        capture_output=True,
+        text=True,
+    )
     if probe.returncode != 0:
-        raise ConfigError(f"--optimum-python {python}: optimum-onnx is not importable there "
-                         f"({(probe.stderr.strip().splitlines() or ['no output'])[-1][-300:]}); "
-                         "create that environment with: python -m venv ENV && ENV/bin/pip install torch==2.13.0 "
-                         "optimum-onnx onnx onnxruntime 'transformers<4.58'")
-    command = [python, "-m", "optimum.exporters.onnx", "--model", str(model_dir), "--task", "text-classification",
-               str(out)]
+        raise ConfigError(
+            f"--optimum-python {python}: optimum-onnx is not importable there "
+            f"({(probe.stderr.strip().splitlines() or ['no output'])[-1][-300:]}); "
+            "create that environment with: python -m venv ENV && ENV/bin/pip install torch==2.13.0 "
+            "optimum-onnx onnx onnxruntime 'transformers<4.58'"
+        )
+    command = [
+        python,
+        "-m",
+        "optimum.exporters.onnx",
+        "--model",
+        str(model_dir),
+        "--task",
+        "text-classification",
+        str(out),
+    ]
     done = subprocess.run(command, capture_output=True, text=True)
     path = out / "model.onnx"
     if done.returncode != 0 or not path.is_file():
@@ -110,20 +153,27 @@ def _render_peers(rows, cfg, intro, out_dir) -> list[str]:
     lines = ["# Peers: what users run today vs the experts, on the same inputs", ""] + intro
     if rows:
         r0 = rows[0]
-        lines += [f"Task {r0['task']}: {r0['metric']} on {r0['metric_split']} (n={r0['metric_split_size']}), "
-                  f"speed at batch {r0['batch']} x {r0['tokens']} tokens (+ prompt). "
-                  + ("The optimum-cli row is the base model exported by optimum-onnx in a separate environment "
-                     "(transformers < 4.58), run here through a plain onnxruntime session interleaved with the "
-                     "others; `ORTModelForSequenceClassification` adds its own Python wrapper on top. "
-                     if any(r["peer"].startswith("optimum") for r in rows) else
-                     "The optimum-cli peer needs `--optimum-python` (a separate environment). ")
-                  + "fp16 belongs to the GPU run.", "",
-                  "| peer | metric x100 | latency ms | speed-up vs PyTorch eager | speed-up vs ONNX dense | note |",
-                  "|---|---:|---:|---:|---:|---|"]
+        lines += [
+            f"Task {r0['task']}: {r0['metric']} on {r0['metric_split']} (n={r0['metric_split_size']}), "
+            f"speed at batch {r0['batch']} x {r0['tokens']} tokens (+ prompt). "
+            + (
+                "The optimum-cli row is the base model exported by optimum-onnx in a separate environment "
+                "(transformers < 4.58), run here through a plain onnxruntime session interleaved with the "
+                "others; `ORTModelForSequenceClassification` adds its own Python wrapper on top. "
+                if any(r["peer"].startswith("optimum") for r in rows)
+                else "The optimum-cli peer needs `--optimum-python` (a separate environment). "
+            )
+            + "fp16 belongs to the GPU run.",
+            "",
+            "| peer | metric x100 | latency ms | speed-up vs PyTorch eager | speed-up vs ONNX dense | note |",
+            "|---|---:|---:|---:|---:|---|",
+        ]
         for r in rows:
             value = "n/a" if r["value"] is None else f"{100 * r['value']:.1f}"
-            lines.append(f"| {r['peer']} | {value} | {_q(r['latency_s'], 1e3)} | "
-                         f"x{_q(r['speedup_vs_eager'])} | x{_q(r['speedup_vs_onnx_dense'])} | {r['note']} |")
+            lines.append(
+                f"| {r['peer']} | {value} | {_q(r['latency_s'], 1e3)} | "
+                f"x{_q(r['speedup_vs_eager'])} | x{_q(r['speedup_vs_onnx_dense'])} | {r['note']} |"
+            )
         lines.append("")
         import matplotlib
 

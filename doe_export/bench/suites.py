@@ -15,19 +15,29 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from . import common, e2e, layers, load, memory, peers, replace, switch
+from . import common, e2e, gpu, gpu_report, layers, load, load_report, memory, peers, replace, replace_report, switch
 from .report import intro
 from .workbench import QUICK, SuiteConfig, Workbench, header, make_bundles
 
-SUITES = ("grid", "replace", "layers", "peers", "switch", "memory", "e2e", "load")
-RENDERERS = {"layers": layers._render_layers, "peers": peers._render_peers, "switch": switch._render_switch,
-             "e2e": e2e._render_e2e, "load": load._render_load, "replace": replace.render_replace,
-             "memory": memory.render_memory}
+SUITES = ("grid", "replace", "layers", "peers", "switch", "memory", "e2e", "load", "gpu")
+CPU_SUITES = SUITES[:-1]  # `--suite all`: the gpu suite needs a GPU and runs alone
+RENDERERS = {
+    "layers": layers._render_layers,
+    "peers": peers._render_peers,
+    "switch": switch._render_switch,
+    "e2e": e2e._render_e2e,
+    "load": load_report._render_load,
+    "replace": replace_report.render_replace,
+    "memory": memory.render_memory,
+    "gpu": gpu_report.render_gpu,
+}
 
-__all__ = ["QUICK", "SUITES", "SuiteConfig", "render", "run"]
+__all__ = ["CPU_SUITES", "QUICK", "SUITES", "SuiteConfig", "render", "run"]
 
 
-def run(suite: str, config: SuiteConfig, out_dir: Path, work: Path, cache: Path, progress: bool = True) -> list[Path]:
+def run(
+    suite: str, config: SuiteConfig, *, out_dir: Path, work: Path, cache: Path, progress: bool = True
+) -> list[Path]:
     """Run one suite (not grid) and write its records and report; return the written paths."""
     out_dir = Path(out_dir)
     work = Path(work)
@@ -35,19 +45,21 @@ def run(suite: str, config: SuiteConfig, out_dir: Path, work: Path, cache: Path,
         bench = Workbench(config, cache, work / "graphs", progress)
         runner = {"layers": layers.run_layers, "peers": peers.run_peers, "replace": replace.run_replace}[suite]
         records = runner(config, bench)
-        shape = bench.shape
+        shape: dict = bench.shape
     else:
         root = work / "bundles"
         root.mkdir(parents=True, exist_ok=True)
+        shape = {}
         if suite == "switch":
             records = switch.run_switch(config, root, progress)
         elif suite == "memory":
             records = memory.run_memory(config, work / "prompt-bundles", progress)
         elif suite == "load":
             records = load.run_load(config, work / "load-bundles", progress)
+        elif suite == "gpu":
+            records, shape = gpu.run_gpu(config, work / "gpu-bundles", progress)
         else:
             records = e2e.run_e2e(config, _ensure(config, root, progress))
-        shape = {}
     path = out_dir / f"{suite}.jsonl"
     common.write_jsonl(path, [header(config, suite, shape)] + records)
     return [path, render(path, out_dir)]

@@ -7,17 +7,20 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-from ..console import log
+from ..records import from_json, to_json
+from ..specs import DEFAULT_MODEL, AdaptSpec, DataSpec, ExportSpec, Flow, LayerTypes, PruneSpec, RecoverySpec
 from . import common
+
 
 @dataclass(frozen=True)
 class SuiteConfig:
-    model: str = "packaged:all-MiniLM-L6-v2"
+    model: str = DEFAULT_MODEL
     data_dir: str | None = None
     layer_tasks: tuple[str, ...] = ("sst2", "rte")
     peers_task: str = "sst2"
@@ -50,6 +53,13 @@ class SuiteConfig:
     load_big_request: bool = False  # after the load: one 4 MiB request (time, memory that stays)
     load_engines: tuple[str, ...] = ("fastapi",)  # with "ray": also `serve --engine ray`, each replica count
     load_ray_replicas: tuple[int, ...] = (1, 2)
+    # the gpu suite: shapes, batch x tokens cells, timed repeats, and a BERT tokenizer folder (None: the packaged
+    # MiniLM one; the lent GPU machine has no such package, so benchmarks/gpu_check.sh carries one)
+    gpu_models: tuple[str, ...] = ("minilm", "bert-base")
+    gpu_batches: tuple[int, ...] = (1, 8, 32, 128)
+    gpu_tokens: tuple[int, ...] = (32, 128, 512)
+    gpu_repeats: int = 30
+    gpu_tokenizer_dir: str | None = None
     # a separate Python with optimum-onnx (it needs transformers < 4.58, so it cannot share ours):
     # the peers suite then also times the dense model exported by `optimum-cli export onnx`
     optimum_python: str | None = None
@@ -57,31 +67,72 @@ class SuiteConfig:
     tiny: bool = False
     # adaptation, attribution and recovery of the layers/peers experts; None: `doe build`'s defaults,
     # taken from BuildConfig itself, so a benchmark measures the experts `doe build` ships
-    flow: "object | None" = None
+    flow: Flow | None = None
 
-    def study_config(self):
-        """The flow as a study config (the suites use the study's runner and cache)."""
-        from ..pipeline import BuildConfig
-        from ..study import StudyConfig
-
+    def flow_used(self) -> Flow:
+        """How the suites' experts are made: ``flow``, or ``doe build``'s defaults on the suite's model."""
         if self.flow is not None:
             return self.flow
-        return StudyConfig.from_specs(*BuildConfig().specs()[:4], model="tiny" if self.tiny else self.model)
+        return Flow(model="tiny" if self.tiny else self.model)
+
+    def to_json(self) -> dict:
+        return to_json(self)
+
+    @classmethod
+    def from_json(cls, data: dict) -> SuiteConfig:
+        return from_json(cls, {**data, "flow": None} if data.get("flow") is None else data)
 
 
-def quick_flow():
+def quick_flow() -> Flow:
     """The --quick flow: `doe build`'s stages on a tiny model and generated data, in seconds."""
-    from ..study import StudyConfig
+    return Flow(
+        model="tiny",
+        data=DataSpec(max_train=48, max_dev=8, max_eval=24, max_length=24),
+        adapt=AdaptSpec(epochs=1),
+        prune=PruneSpec(calib_examples=16),
+        recovery=RecoverySpec(epochs=1, max_examples=24),
+    )
 
-    return StudyConfig(model="tiny", adapt="finetune", prompt_length=0, epochs=1, max_train=48, max_dev=8,
-                       max_eval=24, max_length=24, calib_examples=16, recovery_params="all", distill=0.5,
-                       recovery_examples=24, recovery_on_dev=True, batch_size=16)
+
+def record_flow(cfg: dict) -> Flow:
+    """The flow of a suite's record header, whichever layout wrote it: a Flow, the first studies' flat
+    config under ``flow``, the oldest records' flat keys at the top level, or none (doe build's)."""
+    from ..study import LEGACY_FLOW_KEYS, legacy_config
+
+    flow = cfg.get("flow")
+    if isinstance(flow, dict):
+        return from_json(Flow, flow) if "data" in flow else legacy_config(flow).flow
+    flat = {k: v for k, v in cfg.items() if k in LEGACY_FLOW_KEYS}
+    if set(flat) - {"model", "seed"}:
+        return legacy_config(flat).flow
+    return Flow(model=cfg.get("model", DEFAULT_MODEL))
 
 
-QUICK = dict(layer_tasks=("toy",), peers_task="toy", replace_tasks=("toy",), budgets=(0.3,), batch=2, tokens=16,
-             repeats=2, min_seconds=0.0, switch_tasks=(2,), switch_requests=2, e2e_items=24, e2e_batch=8,
-             load_seconds=3.0, load_warmup_seconds=1.0, load_connections=4, load_tasks=2, tiny=True,
-             load_big_request=True, memory_counts=(1, 2), load_ray_replicas=(1,))
+QUICK: dict[str, Any] = dict(
+    layer_tasks=("toy",),
+    peers_task="toy",
+    replace_tasks=("toy",),
+    budgets=(0.3,),
+    batch=2,
+    tokens=16,
+    repeats=2,
+    min_seconds=0.0,
+    switch_tasks=(2,),
+    switch_requests=2,
+    e2e_items=24,
+    e2e_batch=8,
+    load_seconds=3.0,
+    load_warmup_seconds=1.0,
+    load_connections=4,
+    load_tasks=2,
+    tiny=True,
+    load_big_request=True,
+    memory_counts=(1, 2),
+    gpu_batches=(1, 4),
+    gpu_tokens=(16, 32),
+    gpu_repeats=2,
+    load_ray_replicas=(1,),
+)
 
 
 def rss_bytes() -> int:
@@ -115,16 +166,21 @@ class Workbench:
             from ..loading import load_model
 
             self.loaded = load_model(config.model)
-        self.study_config = config.study_config()
-        self._runners = {}
+        self.flow = config.flow_used()
+        self._runners: dict[str, Any] = {}
         self.work.mkdir(parents=True, exist_ok=True)
 
     @property
     def shape(self) -> dict:
         cfg = self.loaded.backbone.config
-        return {"hidden": cfg.hidden_size, "ffn": cfg.intermediate_size, "layers": cfg.num_hidden_layers,
-                "heads": cfg.num_attention_heads, "vocab": cfg.vocab_size,
-                "max_positions": getattr(cfg, "max_position_embeddings", None)}
+        return {
+            "hidden": cfg.hidden_size,
+            "ffn": cfg.intermediate_size,
+            "layers": cfg.num_hidden_layers,
+            "heads": cfg.num_attention_heads,
+            "vocab": cfg.vocab_size,
+            "max_positions": getattr(cfg, "max_position_embeddings", None),
+        }
 
     def task_data(self, task: str):
         """The task's data (generated in quick mode); nothing trains."""
@@ -133,34 +189,35 @@ class Workbench:
         return synthetic_task(task) if self.config.tiny else load_task(task, self.config.seed, self.config.data_dir)
 
     def runner(self, task: str):
-        """The study's runner of the task: its adapted model (cached) and calibration statistics."""
-        from ..study import TaskRunner
+        """The task's runner: its adapted model (cached, the study's cache) and calibration statistics."""
+        from ..runner import TaskRunner
 
         if task not in self._runners:
-            self._runners[task] = TaskRunner(self.study_config, self.task_data(task), self.loaded,
-                                             self.cache / "study", self.progress)
+            self._runners[task] = TaskRunner(
+                self.flow, self.task_data(task), self.loaded, self.cache / "study", progress=self.progress
+            )
         return self._runners[task]
 
     def expert(self, task: str, layer_types: str, ffn_rate: float, head_rate: float):
         """A DoE expert of the adapted model (stage API): (model, prune report, metric before, metric after)."""
-        from .. import stages
-
         runner = self.runner(task)
-        spec = stages.PruneSpec(rate=ffn_rate if layer_types != "attention" else 0.0, layer_types=layer_types,
-                                head_rate=head_rate if layer_types != "ffn" else None,
-                                calib_examples=self.study_config.calib_examples, batch_size=self.study_config.batch_size,
-                                seed=self.config.seed)
+        spec = replace(
+            self.flow.prune,
+            rate=ffn_rate if layer_types != "attention" else 0.0,
+            layer_types=LayerTypes(layer_types),
+            head_rate=head_rate if layer_types != "ffn" else None,
+            seed=self.config.seed,
+        )
         result = runner.expert(spec, desc=f"{layer_types} {ffn_rate:.2f}/{head_rate:.2f}")
-        metric = runner.data.metric
-        return result.model, result.report, result.before[metric], result.after[metric]
+        return result.model, result.report, result.before.test, result.after.test
 
     def export(self, model, name: str, fuse: bool, exporter: str = "torchscript") -> tuple[Path, dict]:
         """Export (and optionally fuse) ``model``; validated against PyTorch after every rewrite."""
-        from ..export import export_validated
+        from ..onnx_export import export_validated
 
         sample, batches = common.random_check_batches(self.shape["vocab"], self.config.seed, low=1000)
         path = self.work / f"{name}{'.fused' if fuse else ''}.{exporter}.onnx"
-        _, validation, fusions = export_validated(model, path, sample, batches, exporter, fuse)
+        _, validation, fusions = export_validated(model, path, sample, batches, exporter=exporter, fuse=fuse)
         return path, {"max_abs_diff": validation["max_abs_diff"], "fusions": fusions, "exporter": exporter}
 
     def onnx_metric(self, task: str, path: Path) -> float:
@@ -175,7 +232,7 @@ def header(config: SuiteConfig, suite: str, shape: dict) -> dict:
     import onnxruntime as ort
 
     head = common.environment([config.threads], ort.get_available_providers())
-    head.update(suite=suite, config=asdict(config), model_shape=shape)
+    head.update(suite=suite, config=config.to_json(), model_shape=shape)
     return head
 
 
@@ -190,13 +247,21 @@ def time_sessions(paths: dict[str, Path], feeds: dict, config: SuiteConfig, extr
 def make_bundles(config: SuiteConfig, root: Path, count: int, progress: bool) -> list[str]:
     """One real expert bundle (``doe build``'s own code on generated data; the weights' values do not
     change the costs measured here), copied under ``count`` task names."""
-    from ..loading import tiny_model, load_model
-    from ..pipeline import BuildConfig, build_task
+    from ..loading import load_model, tiny_model
+    from ..pipeline import build_task
+    from ..specs import BuildConfig
     from ..tasks import synthetic_task
 
     loaded = tiny_model(config.seed) if config.tiny else load_model(config.model)
-    build_cfg = BuildConfig(out_dir=str(root), epochs=0, recovery_epochs=0, calib_examples=16, max_eval=32,
-                            max_length=config.tokens, rate=config.ffn_rate, progress=progress, fp16=False)
+    build_cfg = BuildConfig(
+        out_dir=str(root),
+        data=DataSpec(max_eval=32, max_length=config.tokens),
+        adapt=AdaptSpec(epochs=0),
+        prune=PruneSpec(rate=config.ffn_rate, calib_examples=16),
+        recovery=RecoverySpec(epochs=0),
+        export=ExportSpec(fp16=False),
+        progress=progress,
+    )
     result = build_task(build_cfg, loaded, synthetic_task("expert-0"))
     names = ["expert-0"]
     source = Path(result.bundle)
@@ -215,8 +280,10 @@ def make_bundles(config: SuiteConfig, root: Path, count: int, progress: bool) ->
 
 def long_texts(count: int, words: int, seed: int) -> list[str]:
     rng = np.random.default_rng(seed)
-    vocabulary = ("market film team minister growth season album court bank player music election profit "
-                  "shares league court police phone software director economy award").split()
+    vocabulary = (
+        "market film team minister growth season album court bank player music election profit "
+        "shares league court police phone software director economy award"
+    ).split()
     return [" ".join(rng.choice(vocabulary, size=words)) for _ in range(count)]
 
 

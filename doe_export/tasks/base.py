@@ -12,8 +12,17 @@ from ..errors import TaskDataError
 
 METRICS = ("accuracy", "f1", "matthews")
 
-__all__ = ["METRICS", "Split", "TaskData", "TaskDataError", "carve", "default_cache_dir", "read_text",
-           "shuffled", "stratified_split"]
+__all__ = [
+    "METRICS",
+    "Split",
+    "TaskData",
+    "TaskDataError",
+    "carve",
+    "default_cache_dir",
+    "read_text",
+    "shuffled",
+    "stratified_split",
+]
 
 
 def read_text(path: Path, encoding: str = "utf-8-sig") -> str:
@@ -24,12 +33,13 @@ def read_text(path: Path, encoding: str = "utf-8-sig") -> str:
     except UnicodeDecodeError as exc:
         line = raw.count(b"\n", 0, exc.start) + 1
         raise TaskDataError(
-            f"{path}:{line}: byte {raw[exc.start:exc.start + 1]!r} at offset {exc.start} is not valid {encoding} "
+            f"{path}:{line}: byte {raw[exc.start : exc.start + 1]!r} at offset {exc.start} is not valid {encoding} "
             f"({exc.reason}); save the file as UTF-8, or name its encoding (e.g. encoding=latin-1 in --user-task)"
         ) from None
     except LookupError:
-        raise TaskDataError(f"{path}: unknown encoding {encoding!r}; use a Python codec name such as utf-8, "
-                            "latin-1 or cp1252") from None
+        raise TaskDataError(
+            f"{path}: unknown encoding {encoding!r}; use a Python codec name such as utf-8, latin-1 or cp1252"
+        ) from None
 
 
 @dataclass
@@ -41,12 +51,12 @@ class Split:
     def __len__(self) -> int:
         return len(self.labels)
 
-    def head(self, n: int | None) -> "Split":
+    def head(self, n: int | None) -> Split:
         if n is None or n >= len(self):
             return self
         return Split(f"{self.name}, first {n}", self.inputs[:n], self.labels[:n])
 
-    def sample(self, n: int | None, seed: int) -> "Split":
+    def sample(self, n: int | None, seed: int) -> Split:
         """A seeded sample of ``n`` items that keeps every label's share (largest remainders), in the
         split's own order. Capping a reporting split with :meth:`head` would drop whole classes when
         the file is sorted by label."""
@@ -61,8 +71,11 @@ class Split:
             counts[label] += 1
         rng = random.Random(seed)
         picked = sorted(i for label, indices in sorted(by_label.items()) for i in rng.sample(indices, counts[label]))
-        return Split(f"{self.name}, seeded stratified sample of {n} (seed {seed})",
-                     [self.inputs[i] for i in picked], [self.labels[i] for i in picked])
+        return Split(
+            f"{self.name}, seeded stratified sample of {n} (seed {seed})",
+            [self.inputs[i] for i in picked],
+            [self.labels[i] for i in picked],
+        )
 
 
 @dataclass

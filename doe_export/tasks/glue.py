@@ -7,6 +7,7 @@ from pathlib import Path
 
 from .base import Split, TaskData, TaskDataError, carve, read_text, shuffled
 
+
 @dataclass(frozen=True)
 class GlueTask:
     folder: str  # folder name in GLUE's layout
@@ -24,11 +25,23 @@ GLUE: dict[str, GlueTask] = {
     "sst2": GlueTask("SST-2", "sst2", ["negative", "positive"], "accuracy", True, (0,), 1),
     "mrpc": GlueTask("MRPC", "mrpc", ["not_equivalent", "equivalent"], "f1", True, (3, 4), 0),
     "rte": GlueTask(
-        "RTE", "rte", ["entailment", "not_entailment"], "accuracy", True, (1, 2), 3,
+        "RTE",
+        "rte",
+        ["entailment", "not_entailment"],
+        "accuracy",
+        True,
+        (1, 2),
+        3,
         {"entailment": 0, "not_entailment": 1},
     ),
     "qnli": GlueTask(
-        "QNLI", "qnli", ["entailment", "not_entailment"], "accuracy", True, (1, 2), 3,
+        "QNLI",
+        "qnli",
+        ["entailment", "not_entailment"],
+        "accuracy",
+        True,
+        (1, 2),
+        3,
         {"entailment": 0, "not_entailment": 1},
     ),
     "wnli": GlueTask("WNLI", "wnli", ["not_entailment", "entailment"], "accuracy", True, (1, 2), 3),
@@ -86,8 +99,12 @@ def load_glue(name: str, data_dir: Path | None, seed: int) -> TaskData:
             train = Split(f"GLUE {task.folder} train", *shuffled(train_x, train_y, seed))
         else:
             train, test = carve(test, 0.5, seed, "test")
-            train = Split(f"carved from GLUE {task.folder} dev (no train split in {folder})", train.inputs, train.labels)
-            notes.append(f"{folder} has no train.tsv: train and test were carved from the official dev split (seed {seed})")
+            train = Split(
+                f"carved from GLUE {task.folder} dev (no train split in {folder})", train.inputs, train.labels
+            )
+            notes.append(
+                f"{folder} has no train.tsv: train and test were carved from the official dev split (seed {seed})"
+            )
     else:
         train, test, source = _load_glue_hub(task, kind, seed)
     train, dev = carve(train, 0.05, seed + 1, "dev")
@@ -107,8 +124,14 @@ def _load_glue_hub(task: GlueTask, kind: str, seed: int) -> tuple[Split, Split, 
             f"could not load GLUE {task.hub_config!r} from the hub ({type(exc).__name__}: {exc}). "
             "Offline? Pass --data-dir pointing at GLUE's file layout."
         ) from exc
-    columns = {"cola": ["sentence"], "sst2": ["sentence"], "mrpc": ["sentence1", "sentence2"],
-               "rte": ["sentence1", "sentence2"], "qnli": ["question", "sentence"], "wnli": ["sentence1", "sentence2"]}
+    columns = {
+        "cola": ["sentence"],
+        "sst2": ["sentence"],
+        "mrpc": ["sentence1", "sentence2"],
+        "rte": ["sentence1", "sentence2"],
+        "qnli": ["question", "sentence"],
+        "wnli": ["sentence1", "sentence2"],
+    }
     cols = columns[task.hub_config]
 
     def to_split(part, name):

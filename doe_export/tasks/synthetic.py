@@ -6,12 +6,15 @@ import random
 
 from .base import Split, TaskData
 
-_WORDS = ("good bad great awful fine poor movie plot actor scene music long short funny dull bright dark "
-          "story ending start middle cast film").split()
+_WORDS = (
+    "good bad great awful fine poor movie plot actor scene music long short funny dull bright dark "
+    "story ending start middle cast film"
+).split()
 
 
-def synthetic_task(name: str = "toy", kind: str = "single", n_train: int = 48, n_test: int = 24,
-                   seed: int = 0) -> TaskData:
+def synthetic_task(
+    name: str = "toy", kind: str = "single", n_train: int = 48, n_test: int = 24, seed: int = 0
+) -> TaskData:
     """Generated data for tests and --quick modes: label 1 iff the text contains 'good' or 'great'."""
     rng = random.Random(seed)
 
@@ -27,5 +30,13 @@ def synthetic_task(name: str = "toy", kind: str = "single", n_train: int = 48, n
             labels.append(label)
         return inputs, labels
 
-    return TaskData(name, kind, ["no", "yes"], "accuracy", Split("generated train", *make(n_train)),
-                    Split("generated dev", *make(8)), Split("generated test", *make(n_test)), "generated")
+    return TaskData(
+        name,
+        kind,
+        ["no", "yes"],
+        "accuracy",
+        Split("generated train", *make(n_train)),
+        Split("generated dev", *make(8)),
+        Split("generated test", *make(n_test)),
+        "generated",
+    )

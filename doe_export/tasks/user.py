@@ -12,6 +12,7 @@ from doe_runtime.bundle import check_task_name
 
 from .base import METRICS, Split, TaskData, TaskDataError, carve, read_text, shuffled, stratified_split
 
+
 @dataclass(frozen=True)
 class UserTask:
     name: str
@@ -47,8 +48,13 @@ def parse_user_task(spec: str) -> UserTask:
     except ValueError as exc:
         raise TaskDataError(f"--user-task {spec!r}: {exc}") from None
     return UserTask(
-        fields["name"], Path(fields["train"]), Path(fields["test"]) if "test" in fields else None,
-        fields["text"], fields.get("text_b"), fields["label"], fields.get("metric", "accuracy"),
+        fields["name"],
+        Path(fields["train"]),
+        Path(fields["test"]) if "test" in fields else None,
+        fields["text"],
+        fields.get("text_b"),
+        fields["label"],
+        fields.get("metric", "accuracy"),
         fields.get("encoding", "utf-8-sig"),
     )
 

@@ -1,8 +1,16 @@
 """doe-runtime: serve per-task DoE expert bundles with onnxruntime (no torch, no transformers)."""
 
 from .bundle import SCHEMA_VERSION, check_task_name, read_manifest, verify_files
-from .errors import (BundleError, ConfigError, DeviceError, DoeRuntimeError, InputError, RunError, TaskNameError,
-                     UnknownTaskError)
+from .errors import (
+    BundleError,
+    ConfigError,
+    DeviceError,
+    DoeRuntimeError,
+    InputError,
+    RunError,
+    TaskNameError,
+    UnknownTaskError,
+)
 from .manifest import Manifest
 from .router import Prediction, Router
 

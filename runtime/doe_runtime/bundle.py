@@ -35,14 +35,37 @@ from pathlib import Path
 from typing import Any
 
 from .errors import BundleError, TaskNameError
-from .manifest import (INPUT_KINDS, KNOWN_SCHEMA_VERSIONS, SCHEMA_VERSION, TASK_NAME_PATTERN, FileRef, Manifest,
-                       check_task_name)
+from .manifest import (
+    INPUT_KINDS,
+    KNOWN_SCHEMA_VERSIONS,
+    SCHEMA_VERSION,
+    TASK_NAME_PATTERN,
+    FileRef,
+    Manifest,
+    check_task_name,
+)
 
 MANIFEST_FILE = "manifest.json"
 
-__all__ = ["BundleError", "TaskNameError", "FileRef", "Manifest", "INPUT_KINDS", "KNOWN_SCHEMA_VERSIONS",
-           "MANIFEST_FILE", "SCHEMA_VERSION", "TASK_NAME_PATTERN", "check_task_name", "discover", "read_manifest",
-           "resolve_inside", "sha256_file", "validate_manifest", "verify_file", "verify_files"]
+__all__ = [
+    "INPUT_KINDS",
+    "KNOWN_SCHEMA_VERSIONS",
+    "MANIFEST_FILE",
+    "SCHEMA_VERSION",
+    "TASK_NAME_PATTERN",
+    "BundleError",
+    "FileRef",
+    "Manifest",
+    "TaskNameError",
+    "check_task_name",
+    "discover",
+    "read_manifest",
+    "resolve_inside",
+    "sha256_file",
+    "validate_manifest",
+    "verify_file",
+    "verify_files",
+]
 
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
@@ -92,6 +115,8 @@ def read_manifest(folder: str | os.PathLike) -> Manifest:
         document = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise BundleError(f"{path}: not valid JSON ({exc}); re-export the bundle") from None
+    except OSError as exc:
+        raise BundleError(f"{path}: cannot be read ({exc.strerror or exc}); check its permissions") from None
     manifest = Manifest.from_json(document, str(path))
     if manifest.task.name != folder.name:
         raise BundleError(

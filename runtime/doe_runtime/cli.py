@@ -6,6 +6,9 @@
     doe-runtime predict artifacts/ --task snli --pair "A man plays." "Someone plays music."
     doe-runtime predict artifacts/ --task snli --input requests.jsonl
     doe-runtime serve artifacts/ --host 127.0.0.1 --port 8000
+
+Errors of the runtime (:class:`~doe_runtime.errors.DoeRuntimeError`) print ``doe-runtime: error: ...``
+and exit with status 2; anything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -16,40 +19,45 @@ import sys
 from pathlib import Path
 
 from .bundle import discover, read_manifest, verify_files
-from .errors import DoeRuntimeError, InputError
+from .errors import ConfigError, DoeRuntimeError, InputError
 from .router import DEVICES, PRECISIONS, Router
+
+LOOPBACK = ["localhost", "127.0.0.1", "::1"]
 
 
 def _read_jsonl(path: str) -> list:
     """Each line: a string, a [text_a, text_b] list, or an object with text / text_a + text_b."""
-    raw = sys.stdin.buffer.read() if path == "-" else Path(path).read_bytes()
+    try:
+        raw = sys.stdin.buffer.read() if path == "-" else Path(path).read_bytes()
+    except OSError as exc:
+        raise InputError(
+            f"--input {path}: cannot be read ({exc.strerror or exc}); give a JSON-lines file or '-'"
+        ) from None
     try:
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
         line = raw.count(b"\n", 0, exc.start) + 1
-        raise InputError(f"{path}:{line}: not valid UTF-8 (byte {raw[exc.start:exc.start + 1]!r} at offset "
-                         f"{exc.start}); JSON lines must be UTF-8") from None
-    items = []
-    for number, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            value = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise InputError(f"{path}:{number}: not valid JSON ({exc})") from None
-        if isinstance(value, dict):
-            if "text_a" in value and "text_b" in value:
-                value = (value["text_a"], value["text_b"])
-            elif "text" in value:
-                value = value["text"]
-            else:
-                raise InputError(
-                    f"{path}:{number}: an object needs 'text' or 'text_a' and 'text_b', found keys {sorted(value)}"
-                )
-        elif isinstance(value, list):
-            value = tuple(value)
-        items.append(value)
-    return items
+        raise InputError(
+            f"{path}:{line}: not valid UTF-8 (byte {raw[exc.start : exc.start + 1]!r} at offset {exc.start}); JSON "
+            "lines must be UTF-8"
+        ) from None
+    return [_item(line, path, number) for number, line in enumerate(text.splitlines(), 1) if line.strip()]
+
+
+def _item(line: str, path: str, number: int):
+    try:
+        value = json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise InputError(f"{path}:{number}: not valid JSON ({exc})") from None
+    if isinstance(value, dict):
+        if "text_a" in value and "text_b" in value:
+            return (value["text_a"], value["text_b"])
+        if "text" in value:
+            return value["text"]
+        raise InputError(
+            f"{path}:{number}: an object needs 'text' or 'text_a' and 'text_b', found keys {sorted(value)}"
+        )
+    return tuple(value) if isinstance(value, list) else value
 
 
 def _int_in(low: int, high: int | None = None):
@@ -65,71 +73,230 @@ def _int_in(low: int, high: int | None = None):
     return parse
 
 
-def main(argv: list[str] | None = None) -> int:
+def _add_serve(sub) -> None:
+    serve = sub.add_parser("serve", help="HTTP server over the bundles (needs the [serve] extra)")
+    serve.add_argument("root", help="folder holding the bundles (watched: rebuilt bundles are picked up)")
+    serve.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback only)")
+    serve.add_argument("--port", type=_int_in(1, 65535), default=8000)
+    serve.add_argument(
+        "--allow-remote", action="store_true", help="allow a non-loopback --host (the server has no authentication)"
+    )
+    serve.add_argument("--device", choices=DEVICES, default="auto")
+    serve.add_argument("--max-items", type=_int_in(1), default=256, help="most inputs per request (422 above)")
+    serve.add_argument(
+        "--max-body-bytes", type=_int_in(1), default=4 * 1024 * 1024, help="largest request body (413 above)"
+    )
+    serve.add_argument("--max-resident", type=_int_in(1), default=4, help="sessions kept loaded at once (LRU)")
+    serve.add_argument("--batch-size", type=_int_in(1), default=32, help="items per session run")
+    serve.add_argument("--threads", type=_int_in(1), default=None, help="onnxruntime intra-op threads per session")
+    serve.add_argument(
+        "--max-queue",
+        type=_int_in(0),
+        default=64,
+        help="requests allowed to wait for a prediction slot; beyond it: 503 + Retry-After",
+    )
+    serve.add_argument(
+        "--max-connections",
+        type=_int_in(1),
+        default=256,
+        help="open connections + requests uvicorn accepts at once (503 above)",
+    )
+    serve.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        default="auto",
+        help="auto: the bundle's fp16 variant on CUDA, its int8 variant on CPU (where it was measured "
+        "faster than fp32), else fp32",
+    )
+    serve.add_argument(
+        "--max-concurrency",
+        type=_int_in(1),
+        default=None,
+        help="predictions running at once (default: CPU count); others wait their turn",
+    )
+    serve.add_argument(
+        "--no-memory-arena",
+        action="store_true",
+        help="turn off onnxruntime's CPU memory arena (it keeps the peak of concurrent runs)",
+    )
+    serve.add_argument(
+        "--no-cuda-graphs",
+        action="store_true",
+        help="on CUDA, run every batch the normal way instead of replaying captured CUDA graphs for batches that "
+        "fit a shape bucket (the default there)",
+    )
+    serve.add_argument(
+        "--max-resident-bytes",
+        type=_int_in(1),
+        default=None,
+        help="cap on the summed model sizes of the resident experts (LRU eviction)",
+    )
+    serve.add_argument(
+        "--engine",
+        choices=("fastapi", "ray"),
+        default="fastapi",
+        help="fastapi: one process (default); ray: Ray Serve replicas, each task routed to a replica "
+        "holding its expert (needs the [ray] extra)",
+    )
+    serve.add_argument("--replicas", type=_int_in(1), default=None, help="ray: expert replicas (default 1)")
+    serve.add_argument("--min-replicas", type=_int_in(0), default=None, help="ray: autoscaling lower bound")
+    serve.add_argument("--max-replicas", type=_int_in(1), default=None, help="ray: autoscaling upper bound")
+    serve.add_argument(
+        "--max-experts-per-replica",
+        type=_int_in(1),
+        default=4,
+        help="ray: experts loaded per replica (Serve's max_num_models_per_replica)",
+    )
+    serve.add_argument("--replica-cpus", type=float, default=1.0, help="ray: CPUs reserved per expert replica")
+    serve.add_argument(
+        "--address", default=None, help="ray: an existing cluster ('auto' or host:port); default: start a local one"
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="doe-runtime", description="Serve DoE expert bundles with onnxruntime.")
     sub = parser.add_subparsers(dest="command", required=True)
+    listing = sub.add_parser("list", help="list the bundles under a folder")
+    listing.add_argument("root", help="folder holding <task>/manifest.json bundles")
+    inspect = sub.add_parser("inspect", help="show a bundle's manifest summary and verify its files")
+    inspect.add_argument("bundle", help="one bundle folder, e.g. artifacts/snli")
+    inspect.add_argument("--full", action="store_true", help="print the whole manifest")
+    pred = sub.add_parser("predict", help="predict labels; prints one JSON line per input")
+    pred.add_argument("root", help="folder holding the bundles")
+    pred.add_argument("--task", required=True, help="task name (see `doe-runtime list ROOT`)")
+    pred.add_argument("texts", nargs="*", help="texts for a single-text task")
+    pred.add_argument("--pair", nargs=2, action="append", metavar=("TEXT_A", "TEXT_B"), help="one pair; repeatable")
+    pred.add_argument("--input", help="JSON-lines file of inputs ('-' for stdin)")
+    pred.add_argument("--device", choices=DEVICES, default="auto")
+    pred.add_argument("--batch-size", type=int, default=32)
+    pred.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        default="auto",
+        help="auto: the bundle's fp16 variant on CUDA, its int8 variant on CPU (where it was measured "
+        "faster than fp32), else fp32",
+    )
+    _add_serve(sub)
+    return parser
 
-    p_list = sub.add_parser("list", help="list the bundles under a folder")
-    p_list.add_argument("root", help="folder holding <task>/manifest.json bundles")
 
-    p_inspect = sub.add_parser("inspect", help="show a bundle's manifest summary and verify its files")
-    p_inspect.add_argument("bundle", help="one bundle folder, e.g. artifacts/snli")
-    p_inspect.add_argument("--full", action="store_true", help="print the whole manifest")
+def _list(args) -> int:
+    broken = 0
+    for task, folder in discover(args.root).items():
+        try:
+            manifest = read_manifest(folder)
+        except DoeRuntimeError as exc:  # one broken bundle does not hide the others
+            broken += 1
+            print(f"{task}\tBROKEN\t{exc}")
+            continue
+        quality = manifest.quality
+        print(
+            f"{task}\t{manifest.task.input}\t{len(manifest.task.labels)} labels\t{quality.get('metric', '?')} "
+            f"dense={quality.get('dense')} expert={quality.get('expert')}\t"
+            f"precisions {','.join([manifest.onnx.precision, *sorted(manifest.onnx.variants)])}"
+        )
+    if broken:
+        print(f"doe-runtime: {broken} bundle(s) cannot be read (marked BROKEN above)", file=sys.stderr)
+        return 1
+    return 0
 
-    p_pred = sub.add_parser("predict", help="predict labels; prints one JSON line per input")
-    p_pred.add_argument("root", help="folder holding the bundles")
-    p_pred.add_argument("--task", required=True, help="task name (see `doe-runtime list ROOT`)")
-    p_pred.add_argument("texts", nargs="*", help="texts for a single-text task")
-    p_pred.add_argument("--pair", nargs=2, action="append", metavar=("TEXT_A", "TEXT_B"), help="one pair; repeatable")
-    p_pred.add_argument("--input", help="JSON-lines file of inputs ('-' for stdin)")
-    p_pred.add_argument("--device", choices=DEVICES, default="auto")
-    p_pred.add_argument("--batch-size", type=int, default=32)
-    p_pred.add_argument("--precision", choices=PRECISIONS, default="auto",
-                        help="fp16 uses the bundle's fp16 variant; auto: fp16 on CUDA, fp32 on CPU")
 
-    p_serve = sub.add_parser("serve", help="HTTP server over the bundles (needs the [serve] extra)")
-    p_serve.add_argument("root", help="folder holding the bundles (watched: rebuilt bundles are picked up)")
-    p_serve.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback only)")
-    p_serve.add_argument("--port", type=_int_in(1, 65535), default=8000)
-    p_serve.add_argument("--allow-remote", action="store_true",
-                         help="allow a non-loopback --host (the server has no authentication)")
-    p_serve.add_argument("--device", choices=DEVICES, default="auto")
-    p_serve.add_argument("--max-items", type=_int_in(1), default=256, help="most inputs per request (422 above)")
-    p_serve.add_argument("--max-body-bytes", type=_int_in(1), default=4 * 1024 * 1024,
-                         help="largest request body (413 above)")
-    p_serve.add_argument("--max-resident", type=_int_in(1), default=4, help="sessions kept loaded at once (LRU)")
-    p_serve.add_argument("--batch-size", type=_int_in(1), default=32, help="items per session run")
-    p_serve.add_argument("--threads", type=_int_in(1), default=None, help="onnxruntime intra-op threads per session")
-    p_serve.add_argument("--max-queue", type=_int_in(0), default=64,
-                         help="requests allowed to wait for a prediction slot; beyond it: 503 + Retry-After")
-    p_serve.add_argument("--max-connections", type=_int_in(1), default=256,
-                         help="open connections + requests uvicorn accepts at once (503 above)")
-    p_serve.add_argument("--precision", choices=PRECISIONS, default="auto")
-    p_serve.add_argument("--max-concurrency", type=_int_in(1), default=None,
-                         help="predictions running at once (default: CPU count); others wait their turn")
-    p_serve.add_argument("--no-memory-arena", action="store_true",
-                         help="turn off onnxruntime's CPU memory arena (it keeps the peak of concurrent runs)")
-    p_serve.add_argument("--engine", choices=("fastapi", "ray"), default="fastapi",
-                         help="fastapi: one process (default); ray: Ray Serve replicas, each task routed to a "
-                              "replica holding its expert (needs the [ray] extra)")
-    p_serve.add_argument("--replicas", type=_int_in(1), default=None, help="ray: expert replicas (default 1)")
-    p_serve.add_argument("--min-replicas", type=_int_in(0), default=None, help="ray: autoscaling lower bound")
-    p_serve.add_argument("--max-replicas", type=_int_in(1), default=None, help="ray: autoscaling upper bound")
-    p_serve.add_argument("--max-experts-per-replica", type=_int_in(1), default=4,
-                         help="ray: experts loaded per replica (Serve's max_num_models_per_replica)")
-    p_serve.add_argument("--replica-cpus", type=float, default=1.0, help="ray: CPUs reserved per expert replica")
-    p_serve.add_argument("--address", default=None,
-                         help="ray: an existing cluster ('auto' or host:port); default: start a local one")
-    p_serve.add_argument("--max-resident-bytes", type=_int_in(1), default=None,
-                         help="cap on the summed model sizes of the resident experts (LRU eviction)")
+def _inspect(args) -> int:
+    folder = Path(args.bundle)
+    manifest = read_manifest(folder)
+    verify_files(folder, manifest)
+    print(json.dumps(manifest.to_json() if args.full else manifest.summary(), indent=2))
+    print(
+        f"{folder}: files verified (sha256 of model, tokenizer and every variant match the manifest)", file=sys.stderr
+    )
+    return 0
 
-    # Texts may come before or after the options (argparse alone would refuse texts after --task);
-    # everything after a "--" is a text, even when it starts with "-".
+
+def _predict(args) -> int:
+    items: list = list(args.texts)
+    if args.pair:
+        items += [tuple(pair) for pair in args.pair]
+    if args.input:
+        items += _read_jsonl(args.input)
+    if not items:
+        raise InputError("no inputs: give texts, --pair TEXT_A TEXT_B, or --input FILE.jsonl")
+    router = Router(args.root, device=args.device, batch_size=args.batch_size, precision=args.precision)
+    predictions = router.predict(args.task, items)
+    for prediction in predictions:
+        print(json.dumps(prediction.to_dict()))
+    info = router.info(args.task)
+    print(
+        f"task {args.task}: {len(predictions)} predictions on {info['provider']} ({info['precision']}"
+        f"{', IOBinding' if info['io_binding'] else ''})",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def _router_options(args) -> dict:
+    return {
+        "device": args.device,
+        "batch_size": args.batch_size,
+        "intra_op_threads": args.threads,
+        "precision": args.precision,
+        "memory_arena": not args.no_memory_arena,
+        "cuda_graphs": False if args.no_cuda_graphs else "auto",
+    }
+
+
+def _serve(args) -> int:
+    from .server import check_bind, is_loopback
+
+    check_bind(args.host, args.allow_remote)
+    limits = {"max_items": args.max_items, "max_body_bytes": args.max_body_bytes, "max_queue": args.max_queue}
+    if args.engine == "fastapi":
+        from .server import serve
+
+        serve(
+            args.root,
+            host=args.host,
+            port=args.port,
+            allow_remote=args.allow_remote,
+            max_connections=args.max_connections,
+            max_concurrency=args.max_concurrency,
+            max_resident=args.max_resident,
+            max_resident_bytes=args.max_resident_bytes,
+            **limits,
+            **_router_options(args),
+        )
+        return 0
+    if not Path(args.root).is_dir():
+        raise ConfigError(f"bundle folder {args.root} does not exist; build bundles with `doe build --out {args.root}`")
+    from .ray_engine import check_scaling, serve_ray
+
+    check_scaling(args.replicas, args.min_replicas, args.max_replicas, args.max_experts_per_replica)
+    replicas = args.replicas or args.max_replicas or 1
+    serve_ray(
+        args.root,
+        host=args.host,
+        port=args.port,
+        address=args.address,
+        replicas=args.replicas,
+        min_replicas=args.min_replicas,
+        max_replicas=args.max_replicas,
+        max_experts_per_replica=args.max_experts_per_replica,
+        replica_cpus=args.replica_cpus,
+        router_options=_router_options(args),
+        max_concurrency=args.max_concurrency or 8 * replicas,
+        allowed_hosts=LOOPBACK if is_loopback(args.host) else None,
+        **limits,
+    )
+    return 0
+
+
+def _parse(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """Texts may come before or after the options (argparse alone would refuse texts after --task);
+    everything after a "--" is a text, even when it starts with "-"."""
     argv = list(sys.argv[1:] if argv is None else argv)
     literal: list[str] = []
     if "--" in argv:
         cut = argv.index("--")
-        argv, literal = argv[:cut], argv[cut + 1:]
+        argv, literal = argv[:cut], argv[cut + 1 :]
     args, extra = parser.parse_known_args(argv)
     if extra and (args.command != "predict" or any(item.startswith("-") for item in extra)):
         parser.error(f"unrecognized arguments: {' '.join(extra)} (a text starting with '-' goes after '--')")
@@ -137,83 +304,17 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unexpected texts after '--': {' '.join(literal)}")
     if args.command == "predict":
         args.texts = list(args.texts) + extra + literal
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parse(build_parser(), argv)
+    commands = {"list": _list, "inspect": _inspect, "predict": _predict, "serve": _serve}
     try:
-        if args.command == "list":
-            broken = 0
-            for task, folder in discover(args.root).items():
-                try:
-                    manifest = read_manifest(folder)
-                except DoeRuntimeError as exc:  # one broken bundle does not hide the others
-                    broken += 1
-                    print(f"{task}\tBROKEN\t{exc}")
-                    continue
-                quality = manifest.quality
-                print(
-                    f"{task}\t{manifest.task.input}\t{len(manifest.task.labels)} labels\t"
-                    f"{quality.get('metric', '?')} dense={quality.get('dense')} expert={quality.get('expert')}\t"
-                    f"precisions {','.join([manifest.onnx.precision] + sorted(manifest.onnx.variants))}"
-                )
-            if broken:
-                print(f"doe-runtime: {broken} bundle(s) cannot be read (marked BROKEN above)", file=sys.stderr)
-                return 1
-        elif args.command == "inspect":
-            folder = Path(args.bundle)
-            manifest = read_manifest(folder)
-            verify_files(folder, manifest)
-            print(json.dumps(manifest.to_json() if args.full else manifest.summary(), indent=2))
-            print(f"{folder}: files verified (sha256 of model, tokenizer and every variant match the manifest)",
-                  file=sys.stderr)
-        elif args.command == "serve" and args.engine == "ray":
-            from .server import is_loopback
-
-            if not is_loopback(args.host) and not args.allow_remote:
-                raise ValueError(f"refusing to listen on {args.host!r}, which is reachable from other machines; pass "
-                                 "--allow-remote if that is intended (there is no authentication)")
-            if not Path(args.root).is_dir():
-                raise ValueError(f"bundle folder {args.root} does not exist")
-            from .ray_engine import check_scaling
-
-            check_scaling(args.replicas, args.min_replicas, args.max_replicas, args.max_experts_per_replica)
-            from .ray_engine import serve_ray
-
-            replicas = args.replicas or args.max_replicas or 1
-            serve_ray(args.root, host=args.host, port=args.port, address=args.address, replicas=args.replicas,
-                      min_replicas=args.min_replicas, max_replicas=args.max_replicas,
-                      max_experts_per_replica=args.max_experts_per_replica, replica_cpus=args.replica_cpus,
-                      router_options={"device": args.device, "batch_size": args.batch_size,
-                                      "intra_op_threads": args.threads, "precision": args.precision,
-                                      "memory_arena": not args.no_memory_arena},
-                      max_items=args.max_items, max_body_bytes=args.max_body_bytes, max_queue=args.max_queue,
-                      max_concurrency=args.max_concurrency or 8 * replicas,
-                      allowed_hosts=["localhost", "127.0.0.1", "::1"] if is_loopback(args.host) else None)
-        elif args.command == "serve":
-            from .server import serve
-
-            serve(args.root, host=args.host, port=args.port, allow_remote=args.allow_remote,
-                  max_items=args.max_items, max_body_bytes=args.max_body_bytes, device=args.device,
-                  max_resident=args.max_resident, batch_size=args.batch_size, intra_op_threads=args.threads,
-                  precision=args.precision, max_resident_bytes=args.max_resident_bytes,
-                  memory_arena=not args.no_memory_arena, max_concurrency=args.max_concurrency,
-                  max_queue=args.max_queue, max_connections=args.max_connections)
-        else:
-            items: list = list(args.texts)
-            if args.pair:
-                items += [tuple(pair) for pair in args.pair]
-            if args.input:
-                items += _read_jsonl(args.input)
-            if not items:
-                raise InputError("no inputs: give texts, --pair TEXT_A TEXT_B, or --input FILE.jsonl")
-            router = Router(args.root, device=args.device, batch_size=args.batch_size, precision=args.precision)
-            predictions = router.predict(args.task, items)
-            for prediction in predictions:
-                print(json.dumps(prediction.to_dict()))
-            info = router.info(args.task)
-            print(f"task {args.task}: {len(predictions)} predictions on {info['provider']} ({info['precision']}"
-                  f"{', IOBinding' if info['io_binding'] else ''})", file=sys.stderr)
-    except (DoeRuntimeError, ValueError, OSError, ImportError) as exc:
+        return commands[args.command](args)
+    except DoeRuntimeError as exc:
         print(f"doe-runtime: error: {exc}", file=sys.stderr)
         return 2
-    return 0
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ BundleError         a bundle on disk is missing, malformed or tampered with     
 DeviceError         ``device='cuda'`` demanded, no CUDA session                  503
 RunError            onnxruntime failed while running a loaded graph               500
 ConfigError         an option of Router / server / CLI out of range              (startup)
+MissingExtraError   a feature whose optional extra is not installed              (startup)
 ==================  ===========================================================  ======
 
 Messages say what was found, what was expected and how to fix it.
@@ -55,3 +56,7 @@ class RunError(DoeRuntimeError, RuntimeError):
 
 class ConfigError(DoeRuntimeError, ValueError):
     """An option given to Router, the server or the CLI is out of its range."""
+
+
+class MissingExtraError(DoeRuntimeError, ImportError):
+    """A feature needs an optional extra that is not installed (the message names the pip command)."""

@@ -25,11 +25,12 @@ TASK_NAME_PATTERN = re.compile(r"[a-z0-9][a-z0-9._-]*")
 MAX_TASK_NAME = 128
 
 
-def _get(mapping: Any, key: str, kind: type | tuple[type, ...], where: str, path: str, default: Any = ...) -> Any:
+def _get(mapping: Any, key: str, kind: type | tuple[type, ...], where: str, path: str, *, default: Any = ...) -> Any:
     """``mapping[key]`` checked to be of ``kind``; ``path`` names the field in messages."""
     if not isinstance(mapping, dict):
-        raise BundleError(f"{where}: {path.rpartition('.')[0] or 'manifest'} must be a JSON object, "
-                          f"found {type(mapping).__name__}")
+        raise BundleError(
+            f"{where}: {path.rpartition('.')[0] or 'manifest'} must be a JSON object, found {type(mapping).__name__}"
+        )
     if key not in mapping:
         if default is not ...:
             return default
@@ -132,8 +133,10 @@ def check_task_name(name: object) -> str:
     if not isinstance(name, str):
         raise TaskNameError(f"task name must be a string, got {type(name).__name__}")
     if len(name) > MAX_TASK_NAME:
-        raise TaskNameError(f"invalid task name {name[:40]!r}... ({len(name)} characters): task names have at most "
-                            f"{MAX_TASK_NAME} characters")
+        raise TaskNameError(
+            f"invalid task name {name[:40]!r}... ({len(name)} characters): task names have at most "
+            f"{MAX_TASK_NAME} characters"
+        )
     if not TASK_NAME_PATTERN.fullmatch(name) or name in (".", ".."):
         raise TaskNameError(
             f"invalid task name {name!r}: task names must match [a-z0-9][a-z0-9._-]* "
@@ -149,8 +152,13 @@ def _tensors(specs: Any, where: str, path: str) -> tuple[TensorSpec, ...]:
     for index, spec in enumerate(specs):
         here = f"{path}[{index}]"
         shape = _get(spec, "shape", list, where, f"{here}.shape", default=[])
-        out.append(TensorSpec(_get(spec, "name", str, where, f"{here}.name"),
-                              _get(spec, "dtype", str, where, f"{here}.dtype"), tuple(shape)))
+        out.append(
+            TensorSpec(
+                _get(spec, "name", str, where, f"{here}.name"),
+                _get(spec, "dtype", str, where, f"{here}.dtype"),
+                tuple(shape),
+            )
+        )
     return tuple(out)
 
 
@@ -161,9 +169,15 @@ def _initializers(spec: Any, where: str, path: str) -> tuple:
         here = f"{path}.initializers[{index}]"
         name = _get(entry, "name", str, where, f"{here}.name")
         nbytes = _get(entry, "bytes", int, where, f"{here}.bytes")
-        out.append({"name": name, "sha256": _sha256(entry, where, here), "bytes": nbytes,
-                    "dtype": _get(entry, "dtype", str, where, f"{here}.dtype", default=""),
-                    "consumers": tuple(_get(entry, "consumers", list, where, f"{here}.consumers", default=[]))})
+        out.append(
+            {
+                "name": name,
+                "sha256": _sha256(entry, where, here),
+                "bytes": nbytes,
+                "dtype": _get(entry, "dtype", str, where, f"{here}.dtype", default=""),
+                "consumers": tuple(_get(entry, "consumers", list, where, f"{here}.consumers", default=[])),
+            }
+        )
     return tuple(out)
 
 
@@ -177,6 +191,62 @@ def _variant(precision: str, spec: Any, where: str) -> Variant:
         quality=_get(spec, "quality", dict, where, f"{path}.quality", default={}),
         speed=_get(spec, "speed", dict, where, f"{path}.speed", default={}),
         initializers=_initializers(spec, where, path),
+    )
+
+
+def _task(data: dict, where: str) -> TaskSpec:
+    task = _get(data, "task", dict, where, "task")
+    name = _get(task, "name", str, where, "task.name")
+    try:
+        check_task_name(name)
+    except ValueError as exc:
+        raise BundleError(f"{where}: task.name: {exc}") from None
+    kind = _get(task, "input", str, where, "task.input")
+    if kind not in INPUT_KINDS:
+        raise BundleError(f"{where}: field 'task.input' must be one of {list(INPUT_KINDS)}, found {kind!r}")
+    labels = _get(task, "labels", list, where, "task.labels")
+    if not labels or not all(isinstance(label, str) for label in labels):
+        raise BundleError(f"{where}: field 'task.labels' must be a non-empty list of strings, found {labels!r}"[:300])
+    if len(set(labels)) != len(labels):
+        raise BundleError(f"{where}: field 'task.labels' has duplicates: {labels!r}"[:300])
+    metric = _get(task, "metric", (str, type(None)), where, "task.metric", default=None)
+
+    return TaskSpec(name, kind, tuple(labels), metric)
+
+
+def _onnx(data: dict, where: str) -> OnnxSpec:
+    onnx = _get(data, "onnx", dict, where, "onnx")
+    variants = _get(onnx, "variants", dict, where, "onnx.variants", default={})
+    outputs = _tensors(_get(onnx, "outputs", list, where, "onnx.outputs"), where, "onnx.outputs")
+    return OnnxSpec(
+        file=_get(onnx, "file", str, where, "onnx.file"),
+        sha256=_sha256(onnx, where, "onnx"),
+        opset=_get(onnx, "opset", (int, type(None)), where, "onnx.opset", default=None),
+        precision=_get(onnx, "precision", str, where, "onnx.precision", default="fp32"),
+        inputs=_tensors(_get(onnx, "inputs", list, where, "onnx.inputs"), where, "onnx.inputs"),
+        outputs=outputs,
+        variants={str(p): _variant(str(p), spec, where) for p, spec in variants.items()},
+        rewrites=_get(onnx, "rewrites", dict, where, "onnx.rewrites", default={}),
+        session=_get(onnx, "session", dict, where, "onnx.session", default={}),
+        initializers=_initializers(onnx, where, "onnx"),
+    )
+
+
+def _tokenizer(data: dict, where: str) -> TokenizerSpec:
+    tok = _get(data, "tokenizer", dict, where, "tokenizer")
+    max_length = _get(tok, "max_length", int, where, "tokenizer.max_length")
+    if max_length < 2:
+        raise BundleError(f"{where}: field 'tokenizer.max_length' must be >= 2, found {max_length}")
+    pad_id = _get(tok, "pad_id", int, where, "tokenizer.pad_id")
+    if pad_id < 0:
+        raise BundleError(f"{where}: field 'tokenizer.pad_id' must be >= 0, found {pad_id}")
+    return TokenizerSpec(
+        file=_get(tok, "file", str, where, "tokenizer.file"),
+        sha256=_sha256(tok, where, "tokenizer"),
+        max_length=max_length,
+        pad_id=pad_id,
+        pad_token=_get(tok, "pad_token", str, where, "tokenizer.pad_token", default="[PAD]"),
+        truncation=_get(tok, "truncation", str, where, "tokenizer.truncation", default="longest_first"),
     )
 
 
@@ -198,7 +268,7 @@ class Manifest:
     raw: dict = field(default_factory=dict, compare=False, repr=False)  # the document as read
 
     @classmethod
-    def from_json(cls, data: Any, where: str = "manifest") -> "Manifest":
+    def from_json(cls, data: Any, where: str = "manifest") -> Manifest:
         """Check and type a manifest document; raise BundleError naming ``where`` and the field."""
         if not isinstance(data, dict):
             raise BundleError(f"{where}: a manifest must be a JSON object, found {type(data).__name__}")
@@ -208,56 +278,32 @@ class Manifest:
                 f"{where}: unknown schema_version {version!r}; this doe-runtime reads schema versions "
                 f"{list(KNOWN_SCHEMA_VERSIONS)}. Upgrade doe-runtime or re-export the bundle."
             )
-        task = _get(data, "task", dict, where, "task")
-        name = _get(task, "name", str, where, "task.name")
-        try:
-            check_task_name(name)
-        except ValueError as exc:
-            raise BundleError(f"{where}: task.name: {exc}") from None
-        kind = _get(task, "input", str, where, "task.input")
-        if kind not in INPUT_KINDS:
-            raise BundleError(f"{where}: field 'task.input' must be one of {list(INPUT_KINDS)}, found {kind!r}")
-        labels = _get(task, "labels", list, where, "task.labels")
-        if not labels or not all(isinstance(label, str) for label in labels):
-            raise BundleError(f"{where}: field 'task.labels' must be a non-empty list of strings, found {labels!r}"[:300])
-        if len(set(labels)) != len(labels):
-            raise BundleError(f"{where}: field 'task.labels' has duplicates: {labels!r}"[:300])
-        metric = _get(task, "metric", (str, type(None)), where, "task.metric", default=None)
-
-        onnx = _get(data, "onnx", dict, where, "onnx")
-        variants = _get(onnx, "variants", dict, where, "onnx.variants", default={})
-        outputs = _tensors(_get(onnx, "outputs", list, where, "onnx.outputs"), where, "onnx.outputs")
-        onnx_spec = OnnxSpec(
-            file=_get(onnx, "file", str, where, "onnx.file"),
-            sha256=_sha256(onnx, where, "onnx"),
-            opset=_get(onnx, "opset", (int, type(None)), where, "onnx.opset", default=None),
-            precision=_get(onnx, "precision", str, where, "onnx.precision", default="fp32"),
-            inputs=_tensors(_get(onnx, "inputs", list, where, "onnx.inputs"), where, "onnx.inputs"),
-            outputs=outputs,
-            variants={str(p): _variant(str(p), spec, where) for p, spec in variants.items()},
-            rewrites=_get(onnx, "rewrites", dict, where, "onnx.rewrites", default={}),
-            session=_get(onnx, "session", dict, where, "onnx.session", default={}),
-            initializers=_initializers(onnx, where, "onnx"),
-        )
-        tok = _get(data, "tokenizer", dict, where, "tokenizer")
-        max_length = _get(tok, "max_length", int, where, "tokenizer.max_length")
-        if max_length < 2:
-            raise BundleError(f"{where}: field 'tokenizer.max_length' must be >= 2, found {max_length}")
-        pad_id = _get(tok, "pad_id", int, where, "tokenizer.pad_id")
-        if pad_id < 0:
-            raise BundleError(f"{where}: field 'tokenizer.pad_id' must be >= 0, found {pad_id}")
-        tok_spec = TokenizerSpec(
-            file=_get(tok, "file", str, where, "tokenizer.file"), sha256=_sha256(tok, where, "tokenizer"),
-            max_length=max_length, pad_id=pad_id,
-            pad_token=_get(tok, "pad_token", str, where, "tokenizer.pad_token", default="[PAD]"),
-            truncation=_get(tok, "truncation", str, where, "tokenizer.truncation", default="longest_first"),
-        )
-        sections = {key: _get(data, key, dict, where, key, default={})
-                    for key in ("base_model", "architecture", "adaptation", "pruning", "validation", "quality", "data",
-                                "versions")}
+        task_spec = _task(data, where)
+        onnx_spec = _onnx(data, where)
+        tok_spec = _tokenizer(data, where)
+        sections = {
+            key: _get(data, key, dict, where, key, default={})
+            for key in (
+                "base_model",
+                "architecture",
+                "adaptation",
+                "pruning",
+                "validation",
+                "quality",
+                "data",
+                "versions",
+            )
+        }
         created = _get(data, "created", (str, type(None)), where, "created", default=None)
-        return cls(version, TaskSpec(name, kind, tuple(labels), metric), onnx_spec, tok_spec, created=created,
-                   raw=data, **sections)
+        return cls(
+            version,
+            task_spec,
+            onnx_spec,
+            tok_spec,
+            created=created,
+            raw=data,
+            **sections,
+        )
 
     def to_json(self) -> dict:
         """The whole manifest document (as read, or as written by the exporter)."""
@@ -280,16 +326,22 @@ class Manifest:
             "base_model": self.base_model.get("name"),
             "architecture": {k: arch[k] for k in ("family", "num_layers", "ffn_widths", "num_heads") if k in arch},
             "adaptation": {"mode": self.adaptation.get("mode"), "extra_positions": self.extra_positions},
-            "pruning": {k: pruning[k] for k in ("method", "rate", "head_rate", "layer_types", "budget", "params_before",
-                                                "params_after") if k in pruning},
+            "pruning": {
+                k: pruning[k]
+                for k in ("method", "rate", "head_rate", "layer_types", "budget", "params_before", "params_after")
+                if k in pruning
+            },
             "precisions": [self.onnx.precision] + sorted(self.onnx.variants),
             "variants": {p: {"quality": v.quality, "speed": v.speed} for p, v in sorted(self.onnx.variants.items())},
             "max_length": self.tokenizer.max_length,
-            "shareable_bytes": {p: sum(e["bytes"] for e in v.initializers)
-                                for p, v in [(self.onnx.precision, self.onnx), *sorted(self.onnx.variants.items())]},
+            "shareable_bytes": {
+                p: sum(e["bytes"] for e in v.initializers)
+                for p, v in [(self.onnx.precision, self.onnx), *sorted(self.onnx.variants.items())]
+            },
             "quality": self.quality,
-            "validation": {k: self.validation[k] for k in ("max_abs_diff", "label_agreement", "shapes")
-                           if k in self.validation},
+            "validation": {
+                k: self.validation[k] for k in ("max_abs_diff", "label_agreement", "shapes") if k in self.validation
+            },
             "created": self.created,
             "provider": provider,
             "serving_precision": precision,

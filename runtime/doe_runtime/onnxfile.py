@@ -21,10 +21,30 @@ from pathlib import Path
 
 import numpy as np
 
-DTYPES = {1: np.float32, 2: np.uint8, 3: np.int8, 5: np.int16, 6: np.int32, 7: np.int64, 10: np.float16,
-          11: np.float64, 12: np.uint32, 13: np.uint64}
-DTYPE_NAMES = {1: "float32", 2: "uint8", 3: "int8", 5: "int16", 6: "int32", 7: "int64", 10: "float16", 11: "float64",
-               12: "uint32", 13: "uint64"}
+DTYPES = {
+    1: np.float32,
+    2: np.uint8,
+    3: np.int8,
+    5: np.int16,
+    6: np.int32,
+    7: np.int64,
+    10: np.float16,
+    11: np.float64,
+    12: np.uint32,
+    13: np.uint64,
+}
+DTYPE_NAMES = {
+    1: "float32",
+    2: "uint8",
+    3: "int8",
+    5: "int16",
+    6: "int32",
+    7: "int64",
+    10: "float16",
+    11: "float64",
+    12: "uint32",
+    13: "uint64",
+}
 
 
 class OnnxFormatError(ValueError):
@@ -61,6 +81,7 @@ def _varint(data: memoryview, pos: int) -> tuple[int, int]:
 def _fields(data: memoryview):
     """(field number, wire type, value) of a message: ints for varints, memoryviews for bytes."""
     pos = 0
+    value: int | memoryview
     while pos < len(data):
         key, pos = _varint(data, pos)
         number, wire = key >> 3, key & 7
@@ -70,11 +91,11 @@ def _fields(data: memoryview):
             size, pos = _varint(data, pos)
             if pos + size > len(data):
                 raise OnnxFormatError(f"field {number}: {size} bytes past the end")
-            value, pos = data[pos:pos + size], pos + size
+            value, pos = data[pos : pos + size], pos + size
         elif wire == 1:
-            value, pos = data[pos:pos + 8], pos + 8
+            value, pos = data[pos : pos + 8], pos + 8
         elif wire == 5:
-            value, pos = data[pos:pos + 4], pos + 4
+            value, pos = data[pos : pos + 4], pos + 4
         else:
             raise OnnxFormatError(f"unsupported wire type {wire} (field {number})")
         yield number, wire, value
@@ -99,8 +120,11 @@ def _tensor(message: memoryview) -> Initializer | None:
             raw = value
     if raw is None or data_type not in DTYPES:
         return None
-    expected = int(np.prod(dims, dtype=np.int64)) * np.dtype(DTYPES[data_type]).itemsize if dims else \
-        np.dtype(DTYPES[data_type]).itemsize
+    expected = (
+        int(np.prod(dims, dtype=np.int64)) * np.dtype(DTYPES[data_type]).itemsize
+        if dims
+        else np.dtype(DTYPES[data_type]).itemsize
+    )
     if len(raw) != expected:
         raise OnnxFormatError(f"initializer {name!r}: {len(raw)} raw bytes for shape {dims} of type {data_type}")
     return Initializer(name, data_type, tuple(dims), raw)

@@ -25,13 +25,16 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from .errors import ConfigError, DoeRuntimeError, MissingExtraError
+
 try:
     import ray
     from ray import serve
 except ImportError as exc:  # the Ray engine is an optional extra
-    raise ImportError("--engine ray needs the [ray] extra: pip install 'doe-runtime[ray]' (ray[serve] 2.60)") from exc
+    raise MissingExtraError(
+        "--engine ray needs the [ray] extra: pip install 'doe-runtime[ray]' (ray[serve] 2.60)"
+    ) from exc
 
-from .errors import ConfigError, DoeRuntimeError
 from .router import Router
 from .server import create_app, error_for, predict_response
 
@@ -64,8 +67,11 @@ def _experts_deployment(max_experts: int):
                 return {"status": 200, "body": body, "replica": self.replica}
             except (DoeRuntimeError, OSError) as exc:
                 status, kind, message = error_for(task, exc, self.root)
-                return {"status": status, "body": {"error": {"type": kind, "message": message}},
-                        "replica": self.replica}
+                return {
+                    "status": status,
+                    "body": {"error": {"type": kind, "message": message}},
+                    "replica": self.replica,
+                }
 
     return DoeExperts
 
@@ -84,21 +90,33 @@ class DoeIngress:
             try:
                 answer = await self.experts.options(multiplexed_model_id=task).predict.remote(items)
                 return answer["status"], answer["body"], {REPLICA_HEADER: answer["replica"]}
-            except (ray.exceptions.RayActorError, ray.exceptions.ActorDiedError,
-                    serve.exceptions.RayServeException, ray.exceptions.RayTaskError) as exc:
+            except (
+                ray.exceptions.RayActorError,
+                ray.exceptions.ActorDiedError,
+                serve.exceptions.RayServeException,
+                ray.exceptions.RayTaskError,
+            ) as exc:
                 last = exc
                 log.warning("replica failed on task %s (attempt %d): %s", task, attempt + 1, type(exc).__name__)
                 await asyncio.sleep(0.5)
-        return 503, {"error": {"type": "replica_unavailable",
-                               "message": f"no replica answered for task {task!r} ({type(last).__name__}); retry "
-                                          "shortly"}}, {"Retry-After": "1"}
+        return (
+            503,
+            {
+                "error": {
+                    "type": "replica_unavailable",
+                    "message": f"no replica answered for task {task!r} ({type(last).__name__}); retry shortly",
+                }
+            },
+            {"Retry-After": "1"},
+        )
 
     def __serve_build_asgi_app__(self):
         return create_app(self.root, predictor=self._predict, **self.app_options)
 
 
-def check_scaling(replicas: int | None, min_replicas: int | None, max_replicas: int | None,
-                  max_experts_per_replica: int) -> dict:
+def check_scaling(
+    replicas: int | None, min_replicas: int | None, max_replicas: int | None, max_experts_per_replica: int
+) -> dict:
     """Serve's scaling settings from the CLI's, refused before anything starts when they contradict."""
     if max_experts_per_replica < 1:
         raise ConfigError(f"--max-experts-per-replica must be >= 1, got {max_experts_per_replica}")
@@ -108,8 +126,10 @@ def check_scaling(replicas: int | None, min_replicas: int | None, max_replicas: 
     if autoscale:
         low, high = (min_replicas if min_replicas is not None else 1), max_replicas
         if high is None or low < 0 or high < 1 or low > high:
-            raise ConfigError(f"autoscaling bounds must satisfy 0 <= --min-replicas <= --max-replicas >= 1, got "
-                              f"{min_replicas} and {max_replicas}")
+            raise ConfigError(
+                f"autoscaling bounds must satisfy 0 <= --min-replicas <= --max-replicas >= 1, got "
+                f"{min_replicas} and {max_replicas}"
+            )
         return {"autoscaling_config": {"min_replicas": low, "max_replicas": high, "initial_replicas": max(low, 1)}}
     count = 1 if replicas is None else replicas
     if count < 1:
@@ -117,19 +137,32 @@ def check_scaling(replicas: int | None, min_replicas: int | None, max_replicas: 
     return {"num_replicas": count}
 
 
-def build_app(root: str | Path, replicas: int | None = None, min_replicas: int | None = None,
-              max_replicas: int | None = None, max_experts_per_replica: int = 4, replica_cpus: float = 1.0,
-              router_options: dict | None = None, **app_options: Any):
+def build_app(
+    root: str | Path,
+    *,
+    replicas: int | None = None,
+    min_replicas: int | None = None,
+    max_replicas: int | None = None,
+    max_experts_per_replica: int = 4,
+    replica_cpus: float = 1.0,
+    router_options: dict | None = None,
+    **app_options: Any,
+):
     """The Serve application (ingress + expert replicas) for the bundles under ``root``."""
     scaling = check_scaling(replicas, min_replicas, max_replicas, max_experts_per_replica)
     root = str(Path(root).resolve())
-    experts = _experts_deployment(max_experts_per_replica).options(
-        ray_actor_options={"num_cpus": replica_cpus}, **scaling).bind(root, dict(router_options or {}))
-    return DoeIngress.options(ray_actor_options={"num_cpus": 0}).bind(experts, root, app_options)
+    experts = (
+        _experts_deployment(max_experts_per_replica)
+        .options(ray_actor_options={"num_cpus": replica_cpus}, **scaling)
+        .bind(root, dict(router_options or {}))
+    )
+    ingress: Any = DoeIngress  # a Serve Deployment (its .options come from @serve.deployment)
+    return ingress.options(ray_actor_options={"num_cpus": 0}).bind(experts, root, app_options)
 
 
-def serve_ray(root: str | Path, host: str = "127.0.0.1", port: int = 8000, address: str | None = None,
-              **options: Any) -> None:
+def serve_ray(
+    root: str | Path, host: str = "127.0.0.1", port: int = 8000, address: str | None = None, **options: Any
+) -> None:
     """Start (or join, with ``address``) a Ray cluster, run the app, block until SIGINT/SIGTERM."""
     import signal
     import threading

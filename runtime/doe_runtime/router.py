@@ -4,33 +4,37 @@
 ``predict(task, inputs)`` tokenizes with the bundle's own ``tokenizer.json``, pads to the longest
 item of each batch, runs the task's session and returns labels with probabilities in the
 caller's order. At most ``max_resident`` sessions are kept; the least recently used is dropped.
+One loaded bundle is a :class:`~doe_runtime.expert.Expert`.
 """
 
 from __future__ import annotations
 
 import collections
-import functools
-import hashlib
-import os
+import contextlib
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
-from .bundle import FileRef, check_task_name, discover, read_manifest, verify_file
-from .errors import BundleError, ConfigError, DeviceError, InputError, RunError, UnknownTaskError
+from .bundle import check_task_name, discover, read_manifest
+from .cuda_graphs import Buckets
+from .errors import BundleError, ConfigError, DeviceError, RunError, UnknownTaskError
+from .expert import (
+    DEVICES,
+    PRECISIONS,
+    Expert,
+    bundle_signature,
+    release_free_memory,
+    softmax,
+)
 from .manifest import Manifest
 from .sharing import WeightPool
-from .tokenization import configure_tokenizer, encode_batch, length_sorted_batches, plan_batches
+from .tokenization import length_sorted_batches
 
-DEVICES = ("auto", "cpu", "cuda")
-CPU = "CPUExecutionProvider"
-CUDA = "CUDAExecutionProvider"
-
-__all__ = ["CPU", "CUDA", "DEVICES", "PRECISIONS", "DeviceError", "Expert", "InputError", "Prediction", "Router",
-           "UnknownTaskError", "configure_tokenizer", "encode_batch", "length_sorted_batches", "plan_batches"]
+__all__ = ["DEVICES", "PRECISIONS", "Prediction", "Router"]
 
 
 @dataclass(frozen=True)
@@ -41,297 +45,6 @@ class Prediction:
 
     def to_dict(self) -> dict[str, Any]:
         return {"label": self.label, "label_id": self.label_id, "probabilities": self.probabilities}
-
-
-def bundle_signature(folder: Path) -> tuple:
-    """What changes when a bundle is rebuilt or its files are touched: (name, mtime_ns, size, inode)
-    of every regular file, and the sha256 of ``manifest.json`` itself (small; it names the hashes of
-    every other file, so a manifest edited in place with the same size and time, or a copy with
-    preserved times, is still seen). Raises OSError while the folder is missing."""
-    entries = []
-    with os.scandir(folder) as items:
-        for item in items:
-            if item.is_file(follow_symlinks=False):
-                info = item.stat(follow_symlinks=False)
-                entries.append((item.name, info.st_mtime_ns, info.st_size, info.st_ino))
-    manifest = Path(folder) / "manifest.json"
-    digest = hashlib.sha256(manifest.read_bytes()).hexdigest() if manifest.is_file() else None
-    return tuple(sorted(entries)) + (digest,)
-
-
-CHARS_PER_TOKEN_BUDGET = 32
-SHRINK_ABOVE_TOKENS = 2048  # padded tokens of a batch above which the memory arena is shrunk after the run
-
-
-def release_free_memory() -> bool:
-    """Return the C heap's free pages to the operating system (glibc ``malloc_trim``); False where
-    there is no glibc. After one request far above the usual size (a 4 MiB body, batches of 256 long
-    texts) the freed tokenizer, numpy and onnxruntime buffers otherwise stay resident: measured +31 MiB
-    in a Router alone and +86 MiB in the server; with this call the server ended 47 MiB below where it
-    started. Also called after loading an expert (the parsed model file's buffers)."""
-    trim = _malloc_trim()
-    if trim is None:
-        return False
-    trim(0)  # 1 if memory was released, 0 if there was none to release
-    return True
-
-
-@functools.cache
-def _malloc_trim():
-    """glibc's ``malloc_trim``, looked up once; None where the C library has none."""
-    import ctypes
-    import ctypes.util
-
-    try:
-        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
-    except (OSError, AttributeError):  # not glibc (macOS, Windows, musl without it)
-        return None
-
-
-def clip_text(text: str, max_length: int) -> str:
-    """A text cut to ``CHARS_PER_TOKEN_BUDGET * max_length`` characters before tokenizing: the
-    tokenizer's work (and the overflow it keeps) no longer grows with the text beyond what the
-    model reads. It changes a result only if the first ``max_length`` tokens span more than 32
-    characters per token on average (English averages about 4-5)."""
-    limit = CHARS_PER_TOKEN_BUDGET * max_length
-    return text if len(text) <= limit else text[:limit]
-
-
-PRECISIONS = ("auto", "fp32", "fp16", "int8")
-
-
-def choose_precision(requested: str, provider: str, available: dict) -> str:
-    """The graph to serve: ``requested`` if not ``"auto"``; on CUDA the fp16 variant, on CPU the int8
-    variant, when the bundle has it (a variant is only written when it passed validation) and, where
-    the exporter measured its speed (``variant.speed["vs_fp32"]``, ratios per shape), it was faster
-    than fp32 at every measured shape; else fp32."""
-    if requested != "auto":
-        return requested
-    preferred = "fp16" if provider == CUDA else "int8"
-    variant = available.get(preferred)
-    if variant is None:
-        return "fp32"
-    ratios = getattr(variant, "speed", {}).get("vs_fp32", {}) if provider != CUDA else {}
-    if isinstance(ratios, dict) and ratios and not all(isinstance(r, (int, float)) and r > 1.0 for r in ratios.values()):
-        return "fp32"  # measured slower on the build machine
-    return preferred
-
-
-class Expert:
-    """One loaded bundle: tokenizer + onnxruntime session + manifest.
-
-    ``precision``: ``"fp32"`` (the main graph), ``"fp16"`` / ``"int8"`` (the bundle's variant of that
-    precision; error if it has none) or ``"auto"`` (:func:`choose_precision`: fp16 on CUDA, int8 on
-    CPU, when the bundle has them, else fp32).
-    ``io_binding``: ``"auto"`` (on CUDA), ``True`` or ``False``: with it, each call binds the inputs
-    once and lets onnxruntime allocate the output on the session's device.
-    """
-
-    def __init__(self, folder: Path, device: str, session_options: Any = None, precision: str = "auto",
-                 io_binding: bool | str = "auto", pool: "WeightPool | None" = None):
-        import onnxruntime as ort
-        from tokenizers import Tokenizer
-
-        if precision not in PRECISIONS:
-            raise ConfigError(f"precision must be one of {list(PRECISIONS)}, got {precision!r}")
-        self.folder = folder
-        self.pool = pool
-        self.shared: dict = {}  # initializer name -> SharedTensor held for this expert's session
-        self.signature = bundle_signature(folder)  # taken before reading: a change during the load shows next time
-        self.manifest: Manifest = read_manifest(folder)
-        tok_spec = self.manifest.tokenizer
-        tokenizer_path = verify_file(folder, tok_spec, "tokenizer.file")
-        self.task = self.manifest.task.name
-        self.labels = list(self.manifest.task.labels)
-        self.pair = self.manifest.task.pair
-        try:
-            tokenizer = Tokenizer.from_file(str(tokenizer_path))
-        except Exception as exc:  # tokenizers raises a bare Exception on malformed files
-            raise BundleError(f"{tokenizer_path}: cannot be read as a tokenizers file ({exc})") from exc
-        self.tokenizer = configure_tokenizer(tokenizer, tok_spec.max_length, tok_spec.pad_id, tok_spec.pad_token)
-
-        available = ort.get_available_providers()
-        if device == "cpu":
-            providers = [CPU]
-        elif CUDA in available:
-            providers = [CUDA, CPU]
-        elif device == "cuda":
-            raise DeviceError(
-                f"task {self.task!r}: device='cuda' demanded but this onnxruntime has no CUDA provider "
-                f"(available: {available}); install doe-runtime[gpu] instead of [cpu], or use device='auto'"
-            )
-        else:
-            providers = [CPU]
-        variants = self.manifest.onnx.variants
-        if precision not in ("auto", self.manifest.onnx.precision) and precision not in variants:
-            have = [self.manifest.onnx.precision] + sorted(variants)
-            raise BundleError(f"{folder}: precision={precision!r} asked for but the bundle has no {precision} "
-                              f"variant (it has: {', '.join(have)}); rebuild it with `doe build` (fp16 and int8 "
-                              "variants are written when they pass validation), or use precision='auto'")
-        # the provider decides "auto", and the provider is only known once a session exists
-        chosen = choose_precision(precision, CUDA if providers[0] == CUDA else CPU, variants)
-        self.session = self._session(ort, chosen, providers, session_options)
-        self.provider = self.session.get_providers()[0]
-        if precision == "auto" and choose_precision("auto", self.provider, variants) != chosen:
-            chosen = choose_precision("auto", self.provider, variants)  # CUDA was listed but not granted
-            self.session = self._session(ort, chosen, providers, session_options)
-            self.provider = self.session.get_providers()[0]
-        self.precision = chosen
-        if device == "cuda" and self.provider != CUDA:
-            raise DeviceError(
-                f"task {self.task!r}: device='cuda' demanded but the session got {self.session.get_providers()} "
-                "(CUDA libraries missing or no GPU visible); use device='auto' to fall back to CPU"
-            )
-        self.io_binding = (self.provider == CUDA) if io_binding == "auto" else bool(io_binding)
-        # A batch far above the usual size grows onnxruntime's memory arena to its peak, and the arena never
-        # gives memory back: after such a batch the arena returns what it does not use (measured: a 4 MiB
-        # request of 256 long texts left +103 MiB resident without this).
-        self.shrink_above_tokens = SHRINK_ABOVE_TOKENS
-        self._shrink_options = None
-        # the CPU arena can only be shrunk where there is one (Router(memory_arena=False) has none)
-        if self.provider == CUDA or self.session.get_session_options().enable_cpu_mem_arena:
-            self._shrink_options = ort.RunOptions()
-            self._shrink_options.add_run_config_entry("memory.enable_memory_arena_shrinkage",
-                                                      "gpu:0" if self.provider == CUDA else "cpu:0")
-        self._device_type = "cuda" if self.provider == CUDA else "cpu"
-        self._check_io()
-        self.run(np.asarray([[1, 2]], dtype=np.int64), np.ones((1, 2), dtype=np.int64))  # warm-up at load
-
-    def _session(self, ort, precision: str, providers: list[str], options: Any):
-        main = self.manifest.onnx
-        ref: FileRef = main if precision == main.precision else main.variants[precision]
-        field = "onnx.file" if ref is main else f"onnx.variants.{precision}.file"
-        path = verify_file(self.folder, ref, field)
-        self.model_bytes = path.stat().st_size
-        options = options() if callable(options) else options  # a fresh SessionOptions per session
-        self.shared = {}
-        if self.pool is not None and ref.initializers:
-            # experts of different base models never share: the pool key includes the base weights' hash
-            base = self.manifest.base_model.get("sha256") or f"unhashed base of {self.folder}"
-            self.shared = self.pool.acquire(path, str(base), list(ref.initializers))
-            options = options or ort.SessionOptions()
-            for name, tensor in self.shared.items():
-                options.add_initializer(name, tensor.value)
-        disabled = main.session_settings(providers[0]).get("disabled_optimizers") or []
-        try:
-            if disabled:  # the optimizers the exporter measured to slow this graph down (manifest onnx.session)
-                return ort.InferenceSession(str(path), sess_options=options, providers=providers,
-                                            disabled_optimizers=list(disabled))
-            return ort.InferenceSession(str(path), sess_options=options, providers=providers)
-        except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph types
-            raise BundleError(f"{path}: onnxruntime cannot load this model ({exc}); re-export the bundle") from exc
-
-    def _check_io(self) -> None:
-        spec = self.manifest.onnx
-        want_in, want_out = spec.input_names, spec.output_names
-        got_in = [item.name for item in self.session.get_inputs()]
-        outputs = self.session.get_outputs()
-        got_out = [item.name for item in outputs]
-        if got_in != want_in or got_out != want_out:
-            raise BundleError(
-                f"{self.folder}: model inputs/outputs {got_in} -> {got_out} do not match the manifest's "
-                f"{want_in} -> {want_out}; re-export the bundle"
-            )
-        width = outputs[0].shape[-1] if outputs[0].shape else None
-        if isinstance(width, int) and width != len(self.labels):
-            raise BundleError(
-                f"{self.folder}: the model's {want_out[0]!r} has {width} columns but task.labels in the manifest "
-                f"names {len(self.labels)} labels ({list(self.labels)}); the manifest does not belong to this "
-                "model. Re-export the bundle"
-            )
-        self.input_names = got_in
-        self.output_name = want_out[0]
-
-    def check_inputs(self, inputs: Sequence[Any]) -> list:
-        """The items as the tokenizer takes them (texts or (text_a, text_b) tuples), each text clipped
-        to the character budget of the bundle's max length; an InputError names the first bad item."""
-        if isinstance(inputs, (str, bytes)) or not isinstance(inputs, Sequence):
-            raise InputError(
-                f"task {self.task!r}: inputs must be a list of "
-                f"{'(text_a, text_b) pairs' if self.pair else 'strings'}, got {type(inputs).__name__}; "
-                "wrap a single input in a list"
-            )
-        items = []
-        limit = self.manifest.tokenizer.max_length
-        for index, item in enumerate(inputs):
-            if self.pair:
-                if (
-                    not isinstance(item, (tuple, list))
-                    or len(item) != 2
-                    or not all(isinstance(part, str) for part in item)
-                ):
-                    raise InputError(
-                        f"task {self.task!r} takes text pairs: inputs[{index}] must be a (str, str) pair, "
-                        f"got {_describe(item)}"
-                    )
-                items.append((self._text(item[0], index, limit), self._text(item[1], index, limit)))
-            else:
-                if not isinstance(item, str):
-                    hint = " (this task takes single texts, not pairs)" if isinstance(item, (tuple, list)) else ""
-                    raise InputError(
-                        f"task {self.task!r} takes single texts: inputs[{index}] must be str, "
-                        f"got {_describe(item)}{hint}"
-                    )
-                items.append(self._text(item, index, limit))
-        return items
-
-    def _text(self, text: str, index: int, max_length: int) -> str:
-        text = clip_text(text, max_length)
-        try:
-            text.encode("utf-8")
-        except UnicodeEncodeError as exc:  # a lone surrogate (valid JSON "\ud800", or a non-UTF-8 argv)
-            raise InputError(
-                f"task {self.task!r}: inputs[{index}] is not valid Unicode text: {exc.reason} at character "
-                f"{exc.start} ({text[exc.start:exc.end]!r}); send UTF-8 text (a lone surrogate is not a character)"
-            ) from None
-        return text
-
-    def encode(self, items: list) -> dict[str, np.ndarray]:
-        ids, mask = encode_batch(self.tokenizer, items)
-        feeds = {"input_ids": ids, "attention_mask": mask}
-        return {name: feeds[name] for name in self.input_names}
-
-    def run(self, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
-        """One session call on an already padded batch; returns logits [B, K] (float32)."""
-        try:
-            return self._run(ids, mask)
-        except Exception as exc:  # onnxruntime raises its own Fail/RuntimeException types
-            raise RunError(f"task {self.task!r}: onnxruntime failed on a batch of shape {list(ids.shape)} "
-                           f"({type(exc).__name__}: {str(exc)[:300]}); the bundle's graph may be broken: re-export "
-                           "it") from exc
-
-    def _run(self, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
-        feeds = {"input_ids": ids, "attention_mask": mask}
-        options = self._shrink_options if ids.size > self.shrink_above_tokens else None
-        if not self.io_binding:
-            return self.session.run([self.output_name], {name: feeds[name] for name in self.input_names},
-                                    run_options=options)[0]
-        binding = self.session.io_binding()
-        for name in self.input_names:
-            binding.bind_cpu_input(name, np.ascontiguousarray(feeds[name]))  # copied to the device once
-        binding.bind_output(self.output_name, self._device_type)  # allocated by onnxruntime on the device
-        self.session.run_with_iobinding(binding, run_options=options)
-        return binding.copy_outputs_to_cpu()[0]
-
-    def info(self) -> dict:
-        options = self.session.get_session_options()
-        return {"task": self.task, "provider": self.provider, "precision": self.precision,
-                "io_binding": self.io_binding, "model_bytes": self.model_bytes,
-                "pooled_bytes": sum(tensor.nbytes for tensor in self.shared.values()),
-                "intra_op_threads": options.intra_op_num_threads, "inter_op_threads": options.inter_op_num_threads}
-
-
-def _describe(item: Any) -> str:
-    text = repr(item)
-    if len(text) > 60:
-        text = text[:57] + "..."
-    return f"{type(item).__name__} {text}"
-
-
-def softmax(logits: np.ndarray) -> np.ndarray:
-    shifted = logits - logits.max(axis=-1, keepdims=True)
-    exp = np.exp(shifted)
-    return exp / exp.sum(axis=-1, keepdims=True)
 
 
 class Router:
@@ -359,11 +72,16 @@ class Router:
     session was loaded from; a rebuilt bundle is loaded anew (requests already running finish on
     the old session, which is freed when they end). While a bundle is being swapped (its folder
     briefly missing) the resident session keeps serving. Costs one directory scan per request.
+    ``cuda_graphs`` (``"auto"``: on where a session gets CUDA; ``True``: an error elsewhere; ``False``: off)
+    and ``graph_buckets`` ((batch, padded length) pairs, sorted; default
+    :data:`~doe_runtime.cuda_graphs.DEFAULT_BUCKETS`): batches that fit a bucket are padded to it and replay
+    that bucket's captured CUDA graph; the others run the normal way.
     """
 
     def __init__(
         self,
         root: str | Path,
+        *,
         device: str = "auto",
         max_resident: int = 4,
         batch_size: int = 32,
@@ -378,7 +96,18 @@ class Router:
         memory_arena: bool = True,
         allow_spinning: bool = True,
         share_weights: bool = True,
+        cuda_graphs: bool | str = "auto",
+        graph_buckets: Sequence[tuple[int, int]] | None = None,
     ):
+        if cuda_graphs not in ("auto", True, False):
+            raise ConfigError(f"cuda_graphs must be 'auto', True or False, got {cuda_graphs!r}")
+        if cuda_graphs is True and device == "cpu":
+            raise ConfigError(
+                "cuda_graphs=True asked for with device='cpu': CUDA graphs need the CUDA provider; use "
+                "device='cuda' (or 'auto' on a GPU machine), or cuda_graphs=False"
+            )
+        self.cuda_graphs = cuda_graphs
+        self.graph_buckets = Buckets.parse(graph_buckets) if graph_buckets is not None else Buckets()
         if device not in DEVICES:
             raise ConfigError(f"device must be one of {list(DEVICES)}, got {device!r}")
         if not isinstance(max_resident, int) or max_resident < 1:
@@ -412,6 +141,10 @@ class Router:
         self.sort_by_length = bool(sort_by_length)
         self.auto_reload = bool(auto_reload)
         self._bundles = discover(self.root)
+        if graph_buckets is not None and cuda_graphs is not False:
+            for task, folder in self._bundles.items():  # buckets no request of a bundle can reach: refused now
+                with contextlib.suppress(BundleError):  # a broken bundle says so when it is asked for
+                    self.graph_buckets.check_length(read_manifest(folder).tokenizer.max_length, f"bundle {task!r}")
         self._resident: collections.OrderedDict[str, Expert] = collections.OrderedDict()
         self._lock = threading.Lock()
         self._loading: dict[str, threading.Lock] = {}
@@ -471,8 +204,12 @@ class Router:
         return folder
 
     def _session_options(self) -> Any:
-        if self.intra_op_threads is None and self.inter_op_threads is None and self.memory_arena \
-                and self.allow_spinning:
+        if (
+            self.intra_op_threads is None
+            and self.inter_op_threads is None
+            and self.memory_arena
+            and self.allow_spinning
+        ):
             return None
         import onnxruntime as ort
 
@@ -509,8 +246,16 @@ class Router:
             if failed is not None and signature is not None and failed[0] == signature:
                 raise failed[1]  # the same broken bundle: no re-hashing, no second session attempt
             try:
-                expert = Expert(folder, self.device, self._session_options, self.precision, self.io_binding,
-                                self._pool)
+                expert = Expert(
+                    folder,
+                    self.device,
+                    session_options=self._session_options,
+                    precision=self.precision,
+                    io_binding=self.io_binding,
+                    pool=self._pool,
+                    cuda_graphs=self.cuda_graphs,
+                    graph_buckets=self.graph_buckets,
+                )
             except (BundleError, DeviceError, RunError) as exc:
                 if signature is not None:
                     self._failed[task] = (signature, exc)  # until the bundle's files change
@@ -520,7 +265,8 @@ class Router:
                 self._resident[task] = expert
                 self._resident.move_to_end(task)
                 while len(self._resident) > self.max_resident or (
-                    self.max_resident_bytes is not None and len(self._resident) > 1
+                    self.max_resident_bytes is not None
+                    and len(self._resident) > 1
                     and self._resident_bytes() > self.max_resident_bytes
                 ):
                     self._resident.popitem(last=False)  # freed once the requests running on it end
@@ -559,8 +305,9 @@ class Router:
         expert = self._expert(task)
         items = expert.check_inputs(inputs)
         probs = np.empty((len(items), len(expert.labels)), dtype=np.float64)
-        batches = length_sorted_batches(expert.tokenizer, items, self.batch_size, self.max_batch_tokens,
-                                        self.sort_by_length)
+        batches = length_sorted_batches(
+            expert.tokenizer, items, self.batch_size, self.max_batch_tokens, self.sort_by_length
+        )
         big = False
         for chunk, ids, mask in batches:
             probs[chunk] = softmax(expert.run(ids, mask).astype(np.float64))

@@ -22,11 +22,22 @@ from pathlib import Path
 from .errors import BundleError
 from .onnxfile import OnnxFormatError, read_initializers
 
-
 # onnxruntime re-packs the constant operand of these ops into a buffer of each session's own, so a
 # tensor they consume would live once in the pool and once more per session: such tensors are not shared
-PREPACKED_OPS = frozenset({"MatMul", "Gemm", "MatMulInteger", "MatMulIntegerToFloat", "DynamicQuantizeMatMul",
-                           "FusedMatMul", "Conv", "Attention", "QAttention", "QLinearMatMul"})
+PREPACKED_OPS = frozenset(
+    {
+        "MatMul",
+        "Gemm",
+        "MatMulInteger",
+        "MatMulIntegerToFloat",
+        "DynamicQuantizeMatMul",
+        "FusedMatMul",
+        "Conv",
+        "Attention",
+        "QAttention",
+        "QLinearMatMul",
+    }
+)
 
 
 def shareable(entry: dict) -> bool:
@@ -38,7 +49,7 @@ def shareable(entry: dict) -> bool:
 class SharedTensor:
     """One tensor in memory: its OrtValue (and the array that backs it)."""
 
-    __slots__ = ("key", "array", "value", "nbytes", "__weakref__")
+    __slots__ = ("__weakref__", "array", "key", "nbytes", "value")
 
     def __init__(self, key: tuple, array, value):
         self.key, self.array, self.value, self.nbytes = key, array, value, int(array.nbytes)
@@ -48,14 +59,11 @@ class WeightPool:
     """Process-wide pool of shared tensors, keyed by (base model sha256, tensor sha256)."""
 
     def __init__(self):
-        self._tensors: "weakref.WeakValueDictionary[tuple, SharedTensor]" = weakref.WeakValueDictionary()
+        self._tensors: weakref.WeakValueDictionary[tuple, SharedTensor] = weakref.WeakValueDictionary()
         self._lock = threading.Lock()
 
     def __len__(self) -> int:
         return len(self._tensors)
-
-    def resident_bytes(self) -> int:
-        return sum(tensor.nbytes for tensor in list(self._tensors.values()))
 
     def acquire(self, path: Path, base: str, table: list) -> dict[str, SharedTensor]:
         """The shared tensors of the graph at ``path`` listed in ``table`` (manifest entries with name and
@@ -76,18 +84,24 @@ class WeightPool:
         try:
             found = read_initializers(path, set(missing))
         except OnnxFormatError as exc:
-            raise BundleError(f"{path}: cannot read its initializers to share them ({exc}); re-export the bundle") from exc
+            raise BundleError(
+                f"{path}: cannot read its initializers to share them ({exc}); re-export the bundle"
+            ) from exc
         for name, entry in missing.items():
-            tensor = found.get(name)
-            if tensor is None:
-                raise BundleError(f"{path}: the manifest lists a shared initializer {name!r} that the graph does not "
-                                  "hold as raw data; re-export the bundle")
-            digest = hashlib.sha256(tensor.raw).hexdigest()
+            initializer = found.get(name)
+            if initializer is None:
+                raise BundleError(
+                    f"{path}: the manifest lists a shared initializer {name!r} that the graph does not "
+                    "hold as raw data; re-export the bundle"
+                )
+            digest = hashlib.sha256(initializer.raw).hexdigest()
             if digest != entry["sha256"]:
-                raise BundleError(f"{path}: initializer {name!r}: sha256 mismatch (manifest says {entry['sha256']}, "
-                                  f"the file holds {digest}); the graph was changed after export. Re-export the "
-                                  "bundle")
-            array = tensor.array()
+                raise BundleError(
+                    f"{path}: initializer {name!r}: sha256 mismatch (manifest says {entry['sha256']}, "
+                    f"the file holds {digest}); the graph was changed after export. Re-export the "
+                    "bundle"
+                )
+            array = initializer.array()
             key = (base, digest)
             with self._lock:
                 shared = self._tensors.get(key)

@@ -30,13 +30,16 @@ def encode_batch(tokenizer: Any, items: list) -> tuple[np.ndarray, np.ndarray]:
     return ids, mask
 
 
-def plan_batches(lengths: np.ndarray, batch_size: int, max_tokens: int | None = None,
-                 sort: bool = True) -> list[np.ndarray]:
+def plan_batches(
+    lengths: np.ndarray, batch_size: int, max_tokens: int | None = None, sort: bool = True
+) -> list[np.ndarray]:
     """Group item indices by length (shortest first) into batches of at most ``batch_size`` items
     and, if given, at most ``max_tokens`` padded tokens (items x longest); one item always fits.
     ``sort=False`` keeps the arrival order (the baseline the length sorting is measured against)."""
     order = np.argsort(lengths, kind="stable") if sort else np.arange(len(lengths))
-    batches, current, longest = [], [], 0
+    batches: list[np.ndarray] = []
+    current: list[int] = []
+    longest = 0
     for index in order:
         new_longest = max(longest, int(lengths[index]))
         if current and (len(current) == batch_size or (max_tokens and (len(current) + 1) * new_longest > max_tokens)):
@@ -49,8 +52,9 @@ def plan_batches(lengths: np.ndarray, batch_size: int, max_tokens: int | None = 
     return batches
 
 
-def length_sorted_batches(tokenizer: Any, items: list, batch_size: int, max_tokens: int | None = None,
-                          sort: bool = True):
+def length_sorted_batches(
+    tokenizer: Any, items: list, batch_size: int, max_tokens: int | None = None, sort: bool = True
+):
     """Tokenize once, then yield (indices, ids, mask) batches of similar lengths, each cut to its
     own longest item (right padding makes that exact)."""
     if not items:

@@ -21,22 +21,35 @@ def test_api_never_answers_5xx(bundles):
     operations = [result.ok() for result in schema.get_all_operations()]
     labels = sorted(f"{op.method.upper()} {op.path}" for op in operations)
     # the document must describe every endpoint the server has, else the fuzzing covers too little
-    assert labels == ["GET /healthz", "GET /readyz", "GET /v1/tasks", "GET /v1/tasks/{task}",
-                      "POST /v1/tasks/{task}/predict"], labels
-    checked = {}
+    assert labels == [
+        "GET /healthz",
+        "GET /readyz",
+        "GET /v1/tasks",
+        "GET /v1/tasks/{task}",
+        "POST /v1/tasks/{task}/predict",
+    ], labels
+    checked: dict[str, int] = {}
     for operation in operations:
-        label = f"{operation.method.upper()} {operation.path}"
-
-        @given(case=operation.as_strategy())
-        @settings(max_examples=40, deadline=None, database=None,
-                  suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
-        def fuzz(case):
-            response = case.call()
-            assert response.status_code < 500, f"{label}: {response.status_code} {response.text}"
-            # every documented check except positive-data acceptance: whether a schema-valid body fits the
-            # task (single texts vs pairs) depends on the path's task, which the schema cannot express
-            case.validate_response(response, excluded_checks=[schemathesis.checks.positive_data_acceptance])
-            checked[label] = checked.get(label, 0) + 1
-
-        fuzz()
+        _fuzz(operation, f"{operation.method.upper()} {operation.path}", checked)
     assert sorted(checked) == labels and min(checked.values()) >= 1, checked
+
+
+def _fuzz(operation, label: str, checked: dict) -> None:
+    """Hypothesis-generated requests for one operation: never a 5xx, every answer as documented."""
+
+    @given(case=operation.as_strategy())
+    @settings(
+        max_examples=40,
+        deadline=None,
+        database=None,
+        suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
+    )
+    def fuzz(case):
+        response = case.call()
+        assert response.status_code < 500, f"{label}: {response.status_code} {response.text}"
+        # every documented check except positive-data acceptance: whether a schema-valid body fits the
+        # task (single texts vs pairs) depends on the path's task, which the schema cannot express
+        case.validate_response(response, excluded_checks=[schemathesis.checks.positive_data_acceptance])
+        checked[label] = checked.get(label, 0) + 1
+
+    fuzz()

@@ -22,24 +22,31 @@ def test_manifest_is_typed_and_round_trips(bundles):
     assert manifest.to_json() == document
     assert Manifest.from_json(manifest.to_json(), "copy") == manifest
     assert [p.name for p in verify_files(bundles / "toy-pair", manifest)] == [
-        "model.onnx", "tokenizer.json", "model.fp16.onnx", "model.int8.onnx"]
+        "model.onnx",
+        "tokenizer.json",
+        "model.fp16.onnx",
+        "model.int8.onnx",
+    ]
 
 
-@pytest.mark.parametrize("change, field", [
-    (lambda m: m.update(schema_version=99), r"unknown schema_version 99.*reads schema versions \[1\]"),
-    (lambda m: m.update(schema_version=True), r"unknown schema_version True"),
-    (lambda m: m.pop("task"), r"missing field 'task'"),
-    (lambda m: m["task"].update(labels=[]), r"field 'task.labels' must be a non-empty list of strings"),
-    (lambda m: m["task"].update(labels=["a", "a", "b"]), r"'task.labels' has duplicates"),
-    (lambda m: m["task"].update(input="triple"), r"'task.input' must be one of \['single', 'pair'\]"),
-    (lambda m: m["onnx"].update(sha256="abc"), r"onnx.sha256 must be 64 lower-case hex digits"),
-    (lambda m: m["onnx"]["inputs"][1].pop("dtype"), r"missing field 'onnx.inputs\[1\].dtype'"),
-    (lambda m: m["onnx"]["variants"]["int8"].update(sha256=None), r"'onnx.variants.int8.sha256' must be str"),
-    (lambda m: m["tokenizer"].update(max_length="16"), r"'tokenizer.max_length' must be int, found str"),
-    (lambda m: m["tokenizer"].update(max_length=1), r"'tokenizer.max_length' must be >= 2"),
-    (lambda m: m["tokenizer"].update(pad_id=True), r"'tokenizer.pad_id' must be a number, found bool"),
-    (lambda m: m.update(quality=[1]), r"field 'quality' must be dict"),
-])
+@pytest.mark.parametrize(
+    "change, field",
+    [
+        (lambda m: m.update(schema_version=99), r"unknown schema_version 99.*reads schema versions \[1\]"),
+        (lambda m: m.update(schema_version=True), r"unknown schema_version True"),
+        (lambda m: m.pop("task"), r"missing field 'task'"),
+        (lambda m: m["task"].update(labels=[]), r"field 'task.labels' must be a non-empty list of strings"),
+        (lambda m: m["task"].update(labels=["a", "a", "b"]), r"'task.labels' has duplicates"),
+        (lambda m: m["task"].update(input="triple"), r"'task.input' must be one of \['single', 'pair'\]"),
+        (lambda m: m["onnx"].update(sha256="abc"), r"onnx.sha256 must be 64 lower-case hex digits"),
+        (lambda m: m["onnx"]["inputs"][1].pop("dtype"), r"missing field 'onnx.inputs\[1\].dtype'"),
+        (lambda m: m["onnx"]["variants"]["int8"].update(sha256=None), r"'onnx.variants.int8.sha256' must be str"),
+        (lambda m: m["tokenizer"].update(max_length="16"), r"'tokenizer.max_length' must be int, found str"),
+        (lambda m: m["tokenizer"].update(max_length=1), r"'tokenizer.max_length' must be >= 2"),
+        (lambda m: m["tokenizer"].update(pad_id=True), r"'tokenizer.pad_id' must be a number, found bool"),
+        (lambda m: m.update(quality=[1]), r"field 'quality' must be dict"),
+    ],
+)
 def test_bad_manifests_are_refused_naming_the_field(bundles, edit_manifest, change, field):
     edit_manifest(bundles / "toy-single", change)
     with pytest.raises(BundleError, match=field) as caught:

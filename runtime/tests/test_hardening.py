@@ -11,7 +11,7 @@ import pytest
 
 from doe_runtime import BundleError, InputError, Router, RunError
 from doe_runtime.cli import main
-from doe_runtime.router import CHARS_PER_TOKEN_BUDGET, bundle_signature
+from doe_runtime.expert import CHARS_PER_TOKEN_BUDGET, bundle_signature
 
 fastapi = pytest.importorskip("fastapi", reason="the [serve] extra is part of the README install")
 from fastapi.testclient import TestClient  # noqa: E402
@@ -27,8 +27,11 @@ def test_lone_surrogates_are_input_errors_not_500(bundles):
         router.predict("toy-pair", [("ok", "x\udfffy")])
     with TestClient(create_app(bundles, device="cpu")) as client:
         for task, inputs in (("toy-single", ["\ud800"]), ("toy-pair", [["a", "\ud800"]])):
-            response = client.post(f"/v1/tasks/{task}/predict", content=json.dumps({"inputs": inputs}),
-                                   headers={"content-type": "application/json"})
+            response = client.post(
+                f"/v1/tasks/{task}/predict",
+                content=json.dumps({"inputs": inputs}),
+                headers={"content-type": "application/json"},
+            )
             assert response.status_code == 422 and response.json()["error"]["type"] == "invalid_inputs"
 
 
@@ -38,8 +41,11 @@ def test_long_texts_are_clipped_before_tokenizing(bundles, monkeypatch):
     budget = CHARS_PER_TOKEN_BUDGET * expert.manifest.tokenizer.max_length
     seen = []
     original = expert.tokenizer.encode_batch
-    monkeypatch.setattr(expert, "tokenizer", type("Spy", (), {
-        "encode_batch": lambda self, items: seen.extend(items) or original(items)})())
+    monkeypatch.setattr(
+        expert,
+        "tokenizer",
+        type("Spy", (), {"encode_batch": lambda self, items: seen.extend(items) or original(items)})(),
+    )
     text = "good film " * 20_000  # 200 KB
     got = router.predict("toy-single", [text, "bad"])
     assert max(len(t) for t in seen) == budget < len(text)
@@ -58,7 +64,7 @@ def test_a_broken_bundle_is_not_rehashed_on_every_request(bundles, monkeypatch):
     monkeypatch.setattr(bundle_module, "sha256_file", lambda path, *a: calls.append(path) or real(path, *a))
     router = Router(bundles, device="cpu")
     for _ in range(5):
-        with pytest.raises(BundleError, match="model.int8.onnx: sha256 mismatch"):
+        with pytest.raises(BundleError, match=r"model\.int8\.onnx: sha256 mismatch"):
             router.predict("toy-single", ["x"])
     assert len(calls) == 2  # tokenizer + model, once: the failure is remembered for this bundle state
     from pathlib import Path
@@ -87,17 +93,22 @@ def test_run_failures_are_run_errors_and_json_500(bundles, monkeypatch):
 def test_chunked_body_over_the_limit_is_413(bundles):
     app = create_app(bundles, device="cpu", max_body_bytes=1000)
     with TestClient(app) as client:
+
         def chunks():
             yield b'{"inputs": ["'
             for _ in range(50):
                 yield b"x" * 100
             yield b'"]}'
 
-        response = client.post("/v1/tasks/toy-single/predict", content=chunks(),
-                               headers={"content-type": "application/json"})
+        response = client.post(
+            "/v1/tasks/toy-single/predict", content=chunks(), headers={"content-type": "application/json"}
+        )
         assert response.status_code == 413 and "exceeds the limit of 1000 bytes" in response.json()["error"]["message"]
-        small = client.post("/v1/tasks/toy-single/predict", content=iter([b'{"inputs": ', b'["good"]}']),
-                            headers={"content-type": "application/json"})
+        small = client.post(
+            "/v1/tasks/toy-single/predict",
+            content=iter([b'{"inputs": ', b'["good"]}']),
+            headers={"content-type": "application/json"},
+        )
         assert small.status_code == 200
 
 
@@ -113,6 +124,7 @@ def test_requests_beyond_the_queue_are_shed_with_retry_after(bundles):
     router.predict = slow
     statuses, headers = [], []
     with TestClient(create_app(bundles, router=router, max_concurrency=1, max_queue=1)) as client:
+
         def call():
             response = client.post("/v1/tasks/toy-single/predict", json={"inputs": ["good"]})
             statuses.append(response.status_code)
@@ -184,8 +196,12 @@ def test_cli_corner_cases(bundles, capsys, tmp_path):
     assert "latin.jsonl:2: not valid UTF-8" in capsys.readouterr().err
     assert main(["predict", str(bundles), "--task", "toy-single", "caf\udce9"]) == 2  # a non-UTF-8 argv byte
     assert "not valid Unicode text" in capsys.readouterr().err
-    for flag, value in (("--port", "70000"), ("--max-body-bytes", "0"), ("--max-body-bytes", "-1"),
-                        ("--max-queue", "-1")):
+    for flag, value in (
+        ("--port", "70000"),
+        ("--max-body-bytes", "0"),
+        ("--max-body-bytes", "-1"),
+        ("--max-queue", "-1"),
+    ):
         with pytest.raises(SystemExit) as caught:
             main(["serve", str(bundles), flag, value])
         assert caught.value.code == 2
@@ -198,8 +214,13 @@ def test_big_batches_shrink_the_memory_arena_afterwards(bundles, monkeypatch):
     expert.shrink_above_tokens = 100
     seen = []
     real = expert.session.run
-    monkeypatch.setattr(expert.session, "run", lambda out, feeds, run_options=None: seen.append(
-        (feeds["input_ids"].size, run_options)) or real(out, feeds, run_options=run_options))
+    monkeypatch.setattr(
+        expert.session,
+        "run",
+        lambda out, feeds, run_options=None: (
+            seen.append((feeds["input_ids"].size, run_options)) or real(out, feeds, run_options=run_options)
+        ),
+    )
     router.predict("toy-single", ["good"])  # 3 tokens: as usual
     router.predict("toy-single", ["good film " * 10] * 20)  # 20 x 16 = 320 tokens: shrink after it
     assert seen[0][1] is None and seen[1][0] == 320 and seen[1][1] is expert._shrink_options
@@ -226,17 +247,17 @@ def test_without_an_arena_big_batches_run_and_the_heap_is_trimmed(bundles, monke
 
 
 def test_release_free_memory_works_here():
-    from doe_runtime.router import release_free_memory
+    from doe_runtime.expert import release_free_memory
 
     assert release_free_memory() is True  # glibc (Linux): the call exists and ran
 
 
 def test_large_bodies_are_followed_by_a_heap_trim(bundles, monkeypatch):
-    import doe_runtime.server as server_module
+    import doe_runtime.middleware as middleware
 
     trims = []
-    monkeypatch.setattr(server_module, "release_free_memory", lambda: trims.append(1) or True)
-    monkeypatch.setattr(server_module, "TRIM_ABOVE_BYTES", 10_000)
+    monkeypatch.setattr(middleware, "release_free_memory", lambda: trims.append(1) or True)
+    monkeypatch.setattr(middleware, "TRIM_ABOVE_BYTES", 10_000)
     with TestClient(create_app(bundles, device="cpu", max_body_bytes=1 << 20)) as client:
         assert client.post("/v1/tasks/toy-single/predict", json={"inputs": ["good"]}).status_code == 200
         assert trims == []

@@ -16,8 +16,8 @@ from ray import serve  # noqa: E402
 
 from doe_runtime import Router  # noqa: E402
 from doe_runtime.cli import main  # noqa: E402
-from doe_runtime.ray_engine import REPLICA_HEADER, build_app, check_scaling  # noqa: E402
 from doe_runtime.errors import ConfigError  # noqa: E402
+from doe_runtime.ray_engine import REPLICA_HEADER, build_app, check_scaling  # noqa: E402
 
 
 def free_port() -> int:
@@ -33,13 +33,23 @@ def cluster(tmp_path_factory):
     root = tmp_path_factory.mktemp("ray") / "artifacts"
     shutil.copytree(Path(__file__).parent / "data" / "bundles", root)
     shutil.copytree(root / "toy-single", root / "toy-twin")
-    manifest = (root / "toy-twin" / "manifest.json")
+    manifest = root / "toy-twin" / "manifest.json"
     manifest.write_text(manifest.read_text().replace('"name": "toy-single"', '"name": "toy-twin"'))
     port = free_port()
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(build_app(root, replicas=2, max_experts_per_replica=2, replica_cpus=0.5,
-                        router_options={"device": "cpu"}, max_items=16), name="doe", route_prefix="/")
+    serve.run(
+        build_app(
+            root,
+            replicas=2,
+            max_experts_per_replica=2,
+            replica_cpus=0.5,
+            router_options={"device": "cpu"},
+            max_items=16,
+        ),
+        name="doe",
+        route_prefix="/",
+    )
     base = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 60
     while True:
@@ -67,30 +77,45 @@ def test_answers_routing_and_errors(cluster):
         assert [p["probabilities"] for p in response.json()["predictions"]] == [p.probabilities for p in want]
         replicas[task] = response.headers[REPLICA_HEADER]
     # the task goes back to the replica that loaded it
-    again = [httpx.post(f"{base}/v1/tasks/toy-single/predict", json={"inputs": texts}, timeout=60)
-             .headers[REPLICA_HEADER] for _ in range(8)]
+    again = [
+        httpx.post(f"{base}/v1/tasks/toy-single/predict", json={"inputs": texts}, timeout=60).headers[REPLICA_HEADER]
+        for _ in range(8)
+    ]
     assert again.count(replicas["toy-single"]) >= 6, (replicas, again)
     # the Serve header may name the task too; a mismatch is refused
-    ok = httpx.post(f"{base}/v1/tasks/toy-single/predict", json={"inputs": texts},
-                    headers={"serve_multiplexed_model_id": "toy-single"}, timeout=60)
+    ok = httpx.post(
+        f"{base}/v1/tasks/toy-single/predict",
+        json={"inputs": texts},
+        headers={"serve_multiplexed_model_id": "toy-single"},
+        timeout=60,
+    )
     assert ok.status_code == 200
     # the same 4xx as the single-process server
-    for path, body, status, kind in (("/v1/tasks/nope/predict", {"inputs": ["x"]}, 404, "unknown_task"),
-                                     ("/v1/tasks/toy-pair/predict", {"inputs": ["lonely"]}, 422, "invalid_inputs"),
-                                     ("/v1/tasks/toy-single/predict", {"inputs": []}, 422, "invalid_request"),
-                                     ("/v1/tasks/toy-single/predict", {"inputs": ["x"] * 17}, 422, "invalid_request")):
+    for path, body, status, kind in (
+        ("/v1/tasks/nope/predict", {"inputs": ["x"]}, 404, "unknown_task"),
+        ("/v1/tasks/toy-pair/predict", {"inputs": ["lonely"]}, 422, "invalid_inputs"),
+        ("/v1/tasks/toy-single/predict", {"inputs": []}, 422, "invalid_request"),
+        ("/v1/tasks/toy-single/predict", {"inputs": ["x"] * 17}, 422, "invalid_request"),
+    ):
         response = httpx.post(base + path, json=body, timeout=60)
         assert response.status_code == status and response.json()["error"]["type"] == kind, response.text
-    mismatch = httpx.post(f"{base}/v1/tasks/toy-single/predict", json={"inputs": texts},
-                          headers={"serve_multiplexed_model_id": "toy-pair"}, timeout=60)
+    mismatch = httpx.post(
+        f"{base}/v1/tasks/toy-single/predict",
+        json={"inputs": texts},
+        headers={"serve_multiplexed_model_id": "toy-pair"},
+        timeout=60,
+    )
     assert mismatch.status_code == 400 and mismatch.json()["error"]["type"] == "task_mismatch"
     assert httpx.get(base + "/healthz", timeout=10).json() == {"status": "ok"}
     assert {t["task"] for t in httpx.get(base + "/v1/tasks", timeout=10).json()["tasks"]} == {
-        "toy-single", "toy-twin", "toy-pair"}
+        "toy-single",
+        "toy-twin",
+        "toy-pair",
+    }
 
 
 def test_a_replica_killed_under_load_loses_no_request(cluster):
-    root, base = cluster
+    _root, base = cluster
     statuses, stop = [], threading.Event()
 
     def client():
@@ -130,8 +155,9 @@ def test_bad_scaling_is_refused_before_anything_starts(capsys, tmp_path):
         check_scaling(None, 3, 2, 2)
     with pytest.raises(ConfigError, match="either --replicas N or autoscaling"):
         check_scaling(2, 1, 3, 2)
-    assert check_scaling(None, 1, 3, 2) == {"autoscaling_config": {"min_replicas": 1, "max_replicas": 3,
-                                                                   "initial_replicas": 1}}
+    assert check_scaling(None, 1, 3, 2) == {
+        "autoscaling_config": {"min_replicas": 1, "max_replicas": 3, "initial_replicas": 1}
+    }
     assert main(["serve", str(tmp_path), "--engine", "ray", "--min-replicas", "3", "--max-replicas", "2"]) == 2
     assert "--min-replicas <= --max-replicas" in capsys.readouterr().err
     with pytest.raises(SystemExit):

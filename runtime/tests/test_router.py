@@ -7,9 +7,8 @@ import sys
 import numpy as np
 import pytest
 
-from doe_runtime import (BundleError, ConfigError, DeviceError, InputError, Router, TaskNameError,
-                         UnknownTaskError)
-from doe_runtime.router import choose_precision
+from doe_runtime import BundleError, ConfigError, DeviceError, InputError, Router, TaskNameError, UnknownTaskError
+from doe_runtime.expert import choose_precision
 from doe_runtime.tokenization import plan_batches
 
 
@@ -34,8 +33,10 @@ def bare_probabilities(folder, texts, precision="fp32"):
 
 
 def test_import_is_lean():
-    code = ("import sys, doe_runtime; print(sorted(m for m in ('torch', 'transformers', 'doe_export', 'onnx', "
-            "'fastapi', 'ray') if m in sys.modules))")
+    code = (
+        "import sys, doe_runtime; print(sorted(m for m in ('torch', 'transformers', 'doe_export', 'onnx', "
+        "'fastapi', 'ray') if m in sys.modules))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
 
@@ -93,7 +94,7 @@ def test_precision_choice_and_variants(bundles, edit_manifest):
         Router(bundles, precision="int4")
 
     (bundles / "toy-single" / "model.fp16.onnx").write_bytes(b"broken")
-    with pytest.raises(BundleError, match="model.fp16.onnx: sha256 mismatch"):
+    with pytest.raises(BundleError, match=r"model\.fp16\.onnx: sha256 mismatch"):
         Router(bundles, device="cpu", precision="fp16").predict("toy-single", texts)
     edit_manifest(bundles / "toy-single", lambda m: m["onnx"].pop("variants"))
     with pytest.raises(BundleError, match=r"no int8 variant \(it has: fp32\)"):
@@ -226,8 +227,10 @@ def test_plan_batches_sorts_and_respects_budgets():
 def test_predict_batches_by_length_and_keeps_caller_order(bundles, monkeypatch):
     router = Router(bundles, device="cpu", batch_size=2, precision="fp32")
     texts = ["good " * 20, "bad", "great film " * 5, "dull", "fine"]
-    expected = [p.probabilities for p in Router(bundles, device="cpu", batch_size=1, precision="fp32")
-                .predict("toy-single", texts)]
+    expected = [
+        p.probabilities
+        for p in Router(bundles, device="cpu", batch_size=1, precision="fp32").predict("toy-single", texts)
+    ]
     expert = router._expert("toy-single")
     shapes = []
     original = expert.run
@@ -273,9 +276,15 @@ def test_no_pickle_on_the_load_path():
 def test_session_settings_of_the_manifest_are_applied_per_provider(bundles, edit_manifest, monkeypatch):
     import onnxruntime as ort
 
-    edit_manifest(bundles / "toy-single", lambda m: m["onnx"].update(session={
-        "CPUExecutionProvider": {"disabled_optimizers": ["SkipLayerNormFusion"]},
-        "CUDAExecutionProvider": {"disabled_optimizers": ["SomethingElse"]}}))
+    edit_manifest(
+        bundles / "toy-single",
+        lambda m: m["onnx"].update(
+            session={
+                "CPUExecutionProvider": {"disabled_optimizers": ["SkipLayerNormFusion"]},
+                "CUDAExecutionProvider": {"disabled_optimizers": ["SomethingElse"]},
+            }
+        ),
+    )
     seen = []
     real = ort.InferenceSession
 

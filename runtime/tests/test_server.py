@@ -9,12 +9,12 @@ import time
 import pytest
 
 pytest.importorskip("fastapi", reason="the [serve] extra is part of the README install")
-from fastapi.testclient import TestClient  # noqa: E402
-from hypothesis import HealthCheck, given, settings  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
+from fastapi.testclient import TestClient
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
-from doe_runtime import ConfigError, Router  # noqa: E402
-from doe_runtime.server import create_app, is_loopback, serve  # noqa: E402
+from doe_runtime import ConfigError, Router
+from doe_runtime.server import create_app, is_loopback, serve
 
 
 @pytest.fixture
@@ -50,18 +50,21 @@ def test_endpoints_and_answers_equal_router(client, bundles):
     assert "/v1/tasks/{task}/predict" in schema["paths"]
 
 
-@pytest.mark.parametrize("path, body, status, words", [
-    ("/v1/tasks/nope/predict", {"inputs": ["x"]}, 404, "unknown task 'nope'; known tasks: toy-pair, toy-single"),
-    ("/v1/tasks/..%2Fetc/predict", {"inputs": ["x"]}, 404, ""),
-    ("/v1/tasks/Bad!/predict", {"inputs": ["x"]}, 404, "invalid task name"),
-    ("/v1/tasks/toy-single/predict", {"inputs": []}, 422, "inputs: List should have at least 1 item"),
-    ("/v1/tasks/toy-single/predict", {"inputs": [["a", "b"]]}, 422, "takes single texts"),
-    ("/v1/tasks/toy-pair/predict", {"inputs": ["lonely"]}, 422, "takes text pairs"),
-    ("/v1/tasks/toy-pair/predict", {"inputs": [["a", "b", "c"]]}, 422, "does not match the schema"),
-    ("/v1/tasks/toy-single/predict", {"inputs": [1, 2]}, 422, "does not match the schema"),
-    ("/v1/tasks/toy-single/predict", {"text": "x"}, 422, "does not match the schema"),
-    ("/v1/tasks/toy-single/predict", {"inputs": ["x"] * 9}, 422, "at most 8 items"),
-])
+@pytest.mark.parametrize(
+    "path, body, status, words",
+    [
+        ("/v1/tasks/nope/predict", {"inputs": ["x"]}, 404, "unknown task 'nope'; known tasks: toy-pair, toy-single"),
+        ("/v1/tasks/..%2Fetc/predict", {"inputs": ["x"]}, 404, ""),
+        ("/v1/tasks/Bad!/predict", {"inputs": ["x"]}, 404, "invalid task name"),
+        ("/v1/tasks/toy-single/predict", {"inputs": []}, 422, "inputs: List should have at least 1 item"),
+        ("/v1/tasks/toy-single/predict", {"inputs": [["a", "b"]]}, 422, "takes single texts"),
+        ("/v1/tasks/toy-pair/predict", {"inputs": ["lonely"]}, 422, "takes text pairs"),
+        ("/v1/tasks/toy-pair/predict", {"inputs": [["a", "b", "c"]]}, 422, "does not match the schema"),
+        ("/v1/tasks/toy-single/predict", {"inputs": [1, 2]}, 422, "does not match the schema"),
+        ("/v1/tasks/toy-single/predict", {"text": "x"}, 422, "does not match the schema"),
+        ("/v1/tasks/toy-single/predict", {"inputs": ["x"] * 9}, 422, "at most 8 items"),
+    ],
+)
 def test_client_errors_are_4xx_json(client, bundles, path, body, status, words):
     response = client.post(path, json=body)
     assert response.status_code == status, response.text
@@ -71,7 +74,9 @@ def test_client_errors_are_4xx_json(client, bundles, path, body, status, words):
 
 
 def test_malformed_and_oversized_bodies(client):
-    bad = client.post("/v1/tasks/toy-single/predict", content=b"{not json", headers={"content-type": "application/json"})
+    bad = client.post(
+        "/v1/tasks/toy-single/predict", content=b"{not json", headers={"content-type": "application/json"}
+    )
     assert bad.status_code == 422
     big = client.post("/v1/tasks/toy-single/predict", json={"inputs": ["word " * 5000]})
     assert big.status_code == 413 and "exceeds the limit of 20000 bytes" in big.json()["error"]["message"]
@@ -115,7 +120,7 @@ def test_requests_in_flight_finish_on_the_old_session(bundles):
         while not stop.is_set():
             try:
                 answers.append(router.predict("toy-single", ["a good film", "bad"]))
-            except Exception as exc:  # noqa: BLE001 - the test reports any failure
+            except Exception as exc:
                 errors.append(exc)
 
     workers = [threading.Thread(target=hammer) for _ in range(4)]
@@ -150,7 +155,10 @@ item = st.one_of(
     st.text(max_size=200),
     st.text(alphabet=st.characters(codec="utf-8"), min_size=1000, max_size=3000),
     st.lists(st.text(max_size=20), max_size=3),
-    st.integers(), st.none(), st.floats(allow_nan=True), st.binary(max_size=10),
+    st.integers(),
+    st.none(),
+    st.floats(allow_nan=True),
+    st.binary(max_size=10),
     st.dictionaries(st.text(max_size=3), st.text(max_size=3), max_size=2),
 )
 
@@ -213,8 +221,14 @@ def test_admission_limit_caps_concurrent_predictions(bundles):
     router.predict = counting
     with TestClient(create_app(root, router=router, max_concurrency=1)) as c:
         statuses = []
-        threads = [threading.Thread(target=lambda: statuses.append(
-            c.post("/v1/tasks/toy-single/predict", json={"inputs": ["a good film"]}).status_code)) for _ in range(6)]
+        threads = [
+            threading.Thread(
+                target=lambda: statuses.append(
+                    c.post("/v1/tasks/toy-single/predict", json={"inputs": ["a good film"]}).status_code
+                )
+            )
+            for _ in range(6)
+        ]
         for thread in threads:
             thread.start()
         for thread in threads:
@@ -227,9 +241,12 @@ def test_admission_limit_caps_concurrent_predictions(bundles):
 def test_every_answer_says_how_long_the_server_held_it(client):
     """Server-Timing on answers, refusals from the middlewares and errors alike: the load suite reads it to
     tell time in the server (admission queue included) from time in the client."""
-    answers = [client.post("/v1/tasks/toy-single/predict", json={"inputs": ["a short text"]}),
-               client.post("/v1/tasks/toy-single/predict", json={"inputs": ["word " * 5000]}),  # 413, BodyLimit
-               client.get("/v1/tasks/nope"), client.get("/healthz")]
+    answers = [
+        client.post("/v1/tasks/toy-single/predict", json={"inputs": ["a short text"]}),
+        client.post("/v1/tasks/toy-single/predict", json={"inputs": ["word " * 5000]}),  # 413, BodyLimit
+        client.get("/v1/tasks/nope"),
+        client.get("/healthz"),
+    ]
     assert [a.status_code for a in answers] == [200, 413, 404, 200]
     for answer in answers:
         name, _, value = answer.headers["server-timing"].partition(";dur=")

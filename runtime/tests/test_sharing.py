@@ -16,9 +16,16 @@ TEXTS = ["a good film", "the plot is dull", "music", "bad " * 10]
 
 def table(path):
     """Every initializer of the graph with the sha256 of its raw bytes (what the exporter records)."""
-    return [{"name": name, "sha256": hashlib.sha256(t.raw).hexdigest(), "bytes": len(t.raw),
-             "dtype": DTYPE_NAMES[t.data_type], "shape": list(t.dims)}
-            for name, t in sorted(read_initializers(path).items())]
+    return [
+        {
+            "name": name,
+            "sha256": hashlib.sha256(t.raw).hexdigest(),
+            "bytes": len(t.raw),
+            "dtype": DTYPE_NAMES[t.data_type],
+            "shape": list(t.dims),
+        }
+        for name, t in sorted(read_initializers(path).items())
+    ]
 
 
 @pytest.fixture
@@ -27,14 +34,20 @@ def shared_bundles(bundles, edit_manifest):
     third of another base model (toy-other)."""
     for name, base in (("toy-twin", "1" * 64), ("toy-other", "2" * 64)):
         shutil.copytree(bundles / "toy-single", bundles / name)
-        edit_manifest(bundles / name, lambda m, name=name, base=base: (
-            m["task"].update(name=name), m["base_model"].update(sha256=base)))
+        edit_manifest(
+            bundles / name,
+            lambda m, name=name, base=base: (m["task"].update(name=name), m["base_model"].update(sha256=base)),
+        )
     edit_manifest(bundles / "toy-single", lambda m: m["base_model"].update(sha256="1" * 64))
     for name in ("toy-single", "toy-twin", "toy-other"):
         folder = bundles / name
-        edit_manifest(folder, lambda m, folder=folder: (
-            m["onnx"].update(initializers=table(folder / "model.onnx")),
-            m["onnx"]["variants"]["int8"].update(initializers=table(folder / "model.int8.onnx"))))
+        edit_manifest(
+            folder,
+            lambda m, folder=folder: (
+                m["onnx"].update(initializers=table(folder / "model.onnx")),
+                m["onnx"]["variants"]["int8"].update(initializers=table(folder / "model.int8.onnx")),
+            ),
+        )
     return bundles
 
 
@@ -50,8 +63,9 @@ def test_reader_gives_the_tensors_onnxruntime_uses(bundles):
     feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
     plain = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
     options = ort.SessionOptions()
-    values = {name: ort.OrtValue.ortvalue_from_numpy(t.array() * 0) for name, t in tensors.items()
-              if name == "head"}  # zeroed head: the override is really used
+    values = {
+        name: ort.OrtValue.ortvalue_from_numpy(t.array() * 0) for name, t in tensors.items() if name == "head"
+    }  # zeroed head: the override is really used
     for name, value in values.items():
         options.add_initializer(name, value)
     zeroed = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"]).run(None, feeds)[0]

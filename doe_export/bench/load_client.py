@@ -1,0 +1,179 @@
+"""The load suite's client: one asyncio process with N connections sending requests round-robin, a
+liveness prober in its own process, and the server's memory sampled every second."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from .workbench import SuiteConfig
+
+PROBER = r"""
+import json, sys, time
+import httpx
+url, path = sys.argv[1], sys.argv[2]
+with httpx.Client(timeout=30) as client, open(path, "a", buffering=1) as out:
+    while True:
+        t0 = time.perf_counter()
+        try:
+            ok = client.get(url).status_code == 200
+        except httpx.HTTPError:
+            ok = False
+        out.write(json.dumps({"s": time.perf_counter() - t0 if ok else 1e9}) + "\n")
+        time.sleep(0.2)
+"""
+
+
+def quantiles(values: list[float]) -> dict:
+    ordered = sorted(values)
+
+    def pick(q: float) -> float | None:
+        return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else None
+
+    return {"p50": pick(0.5), "p90": pick(0.9), "p99": pick(0.99), "max": ordered[-1] if ordered else None}
+
+
+class _Tally:
+    """What the workers saw while measuring."""
+
+    def __init__(self):
+        self.latencies: list[float] = []
+        self.errors: list[str] = []
+        self.mismatches = 0
+        self.shed: list[float] = []
+        self.held: list[float] = []  # the server's own time per answer (its Server-Timing header), seconds
+        self.held_shed: list[float] = []
+
+    def add(self, *, elapsed: float, response, ok: bool, was_shed: bool, labels, expected) -> None:
+        timing = getattr(response, "headers", {}).get("server-timing", "").partition(";dur=")[2]
+        if was_shed:
+            self.shed.append(elapsed)
+            if timing:
+                self.held_shed.append(float(timing) / 1e3)
+            return
+        self.latencies.append(elapsed)
+        if timing:
+            self.held.append(float(timing) / 1e3)
+        if not ok:
+            self.errors.append(str(getattr(response, "status_code", response))[:200])
+        elif labels != expected:
+            self.mismatches += 1
+
+
+async def _worker(client, job: dict, state: dict, tally: _Tally) -> None:
+    base, requests, expected = job["base"], job["requests"], job["expected"]
+    import httpx
+
+    while not state["stop"].is_set():
+        index = state["next"] % len(requests)
+        state["next"] += 1
+        task, items = requests[index]
+        t0 = time.perf_counter()
+        try:
+            response = await client.post(f"{base}/v1/tasks/{task}/predict", json={"inputs": items})
+            ok = response.status_code == 200
+            labels = [p["label_id"] for p in response.json()["predictions"]] if ok else None
+        except (httpx.HTTPError, ValueError, KeyError) as exc:
+            ok, labels, response = False, None, f"{type(exc).__name__}: {exc}"
+        elapsed = time.perf_counter() - t0
+        status = getattr(response, "status_code", None)
+        was_shed = not ok and status == 503 and response.headers.get("retry-after") is not None
+        if state["measuring"].is_set() and not state["stop"].is_set():
+            tally.add(
+                elapsed=elapsed, response=response, ok=ok, was_shed=was_shed, labels=labels, expected=expected[index]
+            )
+        if was_shed:
+            await asyncio.sleep(float(response.headers["retry-after"]) * 0.2)  # a polite client backs off
+
+
+async def _drive(
+    job: dict, memory: Callable[[], int], *, config: SuiteConfig, connections: int, probe_file: Path
+) -> tuple[_Tally, list, float, tuple[int, int]]:
+    import httpx
+
+    tally, samples = _Tally(), []
+    state: dict[str, Any] = {"next": 0, "stop": asyncio.Event(), "measuring": asyncio.Event()}
+
+    async def sampler():
+        while not state["stop"].is_set():
+            samples.append((time.monotonic(), state["measuring"].is_set(), memory()))
+            await asyncio.sleep(1.0)
+
+    limits = httpx.Limits(max_connections=connections, max_keepalive_connections=connections)
+    async with httpx.AsyncClient(limits=limits, timeout=60) as client:
+        tasks = [asyncio.create_task(_worker(client, job, state, tally)) for _ in range(connections)]
+        tasks.append(asyncio.create_task(sampler()))
+        await asyncio.sleep(config.load_warmup_seconds)
+        state["measuring"].set()
+        probe_start = probe_file.stat().st_size
+        start = time.monotonic()
+        await asyncio.sleep(config.load_seconds)
+        state["stop"].set()
+        elapsed = time.monotonic() - start
+        probe_end = probe_file.stat().st_size
+        await asyncio.gather(*tasks)
+    return tally, samples, elapsed, (probe_start, probe_end)
+
+
+def run_client(
+    base: str, memory: Callable[[], int], requests: list, expected: list, *, config: SuiteConfig, connections: int
+) -> dict:
+    """Load ``base`` with ``connections`` connections for ``config.load_seconds`` after a warm-up; the record."""
+    # the liveness probe runs in its own process (as a kubelet's would), so the load client's own
+    # event loop does not delay it: what it measures is the server's answer time
+    probe_file = Path(tempfile.mkstemp(prefix="doe-probe-", suffix=".jsonl")[1])
+    prober = subprocess.Popen([sys.executable, "-c", PROBER, f"{base}/healthz", str(probe_file)])
+    try:
+        tally, samples, elapsed, (start, end) = asyncio.run(
+            _drive(
+                {"base": base, "requests": requests, "expected": expected},
+                memory,
+                config=config,
+                connections=connections,
+                probe_file=probe_file,
+            )
+        )
+    finally:
+        prober.terminate()
+        prober.wait()
+    with open(probe_file, "rb") as handle:
+        handle.seek(start)
+        lines = handle.read(end - start).decode().splitlines()
+    probe_file.unlink()
+    health = [json.loads(line)["s"] for line in lines if line.strip()]
+    rss = [r for _, during, r in samples if during] or [samples[-1][2]]
+    return {
+        "kind": "load",
+        "connections": connections,
+        "memory_arena": config.load_memory_arena,
+        "tasks": len({t for t, _ in requests}),
+        "seconds": elapsed,
+        "warmup_seconds": config.load_warmup_seconds,
+        "requests": len(tally.latencies),
+        "errors": len(tally.errors),
+        "error_samples": tally.errors[:5],
+        "mismatches": tally.mismatches,
+        "shed": len(tally.shed),
+        "shed_latency_s": quantiles(tally.shed),
+        "requests_per_s": len(tally.latencies) / elapsed,
+        "latency_s": quantiles(tally.latencies),
+        "server_s": quantiles(tally.held),
+        "shed_server_s": quantiles(tally.held_shed),
+        "health_probes": len(health),
+        "health_s": quantiles(health),
+        "rss_after_warmup_bytes": rss[0],
+        "rss_end_bytes": rss[-1],
+        "rss_max_bytes": max(rss),
+        "rss_growth": (rss[-1] - rss[0]) / rss[0],
+        "rss_samples": len(rss),
+    }
+
+
+__all__ = ["PROBER", "quantiles", "run_client"]

@@ -1,0 +1,200 @@
+"""What a ``doe build`` of one task reports: the manifest of its bundle, its :class:`TaskResult` row,
+and the summary table printed at the end of the build."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from .bundle import file_entry, manifest_for
+from .console import package_versions
+from .specs import LayerTypes
+
+
+@dataclass
+class TaskResult:
+    task: str
+    metric: str
+    test_split: str
+    test_size: int
+    dense: float
+    pruned_no_recovery: float
+    expert: float
+    expert_onnx: float
+    params_before: int
+    params_after: int
+    ffn_widths: list[int]
+    head_counts: list[int]
+    max_abs_diff: float
+    bundle: str
+    precisions: list[str] = field(default_factory=list)
+    extra_positions: int = 0
+    rate: float = 0.0
+    bound_128: float = 1.0  # FLOP bound of the expert's widths and heads at 128 tokens
+    seconds: dict[str, float] = field(default_factory=dict)
+    left_out: dict[str, str] = field(default_factory=dict)  # precision -> why its variant was not written
+
+
+@dataclass(frozen=True)
+class BuiltTask:
+    """Everything the manifest of one built task is made of (the build's stages, their results)."""
+
+    config: Any  # pipeline.BuildConfig, with the rate the build used
+    loaded: Any  # loading.LoadedModel
+    data: Any  # tasks.TaskData
+    splits: Any  # stages.Splits
+    expert: Any  # stages.ExpertResult
+    dense: float  # the dense model's metric on the reporting split
+    adapt_record: dict
+    exported: Any  # stages.Exported
+    search: dict | None = None  # the accuracy-budget search, when the rate was searched
+
+
+def _quality(built: BuiltTask) -> dict:
+    expert, exported, splits = built.expert, built.exported, built.splits
+    quality = {
+        "metric": splits.metric,
+        "split": splits.test.name,
+        "size": len(splits.test),
+        "dense": built.dense,
+        "pruned_before_recovery": expert.before.test,
+        "expert": expert.after.test,
+        "expert_onnx": exported.metric_onnx,
+    }
+    for precision, variant in exported.onnx.get("variants", {}).items():
+        quality[f"expert_onnx_{precision}"] = variant["quality"]["value"]
+    if exported.rejected:
+        quality["variants_left_out"] = exported.rejected
+    return quality
+
+
+def _architecture(model, report: dict) -> dict:
+    backbone = model.backbone.config
+    return {
+        "family": model.spec.family,
+        "num_layers": len(report["ffn_widths"]),
+        "hidden_size": backbone.hidden_size,
+        "ffn_widths": report["ffn_widths"],
+        "ffn_widths_dense": report["ffn_widths_before"],
+        "num_heads": report["head_counts"],
+        "num_heads_dense": report["head_counts_before"],
+        "head_dim": model.spec.head_dim(model.backbone),
+        "pooling": model.pooling,
+        "token_types_from_sep": model.sep_token_id is not None,
+    }
+
+
+def _pruning(built: BuiltTask) -> dict:
+    spec, expert, report = built.config.prune, built.expert, built.expert.report
+    types = [LayerTypes.FFN, LayerTypes.ATTENTION] if spec.layer_types is LayerTypes.BOTH else [spec.layer_types]
+    return {
+        "method": spec.scorer,
+        "scorer": expert.attribution.scores.info,
+        "rate": spec.rate,
+        "head_rate": spec.heads_removed,
+        "layer_types": [str(t) for t in types],
+        "budget": str(spec.budget),
+        "round_to": spec.round_to,  # None: aligned for tensor cores where the dense widths are (specs)
+        "rounding": str(spec.rounding),
+        "alignment": report.get("alignment", {}),
+        "fold_bias": spec.fold_bias,
+        "calibration_examples": expert.attribution.scores.examples,
+        "seed": spec.seed,
+        "params_before": report["params_before"],
+        "params_after": report["params_after"],
+        **({"search": built.search} if built.search else {}),
+    }
+
+
+def build_manifest(built: BuiltTask, folder: Path) -> dict:
+    """The manifest of the bundle in ``folder`` (its graph and tokenizer already written there)."""
+    loaded, data, splits, model = built.loaded, built.data, built.splits, built.expert.model
+    local = Path(loaded.path).is_dir() and loaded.name == loaded.path  # a --model folder: record its name only
+    return manifest_for(
+        task={"name": data.name, "input": data.input, "labels": data.labels, "metric": data.metric},
+        base_model={
+            "name": Path(loaded.name).name if local else loaded.name,
+            "source": "local folder" if local else "hub or package",
+            "sha256": loaded.weights_sha256,
+            "model_type": model.backbone.config.model_type,
+        },
+        architecture=_architecture(model, built.expert.report),
+        adaptation={
+            "mode": str(built.config.adapt.mode),
+            "prompt_length": model.prompt_length,
+            "train": built.adapt_record,
+            "recovery": built.expert.recovery,
+        },
+        pruning=_pruning(built),
+        onnx=built.exported.onnx,
+        tokenizer={
+            **file_entry(folder, "tokenizer.json"),
+            "max_length": built.config.data.max_length,
+            "truncation": "longest_first",
+            "padding": "longest in batch, right",
+            "pad_id": int(loaded.hf_tokenizer.pad_token_id),
+            "pad_token": str(loaded.hf_tokenizer.pad_token),
+        },
+        validation=built.exported.validation,
+        quality=_quality(built),
+        data={
+            **data.describe(),
+            "used": {"train": len(splits.train), "dev": len(splits.dev), "test": len(splits.test)},
+        },
+        versions=package_versions(),
+        created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    )
+
+
+def summary_table(results: list[TaskResult]) -> str:
+    header = (
+        "task",
+        "metric",
+        "test n",
+        "dense",
+        "expert",
+        "expert ORT",
+        "no-recovery",
+        "rate (bound@128)",
+        "params (M)",
+        "FFN widths",
+        "heads",
+        "precisions",
+        "max|diff|",
+        "seconds",
+        "bundle",
+    )
+    rows = [header]
+    for r in results:
+        rows.append(
+            (
+                r.task,
+                r.metric,
+                str(r.test_size),
+                f"{r.dense:.4f}",
+                f"{r.expert:.4f}",
+                f"{r.expert_onnx:.4f}",
+                f"{r.pruned_no_recovery:.4f}",
+                f"{r.rate:g} (x{r.bound_128:.2f})",
+                f"{r.params_before / 1e6:.2f} -> {r.params_after / 1e6:.2f}",
+                ",".join(map(str, r.ffn_widths)),
+                ",".join(map(str, r.head_counts)),
+                ",".join(r.precisions),
+                f"{r.max_abs_diff:.1e}",
+                " ".join(f"{k}={v:.0f}" for k, v in r.seconds.items()),
+                r.bundle,
+            )
+        )
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def results_as_dicts(results: list[TaskResult]) -> list[dict]:
+    return [asdict(r) for r in results]
+
+
+__all__ = ["BuiltTask", "TaskResult", "build_manifest", "results_as_dicts", "summary_table"]
