@@ -174,6 +174,52 @@ def test_quick_load_suite_serves_without_errors(tmp_path):
     assert "answers differing" in report and "/healthz p99" in report and "MiB lasting" in report
 
 
+def test_quick_batching_suite_counts_and_compares_every_answer(tmp_path):
+    """Batching off and on against the real server: answers compared, /metrics parsed and counted."""
+    pytest.importorskip("prometheus_client")
+    out = tmp_path / "results"
+    assert _bench("batching", out, tmp_path / "w") == 0
+    rows = common.read_jsonl(out / "batching.jsonl")[1:]
+    runs = [r for r in rows if r["kind"] == "batching"]
+    assert [(r["batch_wait_ms"], r["connections"]) for r in runs] == [(0.0, 4), (5.0, 4)]
+    for run in runs:
+        assert run["requests"] > 0 and run["errors"] == 0 and run["mismatches"] == 0
+        # the server's request counter equals what the client got; the mid-run scrape parsed whole
+        assert run["metrics_add_up"] and run["metrics_requests"] == run["client_answered"] > 0
+        assert run["metrics_midway_families"] >= 10 and run["graceful_shutdown"] is True
+        assert run["requests_per_call"] >= 1.0
+    assert runs[0]["requests_per_call"] == 1.0  # batching off: one request, one call
+    (verdict,) = [r for r in rows if r["kind"] == "verdict"]
+    assert verdict["connections"] == 4 and verdict["throughput_ratio"] > 0
+    report = (out / "batching.md").read_text()
+    assert "counted / answered" in report and "throughput ×" in report
+    assert (out / "batching.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_batching_suite_options_are_checked(tmp_path, capsys):
+    assert main(["bench", "--suite", "batching", "--batching-waits", "0,2000", "--out", str(tmp_path)]) == 2
+    assert "--batching-waits must all be in [0, 1000]" in capsys.readouterr().err
+    assert main(["bench", "--suite", "batching", "--batching-connections", "0", "--out", str(tmp_path)]) == 2
+    assert "--batching-connections must all be >= 1" in capsys.readouterr().err
+    missing = tmp_path / "empty"
+    missing.mkdir()
+    code = main(
+        [
+            "bench",
+            "--suite",
+            "batching",
+            "--bundles",
+            str(missing),
+            "--out",
+            str(tmp_path / "o"),
+            "--work-dir",
+            str(tmp_path / "w"),
+            "--no-progress",
+        ]
+    )
+    assert code == 2 and "no bundle of task 'bbc-news' there" in capsys.readouterr().err
+
+
 def test_quick_gpu_suite_records_every_candidate_and_the_verdicts(tmp_path):
     """The gpu suite's code on the CPU provider: doe build's bundles (aligned widths, fused fp16 variant) through
     Router against PyTorch eager and the dense onnxruntime graphs, every cell recorded, the report rendered."""

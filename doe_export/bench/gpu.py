@@ -84,8 +84,9 @@ def _loaded(name: str, tokenizer_dir: Path | None, seed: int):
     config = BertConfig(**shape)
     backbone = AutoModel.from_config(config).eval()
     folder = tokenizer_dir or packaged_minilm_dir()
-    return LoadedModel(backbone, AutoTokenizer.from_pretrained(folder), f"random {name}", "config",
-                       state_sha256(backbone))  # fmt: skip
+    return LoadedModel(
+        backbone, AutoTokenizer.from_pretrained(folder), f"random {name}", "config", state_sha256(backbone)
+    )
 
 
 def build_one(name: str, kind: str, root: str, tokenizer_dir: str | None, max_length: int) -> str:
@@ -97,11 +98,14 @@ def build_one(name: str, kind: str, root: str, tokenizer_dir: str | None, max_le
     rate, layer_types, form = KINDS[kind]
     loaded = _loaded(name, Path(tokenizer_dir) if tokenizer_dir else None, seed=0)
     config = BuildConfig(
-        out_dir=root, data=DataSpec(max_eval=32, max_length=max_length), adapt=AdaptSpec(epochs=0),
+        out_dir=root,
+        data=DataSpec(max_eval=32, max_length=max_length),
+        adapt=AdaptSpec(epochs=0),
         prune=PruneSpec(scorer="random", rate=rate, layer_types=layer_types, calib_examples=16),
-        recovery=RecoverySpec(epochs=0), export=ExportSpec(int8=False, fp16_form=form, measure_speed=False),
+        recovery=RecoverySpec(epochs=0),
+        export=ExportSpec(int8=False, fp16_form=form, measure_speed=False),
         progress=False,
-    )  # fmt: skip
+    )
     return build_task(config, loaded, synthetic_task(f"{name}-{kind}")).bundle
 
 
@@ -197,9 +201,14 @@ def _bounds(root: Path, name: str, tokens: int) -> dict[str, float]:
     out = {}
     for label, kind in zip(EXPERTS + (NO_GRAPHS,), ("expert-ffn", "expert-both", "expert-ffn")):
         arch = read_manifest(root / f"{name}-{kind}").architecture
-        out[label] = model_bound(arch["hidden_size"], dense_ffn=arch["ffn_widths_dense"],
-                                 dense_heads=arch["num_heads_dense"], ffn=arch["ffn_widths"],
-                                 heads=arch["num_heads"], tokens=tokens)  # fmt: skip
+        out[label] = model_bound(
+            arch["hidden_size"],
+            dense_ffn=arch["ffn_widths_dense"],
+            dense_heads=arch["num_heads_dense"],
+            ffn=arch["ffn_widths"],
+            heads=arch["num_heads"],
+            tokens=tokens,
+        )
     return out
 
 
@@ -210,14 +219,23 @@ def _records(name: str, cell: tuple[int, int], times: dict, bounds: dict) -> lis
     records = []
     for candidate, latencies in times.items():
         ordered = sorted(latencies)
-        records.append({
-            "kind": "gpu", "model": name, "candidate": candidate, "batch": batch, "tokens": tokens,
-            "repeats": len(latencies), "latency_s": common.quantiles(latencies),
-            "p99_s": ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))], "items_per_s": batch / p50[candidate],
-            "speedup_vs_eager": common.quantiles(common.ratios(times, EAGER, candidate)),
-            "speedup_vs_best_ort_dense": common.quantiles(common.ratios(times, best_dense, candidate)),
-            "best_ort_dense": best_dense, "bound": bounds.get(candidate),
-        })  # fmt: skip
+        records.append(
+            {
+                "kind": "gpu",
+                "model": name,
+                "candidate": candidate,
+                "batch": batch,
+                "tokens": tokens,
+                "repeats": len(latencies),
+                "latency_s": common.quantiles(latencies),
+                "p99_s": ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))],
+                "items_per_s": batch / p50[candidate],
+                "speedup_vs_eager": common.quantiles(common.ratios(times, EAGER, candidate)),
+                "speedup_vs_best_ort_dense": common.quantiles(common.ratios(times, best_dense, candidate)),
+                "best_ort_dense": best_dense,
+                "bound": bounds.get(candidate),
+            }
+        )
     return records
 
 
@@ -247,8 +265,15 @@ def run_gpu(config: SuiteConfig, root: Path, progress: bool) -> tuple[list[dict]
                 try:
                     times = time_cell(runners, texts_of(loaded.hf_tokenizer, batch, tokens), config.gpu_repeats)
                 except Exception as exc:  # out of device memory, a kernel missing: recorded, the rest still runs
-                    records.append({"kind": "skipped", "model": name, "batch": batch, "tokens": tokens,
-                                    "reason": f"{type(exc).__name__}: {str(exc)[:300]}"})  # fmt: skip
+                    records.append(
+                        {
+                            "kind": "skipped",
+                            "model": name,
+                            "batch": batch,
+                            "tokens": tokens,
+                            "reason": f"{type(exc).__name__}: {str(exc)[:300]}",
+                        }
+                    )
                     continue
                 records += _records(name, (batch, tokens), times, _bounds(root, name, tokens))
                 log(

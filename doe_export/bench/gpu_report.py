@@ -19,8 +19,10 @@ def _ms(seconds: float) -> str:
 
 
 def _table(rows: list[dict]) -> list[str]:
-    lines = ["| batch x tokens | candidate | p50 ms | p99 ms | items/s | vs eager | vs best ORT dense | bound |",
-             "|---|---|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
+    lines = [
+        "| batch x tokens | candidate | p50 ms | p99 ms | items/s | vs eager | vs best ORT dense | bound |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
     order = [EAGER, *DENSE_ORT, *EXPERTS, NO_GRAPHS]
     for r in sorted(rows, key=lambda r: (r["batch"], r["tokens"], order.index(r["candidate"]))):
         bound = f"x{r['bound']:.2f}" if r.get("bound") else ""
@@ -41,14 +43,23 @@ def verdicts(rows: list[dict], model: str) -> list[str]:
             continue
         big = [r for r in mine if r["batch"] * r["tokens"] >= BIG_CELL]
         slower = [f"{r['batch']}x{r['tokens']}" for r in mine if r["speedup_vs_eager"]["median"] < 1.0]
-        under = [f"{r['batch']}x{r['tokens']} x{r['speedup_vs_eager']['median']:.2f}" for r in big
-                 if r["speedup_vs_eager"]["median"] < OVER_EAGER]  # fmt: skip
-        lines.append(f"- {candidate} vs PyTorch eager fp16: >= x{OVER_EAGER} at >= 32 x 128 "
-                     f"{'met' if big and not under else 'missed'}" + (f" ({', '.join(under)})" if under else "")
-                     + f"; never slower {'met' if not slower else 'missed (' + ', '.join(slower) + ')'}")  # fmt: skip
+        under = [
+            f"{r['batch']}x{r['tokens']} x{r['speedup_vs_eager']['median']:.2f}"
+            for r in big
+            if r["speedup_vs_eager"]["median"] < OVER_EAGER
+        ]
+        lines.append(
+            f"- {candidate} vs PyTorch eager fp16: >= x{OVER_EAGER} at >= 32 x 128 "
+            f"{'met' if big and not under else 'missed'}"
+            + (f" ({', '.join(under)})" if under else "")
+            + f"; never slower {'met' if not slower else 'missed (' + ', '.join(slower) + ')'}"
+        )
         need = OVER_ORT[candidate]
-        short = [f"{r['batch']}x{r['tokens']} x{r['speedup_vs_best_ort_dense']['median']:.2f}" for r in big
-                 if r["speedup_vs_best_ort_dense"]["median"] < need]  # fmt: skip
+        short = [
+            f"{r['batch']}x{r['tokens']} x{r['speedup_vs_best_ort_dense']['median']:.2f}"
+            for r in big
+            if r["speedup_vs_best_ort_dense"]["median"] < need
+        ]
         lines.append(
             f"- {candidate} vs the best onnxruntime fp16 dense graph: >= x{need} at >= 32 x 128 "
             f"{'met' if big and not short else 'missed'}" + (f" ({', '.join(short)})" if short else "")
@@ -56,8 +67,10 @@ def verdicts(rows: list[dict], model: str) -> list[str]:
     single = [r for r in rows if r["candidate"] == EXPERTS[0] and r["batch"] == 1 and r["tokens"] == 32]
     if model == "minilm" and single:
         p50 = single[0]["latency_s"]["median"]
-        lines.append(f"- one 32-token text through Router (MiniLM): {_ms(p50)} ms, target <= {_ms(SINGLE_TEXT_S)} ms: "
-                     f"{'met' if p50 <= SINGLE_TEXT_S else 'missed'}")  # fmt: skip
+        lines.append(
+            f"- one 32-token text through Router (MiniLM): {_ms(p50)} ms, target <= {_ms(SINGLE_TEXT_S)} ms: "
+            f"{'met' if p50 <= SINGLE_TEXT_S else 'missed'}"
+        )
     return lines
 
 
@@ -81,10 +94,20 @@ def _plot(rows: list[dict], out_dir: Path) -> Path | None:
                 )
                 if points:
                     xs, ys = zip(*points)
-                    ax.plot(xs, [1e3 * y for y in ys], marker="o", linewidth=2.2 if candidate in EXPERTS else 1.0,
-                            label=f"{candidate}, {tokens} tokens")  # fmt: skip
-        ax.set(xscale="log", yscale="log", xlabel="items/s (over batch sizes)", ylabel="p50 latency, ms",
-               title=f"{model}: latency vs throughput (lower right is better)")  # fmt: skip
+                    ax.plot(
+                        xs,
+                        [1e3 * y for y in ys],
+                        marker="o",
+                        linewidth=2.2 if candidate in EXPERTS else 1.0,
+                        label=f"{candidate}, {tokens} tokens",
+                    )
+        ax.set(
+            xscale="log",
+            yscale="log",
+            xlabel="items/s (over batch sizes)",
+            ylabel="p50 latency, ms",
+            title=f"{model}: latency vs throughput (lower right is better)",
+        )
     axes[0][0].legend(fontsize=6)
     fig.tight_layout()
     path = out_dir / "gpu.png"
@@ -94,22 +117,29 @@ def _plot(rows: list[dict], out_dir: Path) -> Path | None:
 
 
 def render_gpu(rows: list[dict], cfg: dict, intro: list[str], out_dir: Path) -> list[str]:
-    lines = ["# GPU: the shipped experts against what GPU users run today", "", *intro,
-             "Random weights (a graph's speed does not depend on them), bundles built by `doe build`'s own code "
-             "(data-free random attribution, widths aligned for tensor cores, fp16 CUDA variant with fused attention). "
-             "Every candidate answers the same texts, tokenization included, interleaved in rotated order. "
-             f"Targets: shipped expert >= x{OVER_EAGER} over PyTorch eager fp16 at batch x tokens >= 32 x 128 and never "
-             "slower; over the best onnxruntime fp16 dense graph >= x1.3 (FFN) and >= x1.6 (FFN + heads); one "
-             "32-token text on MiniLM <= 0.5 ms. The dense onnxruntime graphs and the `no CUDA graphs` row run "
-             "without CUDA graphs (what a user of onnxruntime alone gets).", ""]  # fmt: skip
+    lines = [
+        "# GPU: the shipped experts against what GPU users run today",
+        "",
+        *intro,
+        "Random weights (a graph's speed does not depend on them), bundles built by `doe build`'s own code "
+        "(data-free random attribution, widths aligned for tensor cores, fp16 CUDA variant with fused attention). "
+        "Every candidate answers the same texts, tokenization included, interleaved in rotated order. "
+        f"Targets: shipped expert >= x{OVER_EAGER} over PyTorch eager fp16 at batch x tokens >= 32 x 128 and never "
+        "slower; over the best onnxruntime fp16 dense graph >= x1.3 (FFN) and >= x1.6 (FFN + heads); one "
+        "32-token text on MiniLM <= 0.5 ms. The dense onnxruntime graphs and the `no CUDA graphs` row run "
+        "without CUDA graphs (what a user of onnxruntime alone gets).",
+        "",
+    ]
     data = [r for r in rows if r["kind"] == "gpu"]
     for model in sorted({r["model"] for r in data}):
         mine = [r for r in data if r["model"] == model]
         lines += [f"## {model}", "", *verdicts(mine, model), "", *_table(mine), ""]
     skipped = [r for r in rows if r["kind"] == "skipped"]
     if skipped:
-        lines += ["Not measured: " + "; ".join(f"{r['model']} {r['batch']}x{r['tokens']} ({r['reason']})"
-                                               for r in skipped), ""]  # fmt: skip
+        lines += [
+            "Not measured: " + "; ".join(f"{r['model']} {r['batch']}x{r['tokens']} ({r['reason']})" for r in skipped),
+            "",
+        ]
     plot = _plot(data, Path(out_dir))
     if plot:
         lines += [f"![latency vs throughput]({plot.name})", ""]

@@ -86,12 +86,13 @@ class ServerProcess:
         replicas: int | None,
         tasks: int,
         extra: tuple[str, ...] = (),
+        suite_threads: bool = True,
     ):
         self.engine, self.replicas = engine, replicas
         self.port = _free_port()
         self.base = f"http://127.0.0.1:{self.port}"
         self.label = engine if engine == "fastapi" else f"ray, {replicas} replica(s)"
-        self.log_path = root / f"server-{engine}{replicas or ''}.log"
+        self.log_path = root / f"server-{engine}{replicas or ''}{'-'.join(('', *extra)).replace('--', '')}.log"
         self.command = [
             sys.executable,
             "-m",
@@ -100,8 +101,7 @@ class ServerProcess:
             str(root),
             "--port",
             str(self.port),
-            "--threads",
-            str(config.threads),
+            *(("--threads", str(config.threads)) if suite_threads else ()),  # else the server's default
             *extra,
         ]
         if not config.load_memory_arena:

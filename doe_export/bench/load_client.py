@@ -4,6 +4,7 @@ liveness prober in its own process, and the server's memory sampled every second
 from __future__ import annotations
 
 import asyncio
+import collections
 import json
 import subprocess
 import sys
@@ -84,6 +85,7 @@ async def _worker(client, job: dict, state: dict, tally: _Tally) -> None:
             ok, labels, response = False, None, f"{type(exc).__name__}: {exc}"
         elapsed = time.perf_counter() - t0
         status = getattr(response, "status_code", None)
+        state["answered"][str(status)] += 1  # every answer the server gave, warm-up and tail included
         was_shed = not ok and status == 503 and response.headers.get("retry-after") is not None
         if state["measuring"].is_set() and not state["stop"].is_set():
             tally.add(
@@ -99,7 +101,13 @@ async def _drive(
     import httpx
 
     tally, samples = _Tally(), []
-    state: dict[str, Any] = {"next": 0, "stop": asyncio.Event(), "measuring": asyncio.Event()}
+    state: dict[str, Any] = {
+        "next": 0,
+        "stop": asyncio.Event(),
+        "measuring": asyncio.Event(),
+        "answered": collections.Counter(),
+    }
+    job["answered"] = state["answered"]
 
     async def sampler():
         while not state["stop"].is_set():
@@ -114,7 +122,10 @@ async def _drive(
         state["measuring"].set()
         probe_start = probe_file.stat().st_size
         start = time.monotonic()
-        await asyncio.sleep(config.load_seconds)
+        if job.get("midway") is not None:  # e.g. a /metrics scrape in the middle of the measured window
+            await asyncio.sleep(config.load_seconds / 2)
+            job["midway_result"] = await asyncio.to_thread(job["midway"])
+        await asyncio.sleep(max(0.0, config.load_seconds - (time.monotonic() - start)))
         state["stop"].set()
         elapsed = time.monotonic() - start
         probe_end = probe_file.stat().st_size
@@ -123,17 +134,26 @@ async def _drive(
 
 
 def run_client(
-    base: str, memory: Callable[[], int], requests: list, expected: list, *, config: SuiteConfig, connections: int
+    base: str,
+    memory: Callable[[], int],
+    requests: list,
+    expected: list,
+    *,
+    config: SuiteConfig,
+    connections: int,
+    midway: Callable[[], Any] | None = None,
 ) -> dict:
-    """Load ``base`` with ``connections`` connections for ``config.load_seconds`` after a warm-up; the record."""
+    """Load ``base`` with ``connections`` connections for ``config.load_seconds`` after a warm-up; the record.
+    ``midway()`` runs (in a thread) halfway through the measured window; what it returns is ``midway``."""
     # the liveness probe runs in its own process (as a kubelet's would), so the load client's own
     # event loop does not delay it: what it measures is the server's answer time
     probe_file = Path(tempfile.mkstemp(prefix="doe-probe-", suffix=".jsonl")[1])
     prober = subprocess.Popen([sys.executable, "-c", PROBER, f"{base}/healthz", str(probe_file)])
+    job: dict[str, Any] = {"base": base, "requests": requests, "expected": expected, "midway": midway}
     try:
         tally, samples, elapsed, (start, end) = asyncio.run(
             _drive(
-                {"base": base, "requests": requests, "expected": expected},
+                job,
                 memory,
                 config=config,
                 connections=connections,
@@ -173,6 +193,8 @@ def run_client(
         "rss_max_bytes": max(rss),
         "rss_growth": (rss[-1] - rss[0]) / rss[0],
         "rss_samples": len(rss),
+        "answered_by_status": dict(job["answered"]),
+        "midway": job.get("midway_result"),
     }
 
 

@@ -67,3 +67,77 @@ def _render_load(rows, cfg, intro, out_dir) -> list[str]:
                 "",
             ]
     return lines
+
+
+def render_batching(rows, cfg, intro, out_dir) -> list[str]:
+    """The batching suite's report: one row per wait x connections, the verdicts, a throughput plot."""
+    lines = ["# Dynamic batching: single-text requests to `doe-runtime serve`", ""] + intro
+    runs = [r for r in rows if r["kind"] == "batching"]
+    if not runs:
+        return lines
+    r0 = runs[0]
+    ms = lambda v: "—" if v is None else f"{1e3 * v:.1f}"  # noqa: E731
+    lines += [
+        f"Task {r0['task']}: the bundle as `doe build` ships it ({r0['precision']} on {r0['provider']}), served by "
+        f"`doe-runtime serve` with its defaults but `--batch-wait-ms` (0: batching off). Requests of one text each, "
+        f"round-robin over {r0['texts']} test texts; {r0['seconds']:.0f} s measured after {r0['warmup_seconds']:.0f} s "
+        "of warm-up per row. *Differing*: answers whose label is not `Router.predict`'s for that text alone. "
+        "*Per call*: requests per model call, from the server's `/metrics`; *counted*: `doe_requests_total` over "
+        "the row against the answers the client got (a scrape mid-row must parse too).",
+        "",
+        "| wait ms | connections | requests/s | p50 ms | p99 ms | in server p50 / p99 ms | /healthz p99 ms | "
+        "errors | differing | shed | per call | counted / answered |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in runs:
+        lines.append(
+            f"| {r['batch_wait_ms']:g} | {r['connections']} | {r['requests_per_s']:.1f} | {ms(r['latency_s']['p50'])} | "
+            f"{ms(r['latency_s']['p99'])} | {ms(r['server_s']['p50'])} / {ms(r['server_s']['p99'])} | "
+            f"{ms(r['health_s']['p99'])} | {r['errors']} | {r['mismatches']} | {r['shed']} | "
+            f"{r['requests_per_call'] or 0:.1f} | {r['metrics_requests']:.0f} / {r['client_answered']}"
+            f"{'' if r['metrics_add_up'] else ' (MISMATCH)'} |"
+        )
+    verdicts = [r for r in rows if r["kind"] == "verdict"]
+    if verdicts:
+        lines += ["", "Against batching off at the same connection count:", ""]
+        for v in verdicts:
+            lines.append(
+                f"- wait {v['batch_wait_ms']:g} ms, {v['connections']} connections: throughput ×"
+                f"{v['throughput_ratio']:.2f}, p99 {ms(v['p99_s'])} ms vs {ms(v['p99_off_s'])} ms "
+                f"({'no worse' if v['p99_no_worse'] else 'worse'}), {v['errors']} errors, {v['mismatches']} differing, "
+                f"/healthz p99 {ms(v['health_p99_s'])} ms."
+            )
+    plot = _batching_plot(runs, out_dir)
+    if plot:
+        lines += ["", f"![throughput by connections]({plot})"]
+    return lines + [""]
+
+
+def _batching_plot(runs: list[dict], out_dir) -> str | None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    from pathlib import Path
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    for wait in sorted({r["batch_wait_ms"] for r in runs}):
+        mine = sorted((r for r in runs if r["batch_wait_ms"] == wait), key=lambda r: r["connections"])
+        label = "batching off" if wait == 0 else f"wait {wait:g} ms"
+        left.plot([r["connections"] for r in mine], [r["requests_per_s"] for r in mine], marker="o", label=label)
+        right.plot(
+            [r["connections"] for r in mine], [1e3 * r["latency_s"]["p99"] for r in mine], marker="o", label=label
+        )
+    for axis, title in ((left, "requests/s (one text each)"), (right, "client p99 ms")):
+        axis.set_xscale("log", base=2)
+        axis.set_xlabel("connections")
+        axis.set_title(title)
+        axis.legend()
+    fig.tight_layout()
+    name = "batching.png"
+    fig.savefig(Path(out_dir) / name, dpi=100)
+    plt.close(fig)
+    return name

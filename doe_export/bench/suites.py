@@ -4,6 +4,7 @@
   experts; :mod:`.replace` the shipped bundle through ``Router`` against the plain dense export a
   user would deploy instead; :mod:`.switch` switching and loading experts; :mod:`.e2e` ``Router``
   with tokenization and length sorting; :mod:`.load` the HTTP server under concurrent requests;
+  :mod:`.batching` single-text requests to the shipped bundle with dynamic batching off and on;
   :mod:`.memory` resident memory of N experts of one backbone with and without weight sharing.
 
 Every suite writes ``<suite>.jsonl`` (an environment header, then one record per measurement)
@@ -15,11 +16,25 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from . import common, e2e, gpu, gpu_report, layers, load, load_report, memory, peers, replace, replace_report, switch
+from . import (
+    batching,
+    common,
+    e2e,
+    gpu,
+    gpu_report,
+    layers,
+    load,
+    load_report,
+    memory,
+    peers,
+    replace,
+    replace_report,
+    switch,
+)
 from .report import intro
 from .workbench import QUICK, SuiteConfig, Workbench, header, make_bundles
 
-SUITES = ("grid", "replace", "layers", "peers", "switch", "memory", "e2e", "load", "gpu")
+SUITES = ("grid", "replace", "layers", "peers", "switch", "memory", "e2e", "load", "batching", "gpu")
 CPU_SUITES = SUITES[:-1]  # `--suite all`: the gpu suite needs a GPU and runs alone
 RENDERERS = {
     "layers": layers._render_layers,
@@ -27,6 +42,7 @@ RENDERERS = {
     "switch": switch._render_switch,
     "e2e": e2e._render_e2e,
     "load": load_report._render_load,
+    "batching": load_report.render_batching,
     "replace": replace_report.render_replace,
     "memory": memory.render_memory,
     "gpu": gpu_report.render_gpu,
@@ -56,6 +72,8 @@ def run(
             records = memory.run_memory(config, work / "prompt-bundles", progress)
         elif suite == "load":
             records = load.run_load(config, work / "load-bundles", progress)
+        elif suite == "batching":
+            records = batching.run_batching(config, work / "batching", progress)
         elif suite == "gpu":
             records, shape = gpu.run_gpu(config, work / "gpu-bundles", progress)
         else:

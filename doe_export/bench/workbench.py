@@ -13,6 +13,8 @@ from typing import Any
 
 import numpy as np
 
+from doe_runtime.batching import DEFAULT_WAIT_MS
+
 from ..records import from_json, to_json
 from ..specs import DEFAULT_MODEL, AdaptSpec, DataSpec, ExportSpec, Flow, LayerTypes, PruneSpec, RecoverySpec
 from . import common
@@ -53,6 +55,13 @@ class SuiteConfig:
     load_big_request: bool = False  # after the load: one 4 MiB request (time, memory that stays)
     load_engines: tuple[str, ...] = ("fastapi",)  # with "ray": also `serve --engine ray`, each replica count
     load_ray_replicas: tuple[int, ...] = (1, 2)
+    # the batching suite: single-text requests to the served bundle of `batching_task` (from `batching_bundles`,
+    # a `doe build --out` folder; None: built with doe build's defaults in the work folder), at each connection
+    # count, with each --batch-wait-ms (0: batching off; the runtime's default is the shipped setting)
+    batching_task: str = "bbc-news"
+    batching_bundles: str | None = None
+    batching_connections: tuple[int, ...] = (1, 16, 64)
+    batching_waits_ms: tuple[float, ...] = (0.0, DEFAULT_WAIT_MS["cpu"])
     # the gpu suite: shapes, batch x tokens cells, timed repeats, and a BERT tokenizer folder (None: the packaged
     # MiniLM one; the lent GPU machine has no such package, so benchmarks/gpu_check.sh carries one)
     gpu_models: tuple[str, ...] = ("minilm", "bert-base")
@@ -132,6 +141,8 @@ QUICK: dict[str, Any] = dict(
     gpu_tokens=(16, 32),
     gpu_repeats=2,
     load_ray_replicas=(1,),
+    batching_connections=(4,),
+    batching_waits_ms=(0.0, 5.0),
 )
 
 

@@ -21,7 +21,8 @@ SUITE_HELP = (
     "and fixed shapes, metric beside speed; layers: FFN vs heads vs both at matched budgets with task metrics; peers: "
     "PyTorch eager, ONNX dense, expert, fused, int8; switch: round-robin over N experts, cold load, memory, router "
     "overhead; memory: N experts of one frozen backbone with and without weight sharing; e2e: Router.predict with "
-    "and without length sorting; load: the HTTP server under concurrent requests (errors, p50/p99, memory); gpu: the "
+    "and without length sorting; load: the HTTP server under concurrent requests (errors, p50/p99, memory); batching: single-text requests to "
+    "the shipped bundle with dynamic batching off and on (throughput, p99, answers, /metrics); gpu: the "
     "shipped experts through Router on CUDA against PyTorch eager fp16 and the best onnxruntime fp16 dense graph "
     "(needs onnxruntime-gpu; --quick runs it on the CPU); all: every suite but gpu"
 )
@@ -39,6 +40,9 @@ FIELDS: dict[str, tuple[type, str]] = {
     "rates": (GridConfig, "rates"),
     "max_work": (GridConfig, "max_work"),
     "fused": (GridConfig, "fused"),
+    "batching_task": (SuiteConfig, "batching_task"),
+    "batching_connections": (SuiteConfig, "batching_connections"),
+    "batching_waits": (SuiteConfig, "batching_waits_ms"),
     "gpu_models": (SuiteConfig, "gpu_models"),
     "gpu_repeats": (SuiteConfig, "gpu_repeats"),
     "gpu_tokenizer_dir": (SuiteConfig, "gpu_tokenizer_dir"),
@@ -106,6 +110,28 @@ def _add_suite_options(g: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_batching_options(g: argparse.ArgumentParser) -> None:
+    g.add_argument("--batching-task", default=_default("batching_task"), help="batching: the single-text task served")
+    g.add_argument(
+        "--bundles",
+        default=None,
+        metavar="DIR",
+        help="batching: serve the task's bundle from this `doe build --out` folder (default: build it with doe "
+        "build's defaults in the work folder, reused next time)",
+    )
+    g.add_argument(
+        "--batching-connections",
+        default=_default("batching_connections"),
+        help="batching: comma-separated connection counts",
+    )
+    g.add_argument(
+        "--batching-waits",
+        default=_default("batching_waits"),
+        help="batching: comma-separated --batch-wait-ms values to serve with (0: batching off; the runtime's "
+        "default is the shipped setting)",
+    )
+
+
 def _add_gpu_options(g: argparse.ArgumentParser) -> None:
     g.add_argument("--gpu-models", default=_default("gpu_models"), help="gpu: model shapes (minilm, bert-base)")
     g.add_argument("--gpu-repeats", type=int, default=_default("gpu_repeats"), help="gpu: timed repeats per cell")
@@ -166,6 +192,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
     )
     _add_suite_options(g)
     _add_grid_options(g)
+    _add_batching_options(g)
     _add_gpu_options(g)
     g.add_argument("--quick", action="store_true", help="tiny model and grid: checks the code path in seconds")
     g.add_argument("--model", default=_default("model"), help="model folder or hub id")
@@ -245,10 +272,20 @@ def suite_config(args: argparse.Namespace) -> SuiteConfig:
         load_big_request=args.load_big_request,
         load_engines=engines,
         load_memory_arena=not args.load_no_arena,
+        batching_task=args.batching_task,
+        batching_bundles=args.bundles,
+        batching_connections=numbers(args.batching_connections),
+        batching_waits_ms=numbers(args.batching_waits, float),
         **_given(threads=args.threads and numbers(args.threads)[0], repeats=args.repeats, min_seconds=args.min_seconds),
     )
     if config.batch < 1 or config.tokens < 1:
         raise ConfigError("--batch and --token-count must be >= 1")
+    if min(config.batching_connections) < 1:
+        raise ConfigError(f"--batching-connections must all be >= 1, got {args.batching_connections!r}")
+    if not all(0 <= wait <= 1000 for wait in config.batching_waits_ms):
+        raise ConfigError(
+            f"--batching-waits must all be in [0, 1000] ms (0: batching off), got {args.batching_waits!r}"
+        )
     return config
 
 

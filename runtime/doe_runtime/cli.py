@@ -18,6 +18,7 @@ import json
 import sys
 from pathlib import Path
 
+from .batching import DEFAULT_MAX_ITEMS, DEFAULT_WAIT_MS
 from .bundle import discover, read_manifest, verify_files
 from .errors import ConfigError, DoeRuntimeError, InputError
 from .router import DEVICES, PRECISIONS, Router
@@ -112,7 +113,23 @@ def _add_serve(sub) -> None:
         "--max-concurrency",
         type=_int_in(1),
         default=None,
-        help="predictions running at once (default: CPU count); others wait their turn",
+        help="model calls running at once (default: the CPU count on CPU, 2 on CUDA; ray: every replica's share); "
+        "others wait their turn",
+    )
+    serve.add_argument(
+        "--batch-wait-ms",
+        type=float,
+        default=None,
+        help="merge requests for one task arriving within this many ms into one model call (0: every request "
+        f"alone; default {DEFAULT_WAIT_MS['cpu']:g} on CPU, {DEFAULT_WAIT_MS['cuda']:g} on CUDA, chosen by "
+        "measurement: docs/runtime.md)",
+    )
+    serve.add_argument(
+        "--max-batch-items",
+        type=int,
+        default=None,
+        help=f"most items in one merged model call (default {DEFAULT_MAX_ITEMS['cpu']} on CPU, "
+        f"{DEFAULT_MAX_ITEMS['cuda']} on CUDA); a larger request runs alone",
     )
     serve.add_argument(
         "--no-memory-arena",
@@ -131,6 +148,11 @@ def _add_serve(sub) -> None:
         default=None,
         help="cap on the summed model sizes of the resident experts (LRU eviction)",
     )
+    _add_engine(serve)
+
+
+def _add_engine(serve: argparse.ArgumentParser) -> None:
+    """``serve``'s engine and its Ray options."""
     serve.add_argument(
         "--engine",
         choices=("fastapi", "ray"),
@@ -148,6 +170,12 @@ def _add_serve(sub) -> None:
         help="ray: experts loaded per replica (Serve's max_num_models_per_replica)",
     )
     serve.add_argument("--replica-cpus", type=float, default=1.0, help="ray: CPUs reserved per expert replica")
+    serve.add_argument(
+        "--replica-gpus",
+        type=float,
+        default=None,
+        help="ray with --device cuda: the GPU share each replica reserves (default 1; 0.5 puts two on one GPU)",
+    )
     serve.add_argument(
         "--address", default=None, help="ray: an existing cluster ('auto' or host:port); default: start a local one"
     )
@@ -248,7 +276,13 @@ def _serve(args) -> int:
     from .server import check_bind, is_loopback
 
     check_bind(args.host, args.allow_remote)
-    limits = {"max_items": args.max_items, "max_body_bytes": args.max_body_bytes, "max_queue": args.max_queue}
+    limits = {
+        "max_items": args.max_items,
+        "max_body_bytes": args.max_body_bytes,
+        "max_queue": args.max_queue,
+        "batch_wait_ms": args.batch_wait_ms,
+        "max_batch_items": args.max_batch_items,
+    }
     if args.engine == "fastapi":
         from .server import serve
 
@@ -270,7 +304,6 @@ def _serve(args) -> int:
     from .ray_engine import check_scaling, serve_ray
 
     check_scaling(args.replicas, args.min_replicas, args.max_replicas, args.max_experts_per_replica)
-    replicas = args.replicas or args.max_replicas or 1
     serve_ray(
         args.root,
         host=args.host,
@@ -281,8 +314,9 @@ def _serve(args) -> int:
         max_replicas=args.max_replicas,
         max_experts_per_replica=args.max_experts_per_replica,
         replica_cpus=args.replica_cpus,
+        replica_gpus=args.replica_gpus,
         router_options=_router_options(args),
-        max_concurrency=args.max_concurrency or 8 * replicas,
+        max_concurrency=args.max_concurrency,
         allowed_hosts=LOOPBACK if is_loopback(args.host) else None,
         **limits,
     )

@@ -21,7 +21,9 @@ This module imports ``ray`` at import time: only ``--engine ray`` imports it.
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
+import time
 from pathlib import Path
 from typing import Any
 
@@ -35,16 +37,44 @@ except ImportError as exc:  # the Ray engine is an optional extra
         "--engine ray needs the [ray] extra: pip install 'doe-runtime[ray]' (ray[serve] 2.60)"
     ) from exc
 
+from .batching import batching_options, split_answers
+from .metrics import router_state
 from .router import Router
-from .server import create_app, error_for, predict_response
+from .server import DEFAULT_MAX_QUEUE, create_app, error_for
+from .serving import merged_call, predict_response, response_body
 
 log = logging.getLogger("doe_runtime.ray")
 APP_NAME = "doe"
 REPLICA_HEADER = "X-Doe-Replica"
+SERVE_ONGOING = 5  # Serve's default max_ongoing_requests: a replica's requests at once without batching
 
 
-def _experts_deployment(max_experts: int):
-    """The replica class, with Serve's per-replica model cap fixed at definition time."""
+def _merge_calls(router: Router, calls: list[tuple[str, list]]) -> list[tuple[bool, Any]]:
+    """One Serve batch (requests of any of the replica's tasks): one Router call per task, each request's
+    share of it back in order; ``(True, (predictions, stats))`` or ``(False, error)`` per request."""
+    by_task: dict[str, list[int]] = collections.defaultdict(list)
+    for index, (task, _items) in enumerate(calls):
+        by_task[task].append(index)
+    out: list[tuple[bool, Any]] = [(False, None)] * len(calls)
+    for task, indexes in by_task.items():
+        started = time.perf_counter()
+        try:
+            predictions, stats = merged_call(router, task, [item for i in indexes for item in calls[i][1]])
+        except (DoeRuntimeError, OSError) as exc:  # the call's error belongs to every request in it
+            for i in indexes:
+                out[i] = (False, exc)
+            continue
+        shares = split_answers([calls[i][1] for i in indexes], predictions)
+        for i, share in zip(indexes, shares):
+            # "lead": the one request of the call that reports the call to /metrics (the others only their wait)
+            out[i] = (True, (share, {**stats, "requests": len(indexes), "lead": i == indexes[0], "started": started}))
+    return out
+
+
+def _experts_deployment(max_experts: int, batching: dict | None):
+    """The replica class, with Serve's per-replica model cap and batching fixed at definition time."""
+    wait_s = batching["wait_s"] if batching else 0.0
+    max_items = batching["max_items"] if batching else 1
 
     @serve.deployment(name="DoeExperts")
     class DoeExperts:
@@ -63,33 +93,55 @@ def _experts_deployment(max_experts: int):
             task = serve.get_multiplexed_model_id()
             try:
                 await self.load(task)
-                body = await asyncio.to_thread(predict_response, self.router, task, items)
-                return {"status": 200, "body": body, "replica": self.replica}
+                if batching is None or len(items) > max_items:  # alone: no batching, or larger than a batch
+                    stats: dict = {}
+                    body = await asyncio.to_thread(predict_response, self.router, task, items, stats)
+                    stats["requests"] = 1
+                else:  # checked alone first: a bad item fails its own request, never its batch's neighbours
+                    checked = await asyncio.to_thread(self.router.check, task, items)
+                    arrived = time.perf_counter()
+                    ok, answer = await self.merged((task, checked))
+                    if not ok:
+                        raise answer
+                    predictions, stats = answer
+                    stats["queued_s"] = stats.pop("started") - arrived  # in this replica's batch queue
+                    body = response_body(task, predictions, stats)
+                status = 200
             except (DoeRuntimeError, OSError) as exc:
                 status, kind, message = error_for(task, exc, self.root)
-                return {
-                    "status": status,
-                    "body": {"error": {"type": kind, "message": message}},
-                    "replica": self.replica,
-                }
+                body, stats = {"error": {"type": kind, "message": message}}, {}
+            state = await asyncio.to_thread(router_state, self.router)
+            return {"status": status, "body": body, "replica": self.replica, "stats": stats, "state": state}
+
+        @serve.batch(
+            max_batch_size=max_items,
+            batch_wait_timeout_s=wait_s,
+            batch_size_fn=lambda calls: sum(len(items) for _task, items in calls),
+        )
+        async def merged(self, calls: list[tuple[str, list]]) -> list[tuple[bool, Any]]:
+            return await asyncio.to_thread(_merge_calls, self.router, calls)
 
     return DoeExperts
 
 
-@serve.deployment(name="DoeIngress")
-@serve.ingress()
-class DoeIngress:
-    """The HTTP API: doe_runtime.server's app, its predictions sent to the DoeExperts replicas."""
+class Replicas:
+    """The ingress' predictor: sends a prediction to the expert replicas, retries once on a replica that died,
+    and keeps each replica's Router state as of its last answer (what ``/metrics`` reports for it)."""
 
-    def __init__(self, experts, root: str, app_options: dict):
-        self.experts, self.root, self.app_options = experts, root, app_options
+    def __init__(self, experts: Any):
+        self.experts = experts
+        self._states: dict[str, dict] = {}
 
-    async def _predict(self, task: str, items: list):
+    def states(self) -> dict[str, dict]:
+        return dict(self._states)
+
+    async def __call__(self, task: str, items: list) -> tuple[int, dict, dict, dict]:
         last = None
         for attempt in range(2):  # a replica that died mid-request: once more, on another
             try:
                 answer = await self.experts.options(multiplexed_model_id=task).predict.remote(items)
-                return answer["status"], answer["body"], {REPLICA_HEADER: answer["replica"]}
+                self._states[answer["replica"]] = answer["state"]
+                return answer["status"], answer["body"], {REPLICA_HEADER: answer["replica"]}, answer["stats"]
             except (
                 ray.exceptions.RayActorError,
                 ray.exceptions.ActorDiedError,
@@ -99,19 +151,25 @@ class DoeIngress:
                 last = exc
                 log.warning("replica failed on task %s (attempt %d): %s", task, attempt + 1, type(exc).__name__)
                 await asyncio.sleep(0.5)
-        return (
-            503,
-            {
-                "error": {
-                    "type": "replica_unavailable",
-                    "message": f"no replica answered for task {task!r} ({type(last).__name__}); retry shortly",
-                }
-            },
-            {"Retry-After": "1"},
-        )
+        body = {
+            "error": {
+                "type": "replica_unavailable",
+                "message": f"no replica answered for task {task!r} ({type(last).__name__}); retry shortly",
+            }
+        }
+        return 503, body, {"Retry-After": "1"}, {}
+
+
+@serve.deployment(name="DoeIngress")
+@serve.ingress()
+class DoeIngress:
+    """The HTTP API: doe_runtime.server's app, its predictions sent to the DoeExperts replicas."""
+
+    def __init__(self, experts, root: str, app_options: dict):
+        self.replicas, self.root, self.app_options = Replicas(experts), root, app_options
 
     def __serve_build_asgi_app__(self):
-        return create_app(self.root, predictor=self._predict, **self.app_options)
+        return create_app(self.root, predictor=self.replicas, **self.app_options)
 
 
 def check_scaling(
@@ -137,6 +195,26 @@ def check_scaling(
     return {"num_replicas": count}
 
 
+def replica_resources(device: str, cpus: float, gpus: float | None) -> dict:
+    """Ray's ``ray_actor_options`` of one expert replica: ``cpus`` CPUs, and with ``device='cuda'`` a GPU
+    (``gpus``: a fraction in (0, 1] lets several replicas share one GPU; default a whole one)."""
+    if not isinstance(cpus, (int, float)) or cpus <= 0:
+        raise ConfigError(f"--replica-cpus must be > 0, got {cpus!r}")
+    if device != "cuda":
+        if gpus is not None:
+            raise ConfigError(
+                f"--replica-gpus {gpus} needs --device cuda (got --device {device}): replicas ask Ray for a GPU "
+                "only when they will run on one"
+            )
+        return {"num_cpus": cpus}
+    gpus = 1.0 if gpus is None else gpus
+    if not isinstance(gpus, (int, float)) or not 0 < gpus <= 1:
+        raise ConfigError(
+            f"--replica-gpus must be in (0, 1] (a replica runs on one GPU; 0.5 puts two on one), got {gpus!r}"
+        )
+    return {"num_cpus": cpus, "num_gpus": gpus}
+
+
 def build_app(
     root: str | Path,
     *,
@@ -145,19 +223,38 @@ def build_app(
     max_replicas: int | None = None,
     max_experts_per_replica: int = 4,
     replica_cpus: float = 1.0,
+    replica_gpus: float | None = None,
     router_options: dict | None = None,
+    batch_wait_ms: float | None = None,
+    max_batch_items: int | None = None,
     **app_options: Any,
 ):
-    """The Serve application (ingress + expert replicas) for the bundles under ``root``."""
+    """The Serve application (ingress + expert replicas) for the bundles under ``root``.
+
+    Batching happens in the replicas (Serve's ``@serve.batch``, ``batch_wait_ms`` / ``max_batch_items`` as in
+    the FastAPI engine), so a replica takes up to two batches of requests at once, and the ingress lets
+    every replica's share through (its default ``max_concurrency``; Serve's own default of 5 ongoing
+    requests would cap every batch at 5)."""
     scaling = check_scaling(replicas, min_replicas, max_replicas, max_experts_per_replica)
+    router_options = dict(router_options or {})
+    device = router_options.get("device", "auto")
+    resources = replica_resources(device, replica_cpus, replica_gpus)
+    batching = batching_options(batch_wait_ms, max_batch_items, "cuda" if device == "cuda" else "cpu")
+    ongoing = 2 * batching["max_items"] if batching else SERVE_ONGOING
+    count = replicas or max_replicas or 1
+    app_options["max_concurrency"] = app_options.get("max_concurrency") or (ongoing if batching else 8) * count
+    queue = app_options.get("max_queue", DEFAULT_MAX_QUEUE)
     root = str(Path(root).resolve())
     experts = (
-        _experts_deployment(max_experts_per_replica)
-        .options(ray_actor_options={"num_cpus": replica_cpus}, **scaling)
-        .bind(root, dict(router_options or {}))
+        _experts_deployment(max_experts_per_replica, batching)
+        .options(ray_actor_options=resources, max_ongoing_requests=ongoing, **scaling)
+        .bind(root, router_options)
     )
     ingress: Any = DoeIngress  # a Serve Deployment (its .options come from @serve.deployment)
-    return ingress.options(ray_actor_options={"num_cpus": 0}).bind(experts, root, app_options)
+    # the ingress admits, queues and sheds itself: Serve must let all of those through to it
+    return ingress.options(
+        ray_actor_options={"num_cpus": 0}, max_ongoing_requests=app_options["max_concurrency"] + queue + 16
+    ).bind(experts, root, {**app_options, "batch_wait_ms": 0})
 
 
 def serve_ray(
@@ -182,4 +279,4 @@ def serve_ray(
     ray.shutdown()
 
 
-__all__ = ["APP_NAME", "REPLICA_HEADER", "DoeIngress", "build_app", "check_scaling", "serve_ray"]
+__all__ = ["APP_NAME", "REPLICA_HEADER", "DoeIngress", "build_app", "check_scaling", "replica_resources", "serve_ray"]

@@ -12,6 +12,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import threading
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -149,6 +150,8 @@ class Router:
         self._lock = threading.Lock()
         self._loading: dict[str, threading.Lock] = {}
         self._failed: dict[str, tuple] = {}  # task -> (bundle signature, error) of its last failed load
+        # (task, "loaded" | "reloaded" | "failed") -> count: what the server's /metrics reports as loads
+        self.load_events: collections.Counter[tuple[str, str]] = collections.Counter()
 
     @property
     def tasks(self) -> list[str]:
@@ -226,10 +229,12 @@ class Router:
         folder = self._folder(task)
         with self._lock:
             expert = self._resident.get(task)
+        reloading = False
         if expert is not None and self.auto_reload and not self._unchanged(expert):
             with self._lock:
                 if self._resident.get(task) is expert:
                     del self._resident[task]  # in-flight requests still hold the old expert
+                    reloading = True
         with self._lock:
             expert = self._resident.get(task)
             if expert is not None:
@@ -257,10 +262,12 @@ class Router:
                     graph_buckets=self.graph_buckets,
                 )
             except (BundleError, DeviceError, RunError) as exc:
+                self.load_events[(task, "failed")] += 1
                 if signature is not None:
                     self._failed[task] = (signature, exc)  # until the bundle's files change
                 raise
             self._failed.pop(task, None)
+            self.load_events[(task, "reloaded" if reloading else "loaded")] += 1
             with self._lock:
                 self._resident[task] = expert
                 self._resident.move_to_end(task)
@@ -295,23 +302,33 @@ class Router:
         except FileNotFoundError:  # mid-swap (between the two renames): keep serving the loaded session
             return True
 
-    def predict(self, task: str, inputs: Sequence[Any]) -> list[Prediction]:
+    def check(self, task: str, inputs: Sequence[Any]) -> list:
+        """``inputs`` as ``predict`` takes them (texts clipped, pairs as tuples), checked against the task's
+        bundle (loaded if needed); an InputError names the first item that does not fit."""
+        return self._expert(task).check_inputs(inputs)
+
+    def predict(self, task: str, inputs: Sequence[Any], *, stats: dict | None = None) -> list[Prediction]:
         """Labels and probabilities for ``inputs`` (texts, or (text_a, text_b) pairs), in order.
 
         Items are tokenized once, sorted by length and batched (``batch_size`` items, at most
         ``max_batch_tokens`` padded tokens), so padding stays small; results come back in the
-        caller's order.
+        caller's order. ``stats``, if given, is filled with what the call ran: ``items``,
+        ``session_runs``, ``padded_tokens`` (items x longest, summed over the runs) and ``seconds``.
         """
+        start = time.perf_counter()
         expert = self._expert(task)
         items = expert.check_inputs(inputs)
         probs = np.empty((len(items), len(expert.labels)), dtype=np.float64)
         batches = length_sorted_batches(
             expert.tokenizer, items, self.batch_size, self.max_batch_tokens, self.sort_by_length
         )
-        big = False
+        big, runs, padded = False, 0, 0
         for chunk, ids, mask in batches:
             probs[chunk] = softmax(expert.run(ids, mask).astype(np.float64))
             big = big or ids.size > expert.shrink_above_tokens
+            runs, padded = runs + 1, padded + int(ids.size)
+        if stats is not None:
+            stats.update(items=len(items), session_runs=runs, padded_tokens=padded, seconds=time.perf_counter() - start)
         if big:  # the batches' buffers are free now: give the heap's free pages back (see release_free_memory)
             release_free_memory()
         return [

@@ -18,14 +18,14 @@ while requests already running finish on the old session.
 """
 
 # no `from __future__ import annotations`: FastAPI reads the request models from the annotations
-import asyncio
-import contextlib
 import ipaddress
 import logging
 import os
+import time
 from pathlib import Path
 from typing import Annotated, Any
 
+from .batching import batching_options
 from .bundle import read_manifest
 from .errors import (
     BundleError,
@@ -38,8 +38,10 @@ from .errors import (
     TaskNameError,
     UnknownTaskError,
 )
+from .metrics import ServerMetrics, router_state
 from .middleware import BodyLimit, HostCheck, ServerTiming
 from .router import Router
+from .serving import Admission, Predictions, device_kind, predict_response
 
 log = logging.getLogger("doe_runtime.server")
 
@@ -49,37 +51,7 @@ DEFAULT_MAX_QUEUE = 64
 LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
 MULTIPLEXED_HEADER = "serve_multiplexed_model_id"  # Ray Serve's header; the task in the path must match it
 SERVE_EXTRA = "the HTTP server needs the [serve] extra: pip install 'doe-runtime[serve]'"
-
-
-class Admission:
-    """At most ``limit`` predictions run at once; at most ``max_queue`` requests wait for a turn (on the
-    event loop: a waiting request holds no thread); beyond that a request is shed at once."""
-
-    def __init__(self, limit: int, max_queue: int):
-        self.limit, self.max_queue = limit, max_queue
-        self._slots = asyncio.Semaphore(limit)
-        self.running = self.waiting = self.shed = 0
-
-    def full(self) -> bool:
-        """Every slot busy and the queue full: the next request is shed (503 + Retry-After)."""
-        return self._slots.locked() and self.waiting >= self.max_queue
-
-    @contextlib.asynccontextmanager
-    async def slot(self):
-        self.waiting += 1
-        queued = True
-        try:
-            async with self._slots:
-                self.waiting -= 1
-                queued = False
-                self.running += 1
-                try:
-                    yield
-                finally:
-                    self.running -= 1
-        finally:
-            if queued:  # cancelled while waiting
-                self.waiting -= 1
+GPU_CONCURRENCY = 2
 
 
 def json_error(status: int, kind: str, message: str, headers: dict | None = None):
@@ -89,8 +61,11 @@ def json_error(status: int, kind: str, message: str, headers: dict | None = None
     return JSONResponse(status_code=status, content={"error": {"type": kind, "message": message}}, headers=headers)
 
 
-def _check_limits(*, max_items: int, max_body_bytes: int, max_queue: int, max_concurrency: int | None) -> int:
-    """Refuse limits out of range, naming them; return the concurrency (default: the CPU count)."""
+def _check_limits(
+    *, max_items: int, max_body_bytes: int, max_queue: int, max_concurrency: int | None, device: str
+) -> int:
+    """Refuse limits out of range, naming them; return the concurrency (default: the CPU count on CPU, 2 on
+    a GPU: one device runs one call at a time, and a second overlaps its tokenization)."""
     for name, value, low in (
         ("max_items", max_items, 1),
         ("max_body_bytes", max_body_bytes, 1),
@@ -98,7 +73,8 @@ def _check_limits(*, max_items: int, max_body_bytes: int, max_queue: int, max_co
     ):
         if not isinstance(value, int) or isinstance(value, bool) or value < low:
             raise ConfigError(f"{name} must be an int >= {low}, got {value!r}")
-    limit = max_concurrency if max_concurrency is not None else (os.cpu_count() or 1)
+    default = GPU_CONCURRENCY if device == "cuda" else (os.cpu_count() or 1)
+    limit = max_concurrency if max_concurrency is not None else default
     if not isinstance(limit, int) or isinstance(limit, bool) or limit < 1:
         raise ConfigError(f"max_concurrency must be an int >= 1, got {max_concurrency!r}")
     return limit
@@ -236,44 +212,49 @@ def _describe_route(app, router: Router, models: dict) -> None:
         return _answer(router, task, summary)
 
 
-def _predict_route(app, router: Router, admission: Admission, models: dict, predictor: Any) -> None:
+def _predict_route(app, router: Router, predictions: Predictions, models: dict) -> None:
     from fastapi import Request
-    from fastapi.responses import JSONResponse
-    from starlette.concurrency import run_in_threadpool
 
     PredictRequest = models["PredictRequest"]
 
     @app.post("/v1/tasks/{task}/predict", response_model=models["PredictResponse"], responses=models["errors"])
     async def predict(task: str, body: PredictRequest, request: Request):  # type: ignore[valid-type]
+        start = time.perf_counter()
         items = [tuple(item) if isinstance(item, list) else item for item in body.inputs]  # type: ignore[attr-defined]
         named = request.headers.get(MULTIPLEXED_HEADER)
         if named is not None and named != task:
-            return json_error(
+            response = json_error(
                 400,
                 "task_mismatch",
-                f"the {MULTIPLEXED_HEADER} header names {named[:128]!r} but the "
-                f"path names {task[:128]!r}; send one task (the path is enough)",
+                f"the {MULTIPLEXED_HEADER} header names {named[:128]!r} "
+                f"but the path names {task[:128]!r}; send one task (the path is enough)",
             )
-        if admission.full():
-            admission.shed += 1
-            return json_error(
-                503,
-                "overloaded",
-                f"{admission.waiting} requests are already waiting for one of "
-                f"{admission.limit} prediction slots; retry shortly",
-                headers={"Retry-After": "1"},
-            )
-        async with admission.slot():
-            if predictor is None:
-                return await run_in_threadpool(_answer, router, task, lambda: predict_response(router, task, items))
-            status, content, headers = await predictor(task, items)
-            return JSONResponse(status_code=status, content=content, headers=headers)
+        else:
+            response = predictions.shed(task) or await predictions.answer(task, items, request.receive)
+        predictions.metrics.answered(task, getattr(response, "status_code", 200), time.perf_counter() - start)
+        return response
+
+
+def _metrics_route(app, metrics: ServerMetrics) -> None:
+    from fastapi.responses import Response
+
+    @app.get(
+        "/metrics",
+        include_in_schema=True,
+        response_class=Response,
+        responses={200: {"content": {"text/plain": {}}, "description": "Prometheus text format"}},
+    )
+    async def scrape():
+        body, content_type = metrics.render()
+        return Response(content=body, media_type=content_type)
 
 
 def create_app(
     root: str | Path,
     *,
     router: Router | None = None,
+    batch_wait_ms: float | None = None,
+    max_batch_items: int | None = None,
     max_items: int = DEFAULT_MAX_ITEMS,
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     max_concurrency: int | None = None,
@@ -284,51 +265,57 @@ def create_app(
 ):
     """The FastAPI application serving the bundles under ``root``.
 
-    ``max_concurrency``: predictions running at once (default: the CPU count); further requests
-    wait their turn instead of all sharing the cores, which keeps latency and memory bounded.
-    ``max_queue``: requests allowed to wait for a turn; beyond it a request is shed at once with
-    503 and ``Retry-After`` (load shedding) instead of queueing without bound.
-    ``allowed_hosts``: Host header values answered (None: any; ``serve`` on loopback passes the
-    loopback names).
-    ``predictor``: ``async (task, items) -> (status, body dict, headers)`` answering predictions
-    elsewhere (the Ray engine's replicas); None: this process's Router. Everything else (schemas,
-    limits, shedding, errors, health, listing) is this same app for both engines."""
+    ``batch_wait_ms`` / ``max_batch_items``: requests for one task arriving within that many milliseconds
+    share one model call of at most that many items (:mod:`doe_runtime.batching`; 0 ms: every request alone;
+    None: the device's measured default). ``max_concurrency``: model calls running at once (default: the CPU
+    count on CPU, 2 on a GPU: one running while the next is tokenized); further requests wait their turn,
+    which keeps latency and memory bounded. ``max_queue``: requests allowed to wait for a turn; beyond it a
+    request is shed at once with 503 and ``Retry-After`` instead of queueing without bound.
+    ``allowed_hosts``: Host header values answered (None: any; ``serve`` on loopback passes the loopback names).
+    ``predictor``: an object answering predictions elsewhere (the Ray engine's replicas): awaited as
+    ``predictor(task, items) -> (status, body dict, headers, stats)``, with ``predictor.states()`` for
+    ``/metrics``; None: this process's Router. Everything else (schemas, limits, shedding, errors, health,
+    listing, metrics) is this same app for both engines."""
     try:
         from fastapi import FastAPI
     except ImportError as exc:  # the server is an optional extra
         raise MissingExtraError(SERVE_EXTRA) from exc
+    device = device_kind(router_options)
     limit = _check_limits(
-        max_items=max_items, max_body_bytes=max_body_bytes, max_queue=max_queue, max_concurrency=max_concurrency
+        max_items=max_items,
+        max_body_bytes=max_body_bytes,
+        max_queue=max_queue,
+        max_concurrency=max_concurrency,
+        device=device,
     )
+    batching = batching_options(batch_wait_ms, max_batch_items, device)
     router = router or Router(root, auto_reload=True, **router_options)
     admission = Admission(limit, max_queue)
+    states = predictor.states if predictor is not None else (lambda: {"local": router_state(router)})
+    metrics = ServerMetrics(known=lambda task: task in router.tasks, states=states)
+    predictions = Predictions(
+        router=router,
+        admission=admission,
+        metrics=metrics,
+        batcher_options=batching,
+        predictor=predictor,
+        error=json_error,
+    )
     models = _models(max_items)
     app = FastAPI(
         title="doe-runtime", version="0.1.0", description="Per-task DoE expert models (ONNX) behind one HTTP API."
     )
-    app.state.router = router
+    app.state.router, app.state.predictions = router, predictions
     _error_handlers(app)
     _health_routes(app, router, admission, models)
     _describe_route(app, router, models)
-    _predict_route(app, router, admission, models, predictor)
+    _predict_route(app, router, predictions, models)
+    _metrics_route(app, metrics)
     app.add_middleware(BodyLimit, limit=max_body_bytes)
     if allowed_hosts is not None:
         app.add_middleware(HostCheck, allowed=set(allowed_hosts))
     app.add_middleware(ServerTiming)  # added last: outermost, so it times every answer, refusals included
     return app
-
-
-def predict_response(router: Router, task: str, items: list) -> dict:
-    """The predict endpoint's body for ``items`` (texts, or pairs as tuples or 2-item lists): both engines
-    (this process's Router, a Ray replica's) answer with it."""
-    predictions = router.predict(task, [tuple(item) if isinstance(item, list) else item for item in items])
-    info = router.info(task)  # one lookup (a bundle scan with auto_reload), not one per field
-    return {
-        "task": task,
-        "provider": info["provider"],
-        "precision": info["precision"],
-        "predictions": [p.to_dict() for p in predictions],
-    }
 
 
 def error_for(task: str, exc: BaseException, root: Path) -> tuple[int, str, str]:

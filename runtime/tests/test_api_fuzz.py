@@ -23,6 +23,7 @@ def test_api_never_answers_5xx(bundles):
     # the document must describe every endpoint the server has, else the fuzzing covers too little
     assert labels == [
         "GET /healthz",
+        "GET /metrics",
         "GET /readyz",
         "GET /v1/tasks",
         "GET /v1/tasks/{task}",

@@ -112,18 +112,23 @@ def test_chunked_body_over_the_limit_is_413(bundles):
         assert small.status_code == 200
 
 
-def test_requests_beyond_the_queue_are_shed_with_retry_after(bundles):
+@pytest.mark.parametrize(
+    "batching",
+    [{"batch_wait_ms": 0}, {"batch_wait_ms": 5, "max_batch_items": 1}],
+    ids=["alone", "batched-one-per-call"],
+)
+def test_requests_beyond_the_queue_are_shed_with_retry_after(bundles, batching):
     router = Router(bundles, device="cpu")
     original = router.predict
     gate = threading.Event()
 
-    def slow(task, items):
+    def slow(task, items, **options):
         gate.wait(5)
-        return original(task, items)
+        return original(task, items, **options)
 
     router.predict = slow
     statuses, headers = [], []
-    with TestClient(create_app(bundles, router=router, max_concurrency=1, max_queue=1)) as client:
+    with TestClient(create_app(bundles, router=router, max_concurrency=1, max_queue=1, **batching)) as client:
 
         def call():
             response = client.post("/v1/tasks/toy-single/predict", json={"inputs": ["good"]})

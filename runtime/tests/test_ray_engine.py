@@ -17,7 +17,7 @@ from ray import serve  # noqa: E402
 from doe_runtime import Router  # noqa: E402
 from doe_runtime.cli import main  # noqa: E402
 from doe_runtime.errors import ConfigError  # noqa: E402
-from doe_runtime.ray_engine import REPLICA_HEADER, build_app, check_scaling  # noqa: E402
+from doe_runtime.ray_engine import REPLICA_HEADER, build_app, check_scaling, replica_resources  # noqa: E402
 
 
 def free_port() -> int:
@@ -46,6 +46,7 @@ def cluster(tmp_path_factory):
             replica_cpus=0.5,
             router_options={"device": "cpu"},
             max_items=16,
+            batch_wait_ms=50,  # the toy model runs in well under a millisecond: a wide window to merge in
         ),
         name="doe",
         route_prefix="/",
@@ -114,6 +115,57 @@ def test_answers_routing_and_errors(cluster):
     }
 
 
+def test_concurrent_requests_are_batched_in_the_replicas_and_measured(cluster):
+    import numpy as np
+    from prometheus_client.parser import text_string_to_metric_families
+
+    root, base = cluster
+    reference = Router(root, device="cpu")
+    texts = [f"review {i} " + "fine " * (i % 5) for i in range(24)]
+    before = httpx.get(base + "/metrics", timeout=10).text
+    answers: dict[int, httpx.Response] = {}
+
+    def send(i: int) -> None:
+        answers[i] = httpx.post(f"{base}/v1/tasks/toy-single/predict", json={"inputs": [texts[i]]}, timeout=60)
+
+    threads = [threading.Thread(target=send, args=(i,)) for i in range(len(texts))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for i, text in enumerate(texts):
+        assert answers[i].status_code == 200, answers[i].text
+        got, want = answers[i].json()["predictions"][0], reference.predict("toy-single", [text])[0]
+        # the toy bundle serves int8 on CPU: its per-batch activation scales move probabilities slightly
+        assert got["label"] == want.label
+        assert np.allclose(list(got["probabilities"].values()), list(want.probabilities.values()), atol=2e-3)
+
+    def totals(text: str) -> dict:
+        out: dict = {}
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                key = (sample.name, sample.labels.get("task"), sample.labels.get("status"))
+                out[key] = out.get(key, 0) + sample.value
+        return out
+
+    after_text = httpx.get(base + "/metrics", timeout=10).text
+    old, new = totals(before), totals(after_text)
+    sent = len(texts)
+    key = ("doe_requests_total", "toy-single", "200")
+    assert new[key] - old.get(key, 0) == sent
+    key = ("doe_model_call_requests_sum", "toy-single", None)
+    assert new[key] - old.get(key, 0) == sent  # every request was in exactly one model call
+    key = ("doe_model_call_requests_count", "toy-single", None)
+    assert new[key] - old.get(key, 0) < sent  # and replicas merged some of them
+    replicas = {
+        s.labels["replica"]
+        for f in text_string_to_metric_families(after_text)
+        if f.name == "doe_experts_resident"
+        for s in f.samples
+    }
+    assert 1 <= len(replicas) <= 2 and str(root) not in after_text
+
+
 def test_a_replica_killed_under_load_loses_no_request(cluster):
     _root, base = cluster
     statuses, stop = [], threading.Event()
@@ -162,3 +214,17 @@ def test_bad_scaling_is_refused_before_anything_starts(capsys, tmp_path):
     assert "--min-replicas <= --max-replicas" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["serve", str(tmp_path), "--engine", "ray", "--replicas", "0"])
+
+
+def test_gpu_replicas_ask_ray_for_a_gpu_share(capsys, tmp_path):
+    assert replica_resources("cuda", 1.0, None) == {"num_cpus": 1.0, "num_gpus": 1.0}
+    assert replica_resources("cuda", 2, 0.25) == {"num_cpus": 2, "num_gpus": 0.25}
+    assert replica_resources("cpu", 1.0, None) == {"num_cpus": 1.0}
+    with pytest.raises(ConfigError, match=r"--replica-gpus must be in \(0, 1\]"):
+        replica_resources("cuda", 1.0, 1.5)
+    with pytest.raises(ConfigError, match="--replica-cpus must be > 0"):
+        replica_resources("cpu", 0, None)
+    assert main(["serve", str(tmp_path), "--engine", "ray", "--replica-gpus", "0.5"]) == 2
+    assert "--replica-gpus 0.5 needs --device cuda" in capsys.readouterr().err
+    assert main(["serve", str(tmp_path), "--engine", "ray", "--batch-wait-ms", "-3"]) == 2
+    assert "--batch-wait-ms must be in [0, 1000]" in capsys.readouterr().err

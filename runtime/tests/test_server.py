@@ -207,13 +207,13 @@ def test_admission_limit_caps_concurrent_predictions(bundles):
     active, peak, lock = [0], [0], threading.Lock()
     original = router.predict
 
-    def counting(task, items):
+    def counting(task, items, **options):
         with lock:
             active[0] += 1
             peak[0] = max(peak[0], active[0])
         try:
             time.sleep(0.02)
-            return original(task, items)
+            return original(task, items, **options)
         finally:
             with lock:
                 active[0] -= 1
