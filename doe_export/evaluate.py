@@ -81,6 +81,10 @@ def onnx_file_logits(path, tokenizer, inputs: list, batch_size: int = 32, disabl
     return onnx_logits(session, tokenizer, inputs, batch_size)
 
 
+def torch_predictions(model, tokenizer, split: Split, batch_size: int = 64) -> list[int]:
+    """The model's predicted label of every item of ``split``, in order."""
+    return torch_logits(model, tokenizer, split.inputs, batch_size).argmax(axis=1).tolist()
+
+
 def evaluate_torch(model, tokenizer, split: Split, metric: str, batch_size: int = 64) -> float:
-    preds = torch_logits(model, tokenizer, split.inputs, batch_size).argmax(axis=1).tolist()
-    return metric_value(metric, split.labels, preds)
+    return metric_value(metric, split.labels, torch_predictions(model, tokenizer, split, batch_size))

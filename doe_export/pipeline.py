@@ -18,9 +18,11 @@ from .console import Timer, log
 from .errors import ConfigError
 from .flops import report_bound
 from .loading import LoadedModel, fast_tokenizer, load_model
+from .rate_search import search_rate
 from .specs import DEFAULT_TASKS, BuildConfig, LayerTypes, PruneSpec
 from .summary import BuiltTask, TaskResult, build_manifest, results_as_dicts, summary_table
 from .tasks import TaskData, UserTask, load_task
+from .uncertainty import Figures, build_figures
 
 __all__ = [
     "DEFAULT_TASKS",
@@ -64,7 +66,7 @@ def _expert(config: BuildConfig, dense_model, tokenizer, splits: stages.Splits, 
             dense_model, tokenizer, splits, config.prune, config.recovery, progress=config.progress, desc=f"[{task}]"
         )
         return expert, None, config.prune
-    found = stages.search_rate(
+    found = search_rate(
         dense_model,
         tokenizer,
         splits,
@@ -110,7 +112,8 @@ def build_task(config: BuildConfig, loaded: LoadedModel, data: TaskData, *, retu
             dense_model, tokenizer, splits, config.adapt, progress=config.progress, desc=f"[{task}] {config.adapt.mode}"
         )
     with timer.stage("evaluate"):
-        dense = evaluate.evaluate_torch(dense_model, tokenizer, splits.test, data.metric)
+        dense_preds = evaluate.torch_predictions(dense_model, tokenizer, splits.test)
+        dense = evaluate.metric_value(data.metric, splits.test.labels, dense_preds)
     log(
         f"[{task}] dense {config.adapt.mode}-adapted model: {data.metric} {dense:.4f} on {len(splits.test)} test "
         f"examples ({adapt_record['seconds']:.0f}s)"
@@ -123,8 +126,16 @@ def build_task(config: BuildConfig, loaded: LoadedModel, data: TaskData, *, retu
     with timer.stage("export"), BundleWriter(config.out_dir, task) as writer:
         exported = stages.export(expert.model, writer.folder, tokenizer, splits, config.export)
         tokenizer.save(str(writer.folder / "tokenizer.json"))
+        figures = build_figures(
+            data.metric,
+            splits.test.labels,
+            dense_preds,
+            exported.preds,
+            seed=prune.seed,
+            tolerance=(config.max_loss if config.max_loss is not None else 1.0) / 100,
+        )
         built = BuiltTask(
-            replace(config, prune=prune), loaded, data, splits, expert, dense, adapt_record, exported, search
+            replace(config, prune=prune), loaded, data, splits, expert, dense, adapt_record, exported, search, figures
         )
         writer.write_manifest(build_manifest(built, writer.folder))
     validation = exported.validation
@@ -134,6 +145,7 @@ def build_task(config: BuildConfig, loaded: LoadedModel, data: TaskData, *, retu
         f"{validation['shapes']}; ORT {data.metric} {exported.metric_onnx:.4f}; precisions {precisions}"
         + (f"; left out: {exported.rejected}" if exported.rejected else "")
     )
+    _log_figures(task, figures, served="int8" if "int8" in exported.preds else "fp32")
     report, backbone = expert.report, expert.model.backbone.config
     result = TaskResult(
         task,
@@ -156,8 +168,27 @@ def build_task(config: BuildConfig, loaded: LoadedModel, data: TaskData, *, retu
         report_bound(backbone.hidden_size, report, 128 + expert.model.prompt_length),
         dict(timer.seconds),
         dict(exported.rejected),
+        figures.to_json(),
+        figures.cell("int8" if "int8" in exported.preds else "fp32"),
+        figures.learned,
     )
     return (result, dense_model, expert.model) if return_models else result
+
+
+def _log_figures(task: str, figures: Figures, served: str) -> None:
+    iv = figures.against_dense[served]
+    log(
+        f"[{task}] {served} expert - dense: {iv.points()} points ({100 * iv.level:.0f}% paired bootstrap over "
+        f"{iv.items} test items, {iv.resamples} resamples, seed {iv.seed}); within {100 * figures.tolerance:g} "
+        f"point(s): {iv.verdict(figures.tolerance) if figures.learned else 'no verdict'}"
+    )
+    if not figures.learned:
+        majority = figures.against_majority
+        log(
+            f"[{task}] WARNING: the dense model is not shown to have learned the task: it beats always answering "
+            f"the most frequent label by {majority.points()} points, an interval that reaches 0; its expert's "
+            "figures are no pruning result (train longer or on more data: --max-train, --epochs)"
+        )
 
 
 def plan_training(config: BuildConfig, loaded: LoadedModel, data: TaskData) -> BuildConfig:
@@ -193,15 +224,58 @@ def plan_training(config: BuildConfig, loaded: LoadedModel, data: TaskData) -> B
     return replace(config, data=replace(spec_data, max_train=chosen))
 
 
+def plan_dev(config: BuildConfig, data: TaskData) -> tuple[BuildConfig, TaskData]:
+    """With ``max_loss``: a dev split large enough to resolve the budget (:func:`uncertainty.dev_items_for`),
+    the task's own dev split topped up from the end of train (items the training never sees while
+    ``max_train`` leaves them out; else train gives them up, down to MIN_TRAIN). A budget the data cannot
+    resolve is an error here, before anything trains, with the dev size it would need."""
+    from .tasks import Split
+    from .uncertainty import MIN_TRAIN, dev_items_for, resolvable_points
+
+    if config.max_loss is None:
+        return config, data
+    if not config.max_loss > 0:
+        raise ConfigError("--max-loss 0 cannot be resolved by any dev split (every rate loses something); give > 0")
+    needed = dev_items_for(config.max_loss)
+    extra = max(0, needed - len(data.dev))
+    spare = len(data.train) - MIN_TRAIN
+    if extra and extra > spare:
+        have = len(data.dev) + max(spare, 0)
+        raise ConfigError(
+            f"task {data.name!r}: --max-loss {config.max_loss:g} needs a dev split of {needed:,} items to resolve "
+            f"{config.max_loss:g} point(s) (95% interval half-width <= half the budget); the task has {len(data.dev):,} "
+            f"dev and {len(data.train):,} train items, so at most {have:,} (keeping {MIN_TRAIN} to train): the "
+            f"smallest budget its data resolve is {resolvable_points(have):.1f} points. Raise --max-loss or give "
+            "more data (--user-task)"
+        )
+    train, dev = data.train, data.dev
+    if extra:
+        cut = len(train) - extra
+        dev = Split(
+            f"{dev.name} + {extra:,} items carved from the end of train",
+            [*dev.inputs, *train.inputs[cut:]],
+            [*dev.labels, *train.labels[cut:]],
+        )
+        train = Split(train.name, train.inputs[:cut], train.labels[:cut])
+    used = len(train) if config.data.max_train is None else min(config.data.max_train, len(train))
+    log(
+        f"[{data.name}] --max-loss {config.max_loss:g}: dev split of {needed:,} items ({dev.name}) so its 95% "
+        f"interval resolves the budget; {used:,} training examples"
+    )
+    return replace(config, data=replace(config.data, max_dev=needed)), replace(data, train=train, dev=dev)
+
+
 def build(config: BuildConfig, user_tasks: dict[str, UserTask] | None = None) -> list[TaskResult]:
     start = time.perf_counter()
     # Load (and validate) every task's data before any training starts: bad input fails fast.
     datasets = [
         load_task(task, config.data.seed, config.data_dir, config.cache_dir, user_tasks) for task in config.tasks
     ]
+    planned = [plan_dev(config, data) for data in datasets]  # accuracy budgets checked before the model loads
+    datasets = [data for _, data in planned]
     log(f"loading model {config.model}")
     loaded = load_model(config.model)
-    plans = [plan_training(config, loaded, data) for data in datasets]  # budgets checked before training
+    plans = [plan_training(plan, loaded, data) for plan, data in planned]  # time budgets checked before training
     for plan, data in zip(plans, datasets):
         check_task(plan, loaded, data)
     results = [build_task(plan, loaded, data) for plan, data in zip(plans, datasets)]

@@ -20,14 +20,13 @@ from __future__ import annotations
 import copy
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from . import adapt as adapt_loop
 from . import attribution, evaluate, scorers
 from . import prune as surgery
-from .console import log
 from .errors import ConfigError
 from .records import spec_key
 from .specs import (
@@ -75,6 +74,7 @@ class Score:
     test: float
     dev: float | None = None
     details: dict[str, float] = field(default_factory=dict)
+    dev_preds: tuple[int, ...] | None = None  # the labels behind ``dev`` (the rate search's intervals)
 
     def to_json(self) -> dict:
         return {"metric": self.metric, "test": self.test, "dev": self.dev, **self.details}
@@ -85,8 +85,12 @@ def scorer(tokenizer, splits: Splits, *, dev: bool = False) -> Callable[[Any], S
 
     def score(model) -> Score:
         test = evaluate.evaluate_torch(model, tokenizer, splits.test, splits.metric)
-        on_dev = evaluate.evaluate_torch(model, tokenizer, splits.dev, splits.metric) if dev else None
-        return Score(splits.metric, test, on_dev)
+        if not dev:
+            return Score(splits.metric, test)
+        preds = evaluate.torch_predictions(model, tokenizer, splits.dev)
+        return Score(
+            splits.metric, test, evaluate.metric_value(splits.metric, splits.dev.labels, preds), {}, tuple(preds)
+        )
 
     return score
 
@@ -268,92 +272,6 @@ def make_expert(
     return ExpertResult(model, found, report, record, before, score(model), seconds)
 
 
-@dataclass
-class RateSearch:
-    """The accuracy-budget search: the expert at the chosen rate (scored on dev and test) and every
-    rate tried with its dev metric."""
-
-    expert: ExpertResult
-    record: dict
-    rate: float
-
-
-def search_rate(
-    dense,
-    tokenizer,
-    data: Splits,
-    prune_spec: PruneSpec,
-    recovery_spec: RecoverySpec,
-    *,
-    max_loss: float,
-    rates: tuple[float, ...] = SEARCH_RATES,
-    progress: bool = True,
-    desc: str = "expert",
-) -> RateSearch:
-    """The expert at the largest rate in ``rates`` whose dev metric after recovery is at most
-    ``max_loss`` points (x100) below the dense model's dev metric. Searched on dev only (never test),
-    by bisection over the sorted rates (the metric falls with the rate); the attribution pass is
-    shared by every try. With heads removed and no fixed head rate, heads follow the same rate.
-    Raises ConfigError with the dev metric of every rate tried when none is within the budget."""
-    if not max_loss >= 0:
-        raise ConfigError(f"--max-loss must be >= 0 points, got {max_loss}")
-    rates = tuple(sorted(set(rates)))
-    if not rates or not all(0 < r < 1 for r in rates):
-        raise ConfigError(f"search rates must be in (0, 1), got {rates}")
-    score = scorer(tokenizer, data, dev=True)  # dev decides; test is only reported for the chosen rate
-    dense_dev = evaluate.evaluate_torch(dense, tokenizer, data.dev, data.metric)
-    stats = calibration_stats(dense, tokenizer, data.train, prune_spec, progress=progress)
-    tried: dict[float, ExpertResult] = {}
-
-    def dev_of(rate: float) -> float:
-        dev = tried[rate].after.dev
-        assert dev is not None  # scored with dev=True above
-        return dev
-
-    def attempt(rate: float) -> bool:
-        result = make_expert(
-            dense,
-            tokenizer,
-            data,
-            replace(prune_spec, rate=rate),
-            recovery_spec,
-            progress=progress,
-            desc=f"{desc} p={rate:g}",
-            stats=stats,
-            score=score,
-        )
-        tried[rate] = result
-        log(
-            f"{desc} rate search: p={rate:g} dev {data.metric} {dev_of(rate):.4f} (dense {dense_dev:.4f}, budget "
-            f"{max_loss:g} points)"
-        )
-        return 100 * (dense_dev - dev_of(rate)) <= max_loss + 1e-9  # float noise of x100
-
-    low, high = -1, len(rates)  # invariant: rates[low] passes (or low = -1), rates[high] fails (or len)
-    while high - low > 1:
-        middle = (low + high) // 2
-        if attempt(rates[middle]):
-            low = middle
-        else:
-            high = middle
-    record = {
-        "max_loss_points": max_loss,
-        "split": data.dev.name,
-        "dense_dev": dense_dev,
-        "tried": [{"rate": r, "dev": dev_of(r)} for r in sorted(tried)],
-        "chosen_rate": rates[low] if low >= 0 else None,
-        "candidates": list(rates),
-    }
-    if low < 0:
-        found = ", ".join(f"p={r:g}: {dev_of(r):.4f}" for r in sorted(tried))
-        raise ConfigError(
-            f"{desc}: --max-loss {max_loss:g}: no pruning rate kept the dev {data.metric} within {max_loss:g} points "
-            f"of the dense model's {dense_dev:.4f} ({found}); raise --max-loss, give smaller rates, or train the "
-            "dense model longer"
-        )
-    return RateSearch(tried[rates[low]], record, rates[low])
-
-
 # ----------------------------------------------------------------------------- export
 
 
@@ -363,6 +281,8 @@ class Exported:
     validation: dict  # the fp32 graph against PyTorch at the validation shapes
     metric_onnx: float  # the fp32 graph's metric on the test split
     rejected: dict  # precision -> why a variant was not written
+    # the test split's predicted labels: "expert" (PyTorch), "fp32" (the ONNX graph), and each variant written
+    preds: dict = field(default_factory=dict)
 
 
 def export(model, folder: Path, tokenizer, data: Splits, spec: ExportSpec) -> Exported:
@@ -413,9 +333,11 @@ def export(model, folder: Path, tokenizer, data: Splits, spec: ExportSpec) -> Ex
         "quality": {"metric": data.metric, "value": metric_onnx, "split_size": len(test)},
         "session": {"CPUExecutionProvider": {"disabled_optimizers": disabled}} if disabled else {},
     }
+    preds = {"expert": expected.argmax(1).tolist(), "fp32": fp32_logits.argmax(1).tolist()}
+    preds.update({precision: entry.pop("_preds") for precision, entry in written.items()})
     if written:
         section["variants"] = written
-    return Exported(section, validation, metric_onnx, rejected)
+    return Exported(section, validation, metric_onnx, rejected, preds)
 
 
 __all__ = [
@@ -427,7 +349,6 @@ __all__ = [
     "ExportSpec",
     "Exported",
     "PruneSpec",
-    "RateSearch",
     "RecoverySpec",
     "Score",
     "Splits",
@@ -440,6 +361,5 @@ __all__ = [
     "prune",
     "recover",
     "scorer",
-    "search_rate",
     "spec_key",
 ]

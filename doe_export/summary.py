@@ -35,6 +35,9 @@ class TaskResult:
     bound_128: float = 1.0  # FLOP bound of the expert's widths and heads at 128 tokens
     seconds: dict[str, float] = field(default_factory=dict)
     left_out: dict[str, str] = field(default_factory=dict)  # precision -> why its variant was not written
+    uncertainty: dict = field(default_factory=dict)  # uncertainty.Figures.to_json(): intervals against dense
+    served_vs_dense: str = ""  # the CPU-served form against dense, with its interval and verdict (a table cell)
+    dense_learned: bool = True  # the dense model beats the majority answer beyond its interval
 
 
 @dataclass(frozen=True)
@@ -50,6 +53,7 @@ class BuiltTask:
     adapt_record: dict
     exported: Any  # stages.Exported
     search: dict | None = None  # the accuracy-budget search, when the rate was searched
+    figures: Any = None  # uncertainty.Figures: the intervals of every form against the dense model
 
 
 def _quality(built: BuiltTask) -> dict:
@@ -67,6 +71,9 @@ def _quality(built: BuiltTask) -> dict:
         quality[f"expert_onnx_{precision}"] = variant["quality"]["value"]
     if exported.rejected:
         quality["variants_left_out"] = exported.rejected
+    if built.figures is not None:
+        quality.update(built.figures.to_json())
+        quality["dense_learned"] = built.figures.learned
     return quality
 
 
@@ -156,6 +163,7 @@ def summary_table(results: list[TaskResult]) -> str:
         "dense",
         "expert",
         "expert ORT",
+        "served - dense, points (95% CI)",
         "no-recovery",
         "rate (bound@128)",
         "params (M)",
@@ -176,6 +184,7 @@ def summary_table(results: list[TaskResult]) -> str:
                 f"{r.dense:.4f}",
                 f"{r.expert:.4f}",
                 f"{r.expert_onnx:.4f}",
+                r.served_vs_dense or "—",
                 f"{r.pruned_no_recovery:.4f}",
                 f"{r.rate:g} (x{r.bound_128:.2f})",
                 f"{r.params_before / 1e6:.2f} -> {r.params_after / 1e6:.2f}",

@@ -216,6 +216,7 @@ def split_check(
         "value": value,
         "pytorch_value": ref,
         "problems": problems,
+        "_preds": preds.tolist(),  # the build's intervals against the dense model (not written to the manifest)
     }
 
 
@@ -370,12 +371,13 @@ def _entry(precision: str, recipe: str, folder: Path, outcome: tuple, *, checks:
         "io_types": "int64 inputs, float32 logits (as the fp32 graph)",
         **({"form": form} if form else {}),
         "validation": {
-            "test_split": {k: v for k, v in check.items() if k != "problems"},
+            "test_split": {k: v for k, v in check.items() if k not in ("problems", "_preds")},
             **({"shapes": shapes} if shapes else {}),
             **({"recipes_failed": reasons} if reasons else {}),
         },
         "quality": {"metric": checks.metric, "value": check["value"], "split_size": check["size"]},
         "speed": {},
+        "_preds": check["_preds"],  # popped by stages.export before the manifest is written
     }
 
 

@@ -301,12 +301,17 @@ def test_quick_replace_records_are_complete(tmp_path):
         assert set(r["speedup_vs"]) == {"plain dense fp32", "plain dense int8"}
         assert r["extra_positions"] == 0 and r["split_size"] == 24
         assert ("bound" in r) == r["candidate"].startswith("expert")
+        interval = r["vs_dense"]  # served metric - dense PyTorch, paired over the same 24 items
+        assert interval["value"] == pytest.approx(r["value"] - r["dense_pytorch"]) and interval["items"] == 24
+        assert interval["low"] <= interval["value"] <= interval["high"]
+        assert interval["within"]["verdict"] in ("met", "not resolved", "missed")
     by = {r["candidate"]: r for r in rows if r["condition"] == "real" and r["items"] == 8 and r["threads"] == 1}
     assert by["plain dense fp32"]["speedup_vs"]["plain dense fp32"]["median"] == 1.0
     assert by["plain dense int8"]["served_precision"] == "int8" and by["expert fp32"]["served_precision"] == "fp32"
     assert by["expert int8 static"]["served_precision"] == "int8 static QDQ"
     report = (out / "replace.md").read_text()
     assert "Verdict" in report and "plain dense int8" in report and _png(out / "replace.png")
+    assert "95% interval [" in report and "within 1 point: " in report
 
 
 def test_quick_memory_suite_shares_the_backbone(tmp_path):

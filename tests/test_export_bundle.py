@@ -60,6 +60,29 @@ def test_manifest_records_the_contract(bundles):
     assert verify_files(root / "toy-single", manifest)
 
 
+def test_every_form_of_the_expert_carries_its_interval_against_dense(bundles):
+    """quality: each form (PyTorch, ONNX fp32, every variant) minus dense with a paired bootstrap interval;
+    the dense model against the majority answer; a verdict only where the dense model learned the task."""
+    root, results = bundles
+    for task in ("toy-single", "toy-pair"):
+        quality, result = read_manifest(root / task).quality, results[task]
+        intervals = quality["expert_minus_dense"]
+        assert set(intervals) == {"expert", "fp32", *read_manifest(root / task).onnx.variants}
+        for interval in intervals.values():
+            assert interval["low"] <= interval["value"] <= interval["high"] and interval["items"] == 24
+            assert interval["level"] == 0.95 and interval["resamples"] == 2000 and interval["seed"] == 0
+            assert ("within" in interval) == quality["dense_learned"]
+        assert intervals["expert"]["value"] == pytest.approx(quality["expert"] - quality["dense"])
+        assert intervals["fp32"]["value"] == pytest.approx(quality["expert_onnx"] - quality["dense"])
+        majority = quality["dense_minus_majority"]
+        assert majority["learned"] == quality["dense_learned"] == (majority["low"] > 0) == result.dense_learned
+        assert result.uncertainty["expert_minus_dense"] == intervals
+        served = "int8" if "int8" in intervals else "fp32"
+        assert result.served_vs_dense.startswith(served + " ")
+        if not result.dense_learned:  # 24 generated items: the tiny model may not beat the majority
+            assert result.served_vs_dense.endswith("dense NOT LEARNED")
+
+
 def test_manifest_for_is_pure_and_checked_by_the_reader(bundles):
     root, _ = bundles
     sections = {

@@ -8,7 +8,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-from doe_export import adapt, attribution, scorers, stages
+from doe_export import adapt, attribution, rate_search, scorers, stages
 from doe_export.errors import ConfigError
 from doe_export.loading import LoadedModel, fast_tokenizer
 from doe_export.records import to_json
@@ -253,24 +253,33 @@ def test_splits_cap_the_reporting_split_by_a_stratified_sample():
 
 def test_rate_search_bisects_on_dev_and_reports_every_try(tiny_backbone, hf_tokenizer, monkeypatch):
     from doe_export import evaluate
+    from doe_export.tasks import Split
 
     data = synthetic_task("toy")
     dense = stages.new_model(LoadedModel(tiny_backbone("bert"), hf_tokenizer, "t", "c", None), data, stages.AdaptSpec())
     splits = stages.Splits.of(data, stages.DataSpec(max_length=24))
+    labels = [i % 2 for i in range(20)]
+    splits = stages.Splits(
+        splits.train, Split("dev of 20", [f"text {i}" for i in range(20)], labels), splits.test, "accuracy"
+    )
+    dense_preds = [1 - y if i < 2 else y for i, y in enumerate(labels)]  # 0.90 on dev
     tokenizer = fast_tokenizer(hf_tokenizer, 24)
     calls = []
 
     def fake_expert(dense_, tokenizer_, data_, prune_spec, recovery_spec, **options):
         calls.append(prune_spec.rate)
         dev = 0.90 - 0.1 * prune_spec.rate  # the metric falls with the rate: p=0.5 loses 5 points
-        before, after = stages.Score("accuracy", dev - 0.01, dev), stages.Score("accuracy", dev - 0.02, dev)
+        flips = round((0.90 - dev) * 20)  # answers of the dense model this expert changes (to wrong ones)
+        preds = tuple(1 - y if 2 <= i < 2 + flips else p for i, (y, p) in enumerate(zip(labels, dense_preds)))
+        before = stages.Score("accuracy", dev - 0.01, dev)
+        after = stages.Score("accuracy", dev - 0.02, dev, dev_preds=preds)
         return stages.ExpertResult("model", None, {}, {}, before, after)
 
-    monkeypatch.setattr(stages, "make_expert", fake_expert)
-    monkeypatch.setattr(evaluate, "evaluate_torch", lambda *args, **kwargs: 0.90)  # the dense model on dev
+    monkeypatch.setattr(rate_search, "make_expert", fake_expert)
+    monkeypatch.setattr(evaluate, "torch_predictions", lambda *args, **kwargs: dense_preds)  # the dense model on dev
 
     def search(max_loss):
-        return stages.search_rate(
+        return rate_search.search_rate(
             dense,
             tokenizer,
             splits,
@@ -281,10 +290,16 @@ def test_rate_search_bisects_on_dev_and_reports_every_try(tiny_backbone, hf_toke
         )
 
     found = search(5.0)
-    assert found.rate == 0.5 and found.expert.after == stages.Score("accuracy", 0.83, 0.85)
+    assert found.rate == 0.5 and (found.expert.after.test, found.expert.after.dev) == (0.83, 0.85)
     assert calls == [0.5, 0.8, 0.65]  # bisection over 0.2 .. 0.9: 3 tries, not 6
     assert found.record["dense_dev"] == 0.90 and [t["rate"] for t in found.record["tried"]] == [0.5, 0.65, 0.8]
     assert found.record["chosen_rate"] == 0.5 and found.record["split"] == splits.dev.name
+    assert found.record["dev_items"] == 20
+    chosen = next(t for t in found.record["tried"] if t["rate"] == 0.5)
+    # p=0.5 changes 1 of the 20 dense answers to a wrong one: -5 points, paired interval around it
+    assert chosen["disagreement"] == 0.05 and chosen["vs_dense"]["value"] == pytest.approx(-0.05)
+    assert chosen["vs_dense"]["low"] <= -0.05 <= chosen["vs_dense"]["high"] <= 0
+    assert chosen["vs_dense"]["within"]["points"] == 5.0
     with pytest.raises(ConfigError, match=r"no pruning rate kept the dev accuracy within 1 points .*p=0.2: 0.8800"):
         search(1.0)
     with pytest.raises(ConfigError, match="--max-loss must be >= 0"):
@@ -338,3 +353,44 @@ def test_train_budget_sizes_the_training_split_or_refuses_before_training(tiny_b
     with pytest.raises(ConfigError, match=r"fits 4 training examples per epoch \(2.0 examples/s .*fewer than the 16"):
         plan_training(budget(0.1, max_train=2000), loaded, data)
     assert plan_training(BuildConfig(), loaded, data) == BuildConfig()  # no budget: untouched
+
+
+def test_max_loss_sizes_the_dev_split_from_train_or_refuses_before_training(capsys):
+    from doe_export.pipeline import plan_dev
+    from doe_export.tasks import Split, TaskData
+    from doe_export.uncertainty import dev_items_for, resolvable_points
+
+    def task(train: int, dev: int) -> TaskData:
+        split = lambda name, n: Split(name, [f"{name} {i}" for i in range(n)], [i % 2 for i in range(n)])  # noqa: E731
+        return TaskData(
+            "t",
+            "single",
+            ["a", "b"],
+            "accuracy",
+            split("train", train),
+            split("dev", dev),
+            split("test", 50),
+            "generated",
+        )
+
+    needed = dev_items_for(1.0)
+    assert needed == 4610 and dev_items_for(2.0) == 1153 and resolvable_points(needed) <= 1.0
+    config, data = plan_dev(BuildConfig(max_loss=1.0), task(8000, 100))
+    assert len(data.dev) == config.data.max_dev == needed and len(data.train) == 8000 - (needed - 100)
+    assert (
+        data.dev.inputs[:100] == [f"dev {i}" for i in range(100)] and data.dev.inputs[100] == f"train {len(data.train)}"
+    )
+    assert not set(data.dev.inputs) & set(data.train.inputs) and "carved from the end of train" in data.dev.name
+    untouched = task(100, 5000)
+    assert plan_dev(BuildConfig(max_loss=1.0), untouched)[1].dev is untouched.dev  # big enough already
+    assert plan_dev(BuildConfig(), untouched) == (BuildConfig(), untouched)  # no budget: nothing changes
+    with pytest.raises(
+        ConfigError, match=r"needs a dev split of 4,610 items .* smallest budget its data resolve is 2\.0 points"
+    ):
+        plan_dev(BuildConfig(max_loss=1.0), task(1529, 170))
+    with pytest.raises(ConfigError, match="--max-loss 0 cannot be resolved"):
+        plan_dev(BuildConfig(max_loss=0.0), task(8000, 100))
+    from doe_export.cli import main
+
+    assert main(["build", "--tasks", "bbc-news", "--max-loss", "1", "--out", "/nonexistent/never"]) == 2
+    assert "needs a dev split of 4,610 items" in capsys.readouterr().err

@@ -82,7 +82,7 @@ def run_batching(config: SuiteConfig, work: Path, progress: bool) -> list[dict]:
     root, task, texts = _served(config, Path(work), progress)
     texts = texts[:256]
     requests = [(task, [text]) for text in texts]
-    reference = Router(root, device="cpu")  # the server's defaults: the shipped precision (int8 on CPU)
+    reference = Router(root)  # the server's defaults: its device and the precision it serves there
     expected = [[p.label_id for p in reference.predict(task, [text])] for text in texts]
     info = reference.info(task)
     del reference

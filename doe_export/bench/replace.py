@@ -94,11 +94,15 @@ def _static_bundle(root: Path, shipped: Path, tokenizer, train, batches: int) ->
     return _side_bundle(root, shipped, "int8-static", graph, dense=False)
 
 
-def _served_metric(router, task: str, test, metric: str) -> float:
+def _served_quality(router, task: str, ctx: _Task, seed: int) -> tuple[float, dict]:
+    """A candidate's metric as served on the whole reporting split, and its paired bootstrap interval against
+    the dense PyTorch model (with the within-1-point verdict)."""
     from .. import evaluate
+    from ..uncertainty import paired_bootstrap
 
-    preds = [p.label_id for p in router.predict(task, test.inputs)]
-    return evaluate.metric_value(metric, test.labels, preds)
+    preds = [p.label_id for p in router.predict(task, ctx.test.inputs)]
+    interval = paired_bootstrap(ctx.metric, ctx.test.labels, ctx.dense_preds, preds, seed=seed)
+    return evaluate.metric_value(ctx.metric, ctx.test.labels, preds), interval.to_json(0.01)
 
 
 def _fixed_feeds(tokenizer, texts: list, batch: int, tokens: int) -> dict | None:
@@ -127,11 +131,12 @@ class _Task:
     result: Any  # the build's TaskResult
     build_seconds: float
     folders: dict[str, Path]
+    dense_preds: list[int]  # the dense PyTorch model's labels on ``test``: every interval is paired with them
 
 
 def _prepare(config: SuiteConfig, bench: Workbench, task: str) -> tuple[_Task, Any]:
     """Build the task's bundle exactly as `doe build` does, then the plain and static-int8 candidates beside it."""
-    from .. import stages
+    from .. import evaluate, stages
     from ..loading import fast_tokenizer
     from ..pipeline import build_task
 
@@ -148,8 +153,18 @@ def _prepare(config: SuiteConfig, bench: Workbench, task: str) -> tuple[_Task, A
     folders = _plain_bundles(root, shipped, dense, tokenizer, splits.test)
     folders["int8-static"] = _static_bundle(root, shipped, tokenizer, splits.train, 2 if config.tiny else 32)
     manifest = json.loads((shipped / "manifest.json").read_text())
+    dense_preds = evaluate.torch_predictions(dense, tokenizer, splits.test)
     return _Task(
-        task, root, splits.test, data.metric, build.data.max_length, manifest, result, build_seconds, folders
+        task,
+        root,
+        splits.test,
+        data.metric,
+        build.data.max_length,
+        manifest,
+        result,
+        build_seconds,
+        folders,
+        dense_preds,
     ), tokenizer
 
 
@@ -204,9 +219,11 @@ def run_replace(config: SuiteConfig, bench: Workbench) -> list[dict]:
         ctx, _ = _prepare(config, bench, task)
         for threads in sorted({1, max(1, os.cpu_count() or 1)}):
             routers = _routers(ctx, threads)
-            values = {name: _served_metric(r, t, ctx.test, ctx.metric) for name, (r, t) in routers.items()}
+            quality = {name: _served_quality(r, t, ctx, config.seed) for name, (r, t) in routers.items()}
+            values = {name: value for name, (value, _) in quality.items()}
+            vs_dense = {name: interval for name, (_, interval) in quality.items()}
             served = routers["expert (shipped)"][0].info(task)
-            shared = dict(ctx=ctx, threads=threads, values=values, served=served)
+            shared = dict(ctx=ctx, threads=threads, values=values, served=served, vs_dense=vs_dense)
             for items in (1, 8):
                 times, stats = _time_real(ctx, routers, items, config.tiny)
                 records += [
@@ -284,6 +301,7 @@ def _record(
     times: dict,
     values: dict,
     served: dict,
+    vs_dense: dict,
     extra: dict,
 ) -> dict:
     latencies = times[name]
@@ -304,6 +322,7 @@ def _record(
         "speedup_vs": {base: common.quantiles(common.ratios(times, base, name)) for base in BASES},
         "metric": ctx.metric,
         "value": values[name],
+        "vs_dense": vs_dense[name],  # value - dense PyTorch, paired bootstrap interval, within-1-point verdict
         "split": ctx.test.name,
         "split_size": len(ctx.test),
         "served_precision": served["precision"]

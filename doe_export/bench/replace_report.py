@@ -92,8 +92,7 @@ def _verdict(rows) -> list[str]:
         + (f"; left out: {first['left_out']}" if first.get("left_out") else "")
         + ".",
         "",
-        f"- metric: shipped {100 * value:.1f} vs dense {100 * first['dense_pytorch']:.1f}: {abs(loss):.1f} points "
-        f"{'below' if loss > 0 else 'above'} — {'met' if loss <= 1.0 else 'missed'}",
+        _metric_verdict(shipped_rows[0], value, first["dense_pytorch"], loss),
     ]
     mark = lambda ratio: f"x{ratio:.3f} ({'met' if ratio >= 1.5 else 'missed'})"  # noqa: E731
     for r in shipped_rows:
@@ -146,3 +145,20 @@ def _pareto(rows, out_dir: Path) -> Path | None:
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
+
+
+def _metric_verdict(row: dict, value: float, dense: float, loss: float) -> str:
+    """The metric line: the point difference, its 95 % paired bootstrap interval and what the interval allows
+    (records written before intervals existed: the point difference alone)."""
+    interval = row.get("vs_dense")
+    if not interval:
+        return (
+            f"- metric: shipped {100 * value:.1f} vs dense {100 * dense:.1f}: {abs(loss):.1f} points "
+            f"{'below' if loss > 0 else 'above'} — {'met' if loss <= 1.0 else 'missed'}"
+        )
+    low, high = 100 * interval["low"], 100 * interval["high"]
+    return (
+        f"- metric: shipped {100 * value:.1f} vs dense {100 * dense:.1f}: {-loss:+.1f} points, 95% interval "
+        f"[{low:+.1f}, {high:+.1f}] ({interval['method']}, {interval['resamples']} resamples, seed "
+        f"{interval['seed']}) — within 1 point: {interval['within']['verdict']}"
+    )

@@ -40,6 +40,7 @@ FIELDS: dict[str, tuple[type, str]] = {
     "rates": (GridConfig, "rates"),
     "max_work": (GridConfig, "max_work"),
     "fused": (GridConfig, "fused"),
+    "replace_tasks": (SuiteConfig, "replace_tasks"),
     "batching_task": (SuiteConfig, "batching_task"),
     "batching_connections": (SuiteConfig, "batching_connections"),
     "batching_waits": (SuiteConfig, "batching_waits_ms"),
@@ -111,6 +112,7 @@ def _add_suite_options(g: argparse.ArgumentParser) -> None:
 
 
 def _add_batching_options(g: argparse.ArgumentParser) -> None:
+    g.add_argument("--replace-tasks", default=_default("replace_tasks"), help="replace: comma-separated tasks")
     g.add_argument("--batching-task", default=_default("batching_task"), help="batching: the single-text task served")
     g.add_argument(
         "--bundles",
@@ -272,6 +274,7 @@ def suite_config(args: argparse.Namespace) -> SuiteConfig:
         load_big_request=args.load_big_request,
         load_engines=engines,
         load_memory_arena=not args.load_no_arena,
+        replace_tasks=names(args.replace_tasks),
         batching_task=args.batching_task,
         batching_bundles=args.bundles,
         batching_connections=numbers(args.batching_connections),

@@ -307,6 +307,13 @@ class Router:
         bundle (loaded if needed); an InputError names the first item that does not fit."""
         return self._expert(task).check_inputs(inputs)
 
+    def check_resident(self, task: str, inputs: Sequence[Any]) -> list | None:
+        """``check`` against the task's resident expert, without looking for a rebuilt bundle (no file access:
+        fit for an event loop); None when the task is not resident."""
+        with self._lock:
+            expert = self._resident.get(task)
+        return None if expert is None else expert.check_inputs(inputs)
+
     def predict(self, task: str, inputs: Sequence[Any], *, stats: dict | None = None) -> list[Prediction]:
         """Labels and probabilities for ``inputs`` (texts, or (text_a, text_b) pairs), in order.
 

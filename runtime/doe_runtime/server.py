@@ -289,6 +289,12 @@ def create_app(
         device=device,
     )
     batching = batching_options(batch_wait_ms, max_batch_items, device)
+    if batching and device == "cpu" and predictor is None:
+        # merged calls run one at a time on every core unless told otherwise: two concurrent merged calls on
+        # one session contended on 2 cores (p99 x5 at 64 connections, docs/results.md)
+        limit = limit if max_concurrency is not None else 1
+        if router_options.get("intra_op_threads") is None:
+            router_options["intra_op_threads"] = os.cpu_count() or 1
     router = router or Router(root, auto_reload=True, **router_options)
     admission = Admission(limit, max_queue)
     states = predictor.states if predictor is not None else (lambda: {"local": router_state(router)})

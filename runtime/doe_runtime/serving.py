@@ -157,7 +157,10 @@ class Predictions:
 
         self.admission.waiting += 1  # at once (no await since the shed check), so the queue bound holds
         try:  # checked alone before it joins: a bad item fails its own request, never its batch's neighbours
-            checked = await run_in_threadpool(self.router.check, task, items)
+            # on the loop when the expert is resident (no thread hop per request); else loaded in a thread
+            checked = self.router.check_resident(task, items)
+            if checked is None:
+                checked = await run_in_threadpool(self.router.check, task, items)
         except (DoeRuntimeError, OSError) as exc:
             self.admission.waiting -= 1
             return self._failure(task, exc)

@@ -206,7 +206,7 @@ def test_batching_options_out_of_range_are_refused(bundles, options, words):
 
 
 def test_batching_defaults_and_off(bundles, capsys):
-    assert batching_options(None, None, "cpu") == {"wait_s": pytest.approx(0.002), "max_items": 64}
+    assert batching_options(None, None, "cpu") == {"wait_s": pytest.approx(0.002), "max_items": 8}
     assert batching_options(0, None, "cuda") is None
     assert batching_options(None, None, "cuda")["max_items"] == 128
     assert main(["serve", str(bundles), "--batch-wait-ms", "2000"]) == 2

@@ -1,0 +1,133 @@
+"""The accuracy-budget search (``doe build --max-loss``): the largest pruning rate whose expert stays within
+the budget on dev, each rate tried recorded with its paired bootstrap interval against the dense model."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Any
+
+import numpy as np
+
+from . import evaluate
+from .console import log
+from .errors import ConfigError
+from .specs import SEARCH_RATES, PruneSpec, RecoverySpec
+from .stages import ExpertResult, Splits, calibration_stats, make_expert, scorer
+from .uncertainty import paired_bootstrap
+
+
+@dataclass
+class RateSearch:
+    """The accuracy-budget search: the expert at the chosen rate (scored on dev and test) and every
+    rate tried with its dev metric."""
+
+    expert: ExpertResult
+    record: dict
+    rate: float
+
+
+def search_rate(
+    dense,
+    tokenizer,
+    data: Splits,
+    prune_spec: PruneSpec,
+    recovery_spec: RecoverySpec,
+    *,
+    max_loss: float,
+    rates: tuple[float, ...] = SEARCH_RATES,
+    progress: bool = True,
+    desc: str = "expert",
+) -> RateSearch:
+    """The expert at the largest rate in ``rates`` whose dev metric after recovery is at most
+    ``max_loss`` points (x100) below the dense model's dev metric. Searched on dev only (never test),
+    by bisection over the sorted rates (the metric falls with the rate); the attribution pass is
+    shared by every try. With heads removed and no fixed head rate, heads follow the same rate.
+    Raises ConfigError with the dev metric of every rate tried when none is within the budget."""
+    if not max_loss >= 0:
+        raise ConfigError(f"--max-loss must be >= 0 points, got {max_loss}")
+    rates = tuple(sorted(set(rates)))
+    if not rates or not all(0 < r < 1 for r in rates):
+        raise ConfigError(f"search rates must be in (0, 1), got {rates}")
+    score = scorer(tokenizer, data, dev=True)  # dev decides; test is only reported for the chosen rate
+    dense_preds = evaluate.torch_predictions(dense, tokenizer, data.dev)
+    dense_dev = evaluate.metric_value(data.metric, data.dev.labels, dense_preds)
+    stats = calibration_stats(dense, tokenizer, data.train, prune_spec, progress=progress)
+    tried: dict[float, ExpertResult] = {}
+    intervals: dict[float, Any] = {}
+
+    def dev_of(rate: float) -> float:
+        dev = tried[rate].after.dev
+        assert dev is not None  # scored with dev=True above
+        return dev
+
+    def attempt(rate: float) -> bool:
+        result = make_expert(
+            dense,
+            tokenizer,
+            data,
+            replace(prune_spec, rate=rate),
+            recovery_spec,
+            progress=progress,
+            desc=f"{desc} p={rate:g}",
+            stats=stats,
+            score=score,
+        )
+        tried[rate] = result
+        intervals[rate] = paired_bootstrap(
+            data.metric, data.dev.labels, dense_preds, list(result.after.dev_preds or ()), seed=prune_spec.seed
+        )
+        log(
+            f"{desc} rate search: p={rate:g} dev {data.metric} {dev_of(rate):.4f} (dense {dense_dev:.4f}; expert - "
+            f"dense {intervals[rate].points()} points on {len(data.dev)} dev items; budget {max_loss:g} points)"
+        )
+        return 100 * (dense_dev - dev_of(rate)) <= max_loss + 1e-9  # float noise of x100
+
+    low, high = -1, len(rates)  # invariant: rates[low] passes (or low = -1), rates[high] fails (or len)
+    while high - low > 1:
+        middle = (low + high) // 2
+        if attempt(rates[middle]):
+            low = middle
+        else:
+            high = middle
+    chosen = rates[low] if low >= 0 else None
+    record = _record(
+        data, max_loss, dense=(dense_dev, dense_preds), tried=tried, intervals=intervals, chosen=chosen, rates=rates
+    )
+    if low < 0:
+        found = ", ".join(f"p={r:g}: {dev_of(r):.4f}" for r in sorted(tried))
+        raise ConfigError(
+            f"{desc}: --max-loss {max_loss:g}: no pruning rate kept the dev {data.metric} within {max_loss:g} points "
+            f"of the dense model's {dense_dev:.4f} ({found}); raise --max-loss, give smaller rates, or train the "
+            "dense model longer"
+        )
+    return RateSearch(tried[rates[low]], record, rates[low])
+
+
+def _record(data, max_loss: float, *, dense: tuple, tried: dict, intervals: dict, chosen, rates) -> dict:
+    """The manifest's ``pruning.search``: every rate tried with its dev metric, interval and disagreement."""
+    dense_dev, dense_preds = dense
+    return {
+        "max_loss_points": max_loss,
+        "split": data.dev.name,
+        "dense_dev": dense_dev,
+        "dev_items": len(data.dev),
+        "tried": [
+            {
+                "rate": r,
+                "dev": tried[r].after.dev,
+                "vs_dense": intervals[r].to_json(max_loss / 100),
+                "disagreement": _disagreement(dense_preds, tried[r].after.dev_preds),
+            }
+            for r in sorted(tried)
+        ],
+        "chosen_rate": chosen,
+        "candidates": list(rates),
+    }
+
+
+def _disagreement(dense: list[int], expert: tuple[int, ...] | None) -> float:
+    """Share of items two models label differently (what the dev split was sized for: DISAGREEMENT_PRIOR)."""
+    return float(np.mean(np.asarray(dense) != np.asarray(expert or ()))) if dense else 0.0
+
+
+__all__ = ["RateSearch", "search_rate"]

@@ -1,0 +1,63 @@
+"""Paired bootstrap intervals: each resample's metric is evaluate's own on the same items, intervals are
+reproducible from their seed, shrink with more items, and verdicts read them."""
+
+import numpy as np
+import pytest
+
+from doe_export import evaluate
+from doe_export.uncertainty import Interval, _confusions, _metric, majority_interval, paired_bootstrap
+
+
+# f1 is the binary task metric (MRPC): it is never asked of three classes
+@pytest.mark.parametrize(
+    ("metric", "classes"), [("accuracy", 2), ("accuracy", 3), ("f1", 2), ("matthews", 2), ("matthews", 3)]
+)
+def test_resampled_metrics_equal_evaluates_own(metric, classes):
+    rng = np.random.default_rng(1)
+    labels = rng.integers(0, classes, size=300)
+    preds = np.where(rng.random(300) < 0.7, labels, rng.integers(0, classes, size=300))
+    index = rng.integers(0, 300, size=(20, 300))
+    fast = _metric(metric, _confusions(labels, preds, index, classes))
+    slow = [evaluate.metric_value(metric, labels[i].tolist(), preds[i].tolist()) for i in index]
+    assert np.allclose(fast, slow)
+
+
+def test_interval_is_paired_reproducible_and_shrinks_with_items():
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 2, size=2000)
+    dense = np.where(rng.random(2000) < 0.85, labels, 1 - labels)
+    expert = np.where(rng.random(2000) < 0.97, dense, 1 - dense)  # flips 3 % of the dense answers
+    small = paired_bootstrap("accuracy", labels[:200].tolist(), dense[:200].tolist(), expert[:200].tolist(), seed=3)
+    again = paired_bootstrap("accuracy", labels[:200].tolist(), dense[:200].tolist(), expert[:200].tolist(), seed=3)
+    large = paired_bootstrap("accuracy", labels.tolist(), dense.tolist(), expert.tolist(), seed=3)
+    assert small == again and small.items == 200 and small.seed == 3 and small.resamples == 2000
+    assert small.low <= small.value <= small.high and large.low <= large.value <= large.high
+    assert large.high - large.low < small.high - small.low
+    want = evaluate.accuracy(labels.tolist(), expert.tolist()) - evaluate.accuracy(labels.tolist(), dense.tolist())
+    assert large.value == pytest.approx(want)
+    same = paired_bootstrap("accuracy", labels.tolist(), dense.tolist(), dense.tolist())
+    assert (same.value, same.low, same.high) == (0.0, 0.0, 0.0)  # paired: identical answers never differ
+
+
+def test_verdicts_read_the_interval():
+    make = lambda value, low, high: Interval(value, low, high, 0.95, 2000, 0, 400)  # noqa: E731
+    assert make(-0.002, -0.008, 0.004).verdict(0.01) == "met"
+    assert make(-0.005, -0.015, 0.004).verdict(0.01) == "not resolved"
+    assert make(-0.03, -0.04, -0.02).verdict(0.01) == "missed"
+    assert make(-0.002, -0.008, 0.004).points() == "-0.2 [-0.8, +0.4]"
+    assert make(0, 0, 0).to_json(0.01)["within"] == {"points": 1.0, "verdict": "met"}
+
+
+def test_a_model_answering_the_majority_is_not_learned():
+    labels = [0] * 70 + [1] * 30
+    chance = majority_interval("accuracy", labels, [0] * 100)
+    assert chance.value == 0 and chance.low <= 0
+    learned = majority_interval("accuracy", labels, labels)
+    assert learned.value == pytest.approx(0.3) and learned.low > 0
+
+
+def test_bad_input_is_refused():
+    with pytest.raises(ValueError, match="equal, non-empty"):
+        paired_bootstrap("accuracy", [0, 1], [0], [1, 1])
+    with pytest.raises(ValueError, match="no bootstrap for metric 'bleu'"):
+        paired_bootstrap("bleu", [0, 1], [0, 1], [1, 1])
