@@ -83,7 +83,9 @@ def render_batching(rows, cfg, intro, out_dir) -> list[str]:
         f"round-robin over {r0['texts']} test texts; {r0['seconds']:.0f} s measured after {r0['warmup_seconds']:.0f} s "
         "of warm-up per row. *Differing*: answers whose label is not `Router.predict`'s for that text alone. "
         "*Per call*: requests per model call, from the server's `/metrics`; *counted*: `doe_requests_total` over "
-        "the row against the answers the client got (a scrape mid-row must parse too).",
+        "the row against the answers the client got (a scrape mid-row must parse too). The header's intra-op "
+        "thread count is the suite's, not the server's: the server runs with its own defaults (with batching on "
+        "CPU: one merged call at a time on every core; off: one call per CPU at onnxruntime's default threads).",
         "",
         "| wait ms | connections | requests/s | p50 ms | p99 ms | in server p50 / p99 ms | /healthz p99 ms | "
         "errors | differing | shed | per call | counted / answered |",
