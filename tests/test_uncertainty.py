@@ -5,7 +5,14 @@ import numpy as np
 import pytest
 
 from doe_export import evaluate
-from doe_export.uncertainty import Interval, _confusions, _metric, majority_interval, paired_bootstrap
+from doe_export.uncertainty import (
+    Interval,
+    _confusions,
+    _metric,
+    build_figures,
+    majority_interval,
+    paired_bootstrap,
+)
 
 
 # f1 is the binary task metric (MRPC): it is never asked of three classes
@@ -61,3 +68,12 @@ def test_bad_input_is_refused():
         paired_bootstrap("accuracy", [0, 1], [0], [1, 1])
     with pytest.raises(ValueError, match="no bootstrap for metric 'bleu'"):
         paired_bootstrap("bleu", [0, 1], [0, 1], [1, 1])
+
+
+def test_a_form_checked_on_the_first_items_is_paired_on_those():
+    """The fp16 variant is checked on the first 300 test items on CPU: its interval pairs those items only."""
+    labels = [i % 2 for i in range(40)]
+    dense = list(labels)
+    figures = build_figures("accuracy", labels, dense, {"expert": dense, "fp16": dense[:10]}, seed=0, tolerance=0.01)
+    assert figures.against_dense["expert"].items == 40 and figures.against_dense["fp16"].items == 10
+    assert figures.learned and figures.cell("fp16") == "fp16 +0.0 [+0.0, +0.0] met"
