@@ -1,6 +1,8 @@
 """`doe bench --quick` runs the real suite code on a tiny model; records must be complete and
 well-formed. No time is asserted (speed claims live in benchmark reports, not in tests)."""
 
+from pathlib import Path
+
 import pytest
 
 from doe_export.bench import common, grid
@@ -338,3 +340,14 @@ def test_quick_load_suite_with_the_ray_engine(tmp_path):
     assert ray_row["requests"] > 0 and ray_row["errors"] == 0 and ray_row["mismatches"] == 0
     assert ray_row["rss_end_bytes"] > 0 and ray_row["health_probes"] >= 5
     assert "ray (1 replica(s)" in (out / "load.md").read_text()
+
+
+def test_replace_builds_with_the_asked_rounding():
+    """--replace-round-to reaches the build the suite ships (1: the unaligned widths; unset: doe build's own)."""
+    from doe_export.bench.replace import _build_config
+    from doe_export.bench.workbench import SuiteConfig
+    from doe_export.specs import BuildConfig
+
+    assert _build_config(SuiteConfig(), "bbc-news", Path("out"), False).prune == BuildConfig().prune
+    unaligned = _build_config(SuiteConfig(replace_round_to=1), "bbc-news", Path("out"), False)
+    assert unaligned.prune.round_to == 1 and unaligned.prune.rate == BuildConfig().prune.rate

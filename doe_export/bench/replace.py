@@ -278,6 +278,8 @@ def _build_config(config: SuiteConfig, task: str, root: Path, progress: bool):
     build = BuildConfig(
         model=config.model, tasks=(task,), data_dir=config.data_dir, out_dir=str(root), progress=progress
     )
+    if config.replace_round_to is not None:
+        build = replace(build, prune=replace(build.prune, round_to=config.replace_round_to))
     if not config.tiny:
         return build
     flow = config.flow_used()

@@ -27,6 +27,9 @@ class SuiteConfig:
     layer_tasks: tuple[str, ...] = ("sst2", "rte")
     peers_task: str = "sst2"
     replace_tasks: tuple[str, ...] = ("bbc-news", "sst2")
+    # replace: the build's --round-to (None: doe build's default, 64 wherever the dense widths are multiples of
+    # it; 1: the unaligned widths the rate gives, to measure what the alignment costs on CPU)
+    replace_round_to: int | None = None
     # share of the prunable (FFN + attention projection) parameters removed; each layer type gets
     # the rate that removes that many parameters (skipped where that rate would be >= max_rate)
     budgets: tuple[float, ...] = (0.2, 0.3, 0.43, 0.65)

@@ -41,6 +41,7 @@ FIELDS: dict[str, tuple[type, str]] = {
     "max_work": (GridConfig, "max_work"),
     "fused": (GridConfig, "fused"),
     "replace_tasks": (SuiteConfig, "replace_tasks"),
+    "replace_round_to": (SuiteConfig, "replace_round_to"),
     "batching_task": (SuiteConfig, "batching_task"),
     "batching_connections": (SuiteConfig, "batching_connections"),
     "batching_waits": (SuiteConfig, "batching_waits_ms"),
@@ -113,6 +114,14 @@ def _add_suite_options(g: argparse.ArgumentParser) -> None:
 
 def _add_batching_options(g: argparse.ArgumentParser) -> None:
     g.add_argument("--replace-tasks", default=_default("replace_tasks"), help="replace: comma-separated tasks")
+    g.add_argument(
+        "--replace-round-to",
+        type=int,
+        default=_default("replace_round_to"),
+        metavar="N",
+        help="replace: build the bundles with `doe build --round-to N` (default: doe build's own; 1: unaligned "
+        "widths, to measure what the tensor-core alignment costs on CPU)",
+    )
     g.add_argument("--batching-task", default=_default("batching_task"), help="batching: the single-text task served")
     g.add_argument(
         "--bundles",
@@ -275,6 +284,7 @@ def suite_config(args: argparse.Namespace) -> SuiteConfig:
         load_engines=engines,
         load_memory_arena=not args.load_no_arena,
         replace_tasks=names(args.replace_tasks),
+        replace_round_to=args.replace_round_to,
         batching_task=args.batching_task,
         batching_bundles=args.bundles,
         batching_connections=numbers(args.batching_connections),
