@@ -53,12 +53,14 @@ class TaskRunner:
 
     def metrics(self, model) -> dict:
         """:func:`metrics_of` the model on the reporting split."""
-        logits = evaluate.torch_logits(model, self.tokenizer, self.test.inputs)
-        return metrics_of(self.data, self.test.labels, logits)
+        return self.score(model).details
 
     def score(self, model) -> stages.Score:
-        values = self.metrics(model)
-        return stages.Score(self.data.metric, values[self.data.metric], details=values)
+        """The model on the reporting split: its metric, :func:`metrics_of`'s values, and its predictions."""
+        logits = evaluate.torch_logits(model, self.tokenizer, self.test.inputs)
+        values = metrics_of(self.data, self.test.labels, logits)
+        preds = tuple(int(p) for p in logits.argmax(1))
+        return stages.Score(self.data.metric, values[self.data.metric], details=values, test_preds=preds)
 
     def expert(
         self,

@@ -75,6 +75,7 @@ class Score:
     dev: float | None = None
     details: dict[str, float] = field(default_factory=dict)
     dev_preds: tuple[int, ...] | None = None  # the labels behind ``dev`` (the rate search's intervals)
+    test_preds: tuple[int, ...] | None = None  # the labels behind ``test`` (the study pairs runs item by item)
 
     def to_json(self) -> dict:
         return {"metric": self.metric, "test": self.test, "dev": self.dev, **self.details}

@@ -1,9 +1,13 @@
 """The localization study: which neuron scorer keeps a task's accuracy after pruning?
 
+By default every run is made the way ``doe build`` makes its experts (:class:`~doe_export.specs.Flow`'s
+defaults: fine-tuning, aligned widths, two epochs of distillation recovery), with the training data
+each task needs to be learned (``train_sizes``: the whole split where 2,000 examples are too few).
+
 For every task: adapt once (cached), gather calibration statistics once per calibration size
-(cached), then for every method x pruning rate (x seed for ``random``) prune a copy of the adapted
-model, measure the metric before and after recovery, and append one record to
-``localization.jsonl``. Records already present are not recomputed, so a stopped study resumes and
+(cached), then for every method x pruning rate x seed prune a copy of the adapted model, measure
+the metric before and after recovery, and append one record to ``localization.jsonl`` with the
+test predictions, so the report can pair any two runs item by item (bootstrap intervals). Records already present are not recomputed, so a stopped study resumes and
 re-rendering the report (:mod:`doe_export.study_report`) never retrains.
 
 Ablations of DoE at rate 0.65: max over tokens, global budget, bias folding, attribution without
@@ -45,7 +49,7 @@ METHODS = ("doe", "random", "activation", "gradient", "magnitude", "taylor", "sk
 ABLATION_RATE = 0.65
 
 
-def _first_study_flow() -> Flow:
+def first_study_flow() -> Flow:
     """The flow of the first studies: prompt tuning (20 soft tokens, 2 epochs, 1,024 examples, 64 tokens),
     then one epoch of prompt + head recovery on 500 examples, no teacher, the last epoch kept; widths as the
     rate gives them (no alignment)."""
@@ -59,30 +63,63 @@ def _first_study_flow() -> Flow:
     )
 
 
+# Training examples each task needs for its dense model to be learned, where doe build's 2,000 are too few
+# (None: the whole training split). CoLA at 2,000 examples reached MCC 0.08, with its 8,551 0.31
+# (benchmarks/results/builds/cola-full.json); RTE has 2,490 and MRPC 3,668, so "all" costs them little.
+TRAIN_SIZES: dict[str, int | None] = {"cola": None, "rte": None, "mrpc": None}
+
+
 @dataclass(frozen=True)
 class StudyConfig:
-    """Which runs the study makes (tasks, rates, methods, seeds, ablations) and the flow they share."""
+    """Which runs the study makes (tasks, rates, methods, seeds, ablations) and the flow they share.
 
-    tasks: tuple[str, ...] = ("sst2", "mrpc", "rte", "cola", "qnli")
-    rates: tuple[float, ...] = (0.3, 0.5, 0.65, 0.8, 0.9)
+    ``seeds``: the runs of every method at every rate (a seed changes the recovery's shuffling, and for
+    ``random`` the neurons drawn); ``random`` runs at least ``random_seeds``. ``train_sizes``: a task's
+    training examples where they differ from the flow's ``max_train`` (None: the whole split)."""
+
+    tasks: tuple[str, ...] = ("sst2", "mrpc", "rte", "cola", "qnli", "bbc-news")
+    rates: tuple[float, ...] = (0.5, 0.65, 0.8, 0.9)
     methods: tuple[str, ...] = METHODS
+    seeds: tuple[int, ...] = (0,)
     random_seeds: tuple[int, ...] = (0, 1, 2)
     ablation_calib_sizes: tuple[int, ...] = (64, 1024)
     ablations: bool = True
-    flow: Flow = dataclasses.field(default_factory=_first_study_flow)
+    train_sizes: dict[str, int | None] = dataclasses.field(default_factory=lambda: dict(TRAIN_SIZES))
+    flow: Flow = dataclasses.field(default_factory=Flow)
 
     def __post_init__(self) -> None:
-        for name in ("tasks", "rates", "methods", "random_seeds", "ablation_calib_sizes"):
+        for name in ("tasks", "rates", "methods", "seeds", "random_seeds", "ablation_calib_sizes"):
             object.__setattr__(self, name, tuple(getattr(self, name)))
         unknown = sorted(set(self.methods) - set(METHODS))
         if unknown:
             raise ConfigError(f"unknown methods {unknown}; available: {', '.join(METHODS)}")
         if not self.rates or not all(0 < r < 1 for r in self.rates):
             raise ConfigError(f"study rates must be in (0, 1), got {self.rates}")
+        if not self.seeds or not all(isinstance(s, int) and s >= 0 for s in (*self.seeds, *self.random_seeds)):
+            raise ConfigError(f"study seeds must be integers >= 0, got {self.seeds} and {self.random_seeds}")
+        for task, size in self.train_sizes.items():
+            if size is not None and not (isinstance(size, int) and size >= 1):
+                raise ConfigError(
+                    f"training size of task {task!r} must be >= 1 or none (the whole split), got {size!r}"
+                )
 
     @property
     def seed(self) -> int:
         return self.flow.prune.seed
+
+    def flow_for(self, task: str) -> Flow:
+        """The flow of ``task``'s runs: the shared flow with the task's training size."""
+        if task not in self.train_sizes:
+            return self.flow
+        return replace(self.flow, data=replace(self.flow.data, max_train=self.train_sizes[task]))
+
+    def seeds_of(self, method: str) -> tuple[int, ...]:
+        """The seeds ``method`` runs with at every rate."""
+        return tuple(sorted({*self.seeds, *self.random_seeds})) if method == "random" else self.seeds
+
+    def recovery_spec(self, run: dict) -> RecoverySpec:
+        """The recovery of one run: the flow's, its seed moved by the run's (seed 0: exactly doe build's)."""
+        return replace(self.flow.recovery, seed=self.flow.recovery.seed + run["seed"])
 
     def prune_spec(self, run: dict) -> PruneSpec:
         """The pruning spec of one run (method x rate x seed, or a DoE ablation variant)."""
@@ -106,7 +143,8 @@ class StudyConfig:
     def from_json(cls, data: dict) -> StudyConfig:
         """The config of a record header: this layout, or the flat one of the first studies' records."""
         if "flow" in data or not any(key in data for key in LEGACY_FLOW_KEYS):
-            return from_json(cls, data)
+            # records made before per-task training sizes existed trained every task on the flow's max_train
+            return from_json(cls, {"train_sizes": {}, **data})
         return legacy_config(data)
 
 
@@ -171,7 +209,7 @@ def legacy_config(data: dict) -> StudyConfig:
     runs: dict[str, Any] = {
         k: tuple(v) if isinstance(v, list) else v for k, v in data.items() if k not in LEGACY_FLOW_KEYS
     }
-    return StudyConfig(**runs, flow=flow)
+    return StudyConfig(**{"train_sizes": {}, **runs}, flow=flow)
 
 
 QUICK_FLOW = Flow(
@@ -184,7 +222,7 @@ QUICK_FLOW = Flow(
     ),
 )
 QUICK: dict[str, Any] = dict(
-    tasks=("toy",), rates=(0.5, 0.8), random_seeds=(0, 1), ablation_calib_sizes=(8,), flow=QUICK_FLOW
+    tasks=("toy",), rates=(0.5, 0.8), random_seeds=(0, 1), ablation_calib_sizes=(8,), train_sizes={}, flow=QUICK_FLOW
 )
 
 
@@ -193,8 +231,7 @@ def run_specs(config: StudyConfig) -> list[dict]:
     specs = []
     for rate in config.rates:
         for method in config.methods:
-            seeds = config.random_seeds if method == "random" else (config.seed,)
-            for seed in seeds:
+            for seed in config.seeds_of(method):
                 specs.append({"method": method, "variant": "default", "rate": rate, "seed": seed})
     if config.ablations:
         for variant in ("max-tokens", "global-budget", "fold-bias", "no-prompt-tuning"):
@@ -225,6 +262,7 @@ def run_record(runner: Any, config: StudyConfig, spec: dict) -> dict:
     stats = runner.stats(prune_spec.calib_examples, adapted=spec["variant"] != "no-prompt-tuning")
     result = runner.expert(
         prune_spec,
+        config.recovery_spec(spec),
         stats=stats if prune_spec.needs() else None,
         desc=f"{spec['method']}/{spec['variant']} p={spec['rate']:g}",
     )
@@ -238,6 +276,9 @@ def run_record(runner: Any, config: StudyConfig, spec: dict) -> dict:
         "after_recovery": result.after.details,
         "value": result.after.test,
         "value_before_recovery": result.before.test,
+        "recovery_seed": config.recovery_spec(spec).seed,
+        "preds": list(result.after.test_preds or ()),  # test predictions: runs pair item by item in the report
+        "preds_before_recovery": list(result.before.test_preds or ()),
         "split": runner.test.name,
         "split_size": len(runner.test),
         "calibration_examples": result.attribution.scores.examples,
@@ -250,11 +291,11 @@ def run_record(runner: Any, config: StudyConfig, spec: dict) -> dict:
 def _check_sizes(config: StudyConfig, datasets: list[TaskData]) -> None:
     need = max((config.flow.prune.calib_examples, *(config.ablation_calib_sizes if config.ablations else ())))
     for data in datasets:
-        available = len(data.train.head(config.flow.data.max_train))
+        available = len(data.train.head(config.flow_for(data.name).data.max_train))
         if need > available:
             raise TaskDataError(
                 f"task {data.name!r}: calibration needs {need} examples but the train split ({data.train.name}, "
-                f"capped at --max-train {config.flow.data.max_train}) has {available}; lower the calibration sizes"
+                f"capped at {config.flow_for(data.name).data.max_train}) has {available}; lower the calibration sizes"
             )
 
 
@@ -275,7 +316,14 @@ def _open_records(config: StudyConfig, records_path: Path) -> list[dict]:
         header = {**record_io.environment([torch.get_num_threads()], []), "suite": "localization"}
         return [{**header, "config": config.to_json()}]
     existing = record_io.read_jsonl(records_path)
-    changed = _changed_flow(StudyConfig.from_json(existing[0].get("config", {})).flow, config.flow)
+    old = StudyConfig.from_json(existing[0].get("config", {}))
+    changed = _changed_flow(old.flow, config.flow)
+    changed += [
+        f"train_sizes.{task}"
+        for task in sorted(set(old.train_sizes) | set(config.train_sizes))
+        if old.flow_for(task).data.max_train != config.flow_for(task).data.max_train
+        and any(r.get("task") == task for r in existing[1:])
+    ]
     if changed:
         raise ConfigError(
             f"{records_path} holds runs made with other settings of {changed}; its runs would not be comparable. Use "
@@ -286,7 +334,8 @@ def _open_records(config: StudyConfig, records_path: Path) -> list[dict]:
 
 
 def _dense_record(runner: Any, config: StudyConfig, data: TaskData) -> dict:
-    dense = runner.metrics(runner.adapted)
+    score = runner.score(runner.adapted)
+    dense = score.details
     return {
         "kind": "dense",
         "task": data.name,
@@ -297,10 +346,13 @@ def _dense_record(runner: Any, config: StudyConfig, data: TaskData) -> dict:
         "metric": data.metric,
         "after_recovery": dense,
         "value": dense[data.metric],
+        "preds": list(score.test_preds or ()),
+        "labels": list(runner.test.labels),  # the reporting split's gold labels, item by item (the intervals)
         "split": runner.test.name,
         "split_size": len(runner.test),
+        "train_size": len(runner.train),
         "notes": data.notes,
-        "majority": majority_baseline(data, config.flow),
+        "majority": majority_baseline(data, config.flow_for(data.name)),
     }
 
 
@@ -334,13 +386,13 @@ def run_study(
     for data in datasets:
         for record in records:  # older records may lack the baseline; it needs the data only
             if record.get("kind") == "dense" and record["task"] == data.name and "majority" not in record:
-                record["majority"] = majority_baseline(data, config.flow)
+                record["majority"] = majority_baseline(data, config.flow_for(data.name))
                 record_io.write_jsonl(records_path, records)
         specs = [s for s in run_specs(config) if record_key({"task": data.name, **s}) not in done]
         dense_key = (data.name, "dense", "default", 0.0, config.seed)
         if not specs and dense_key in done:
             continue
-        runner = TaskRunner(config.flow, data, loaded, Path(cache), progress=progress)
+        runner = TaskRunner(config.flow_for(data.name), data, loaded, Path(cache), progress=progress)
         if dense_key not in done:
             records.append(_dense_record(runner, config, data))
             record_io.write_jsonl(records_path, records)
@@ -361,7 +413,9 @@ __all__ = [
     "ABLATION_RATE",
     "METHODS",
     "QUICK",
+    "TRAIN_SIZES",
     "StudyConfig",
+    "first_study_flow",
     "legacy_config",
     "majority_baseline",
     "record_key",

@@ -1,5 +1,12 @@
 """The localization study's report: Markdown tables and a plot from ``localization.jsonl``
-(re-rendered from the records alone: nothing is measured again)."""
+(re-rendered from the records alone: nothing is measured again).
+
+Runs that carry their test predictions (every run since the study moved to the shipped flow) are paired
+item by item: each figure against the dense model, and DoE against each baseline, comes with a 95 %
+paired bootstrap interval, and a comparison is a *win* or a *loss* only where its interval excludes 0
+(otherwise a *tie*). Averages over tasks resample each task's items independently. Tasks whose dense
+model is not shown to beat the majority answer are flagged and left out of every pruning verdict.
+"""
 
 from __future__ import annotations
 
@@ -8,91 +15,133 @@ from pathlib import Path
 import numpy as np
 
 from . import records as record_io
-from .study import ABLATION_RATE, StudyConfig, run_specs
+from .study import ABLATION_RATE, METHODS, StudyConfig
+from .uncertainty import Interval, average_interval, majority_interval, resampled_differences
+
+SEED = 0  # bootstrap seed of every interval in the report
+TARGET_RATE = 0.65  # the paper's rate; the study's targets are read there
+MIN_SEEDS = 3  # seeds a tie should have before it is called one
 
 
-def _table(rows: list[dict], task: str, method: str, rate: float, field: str = "value") -> tuple[float, float, int]:
-    values = [
-        r[field]
-        for r in rows
-        if r["task"] == task and r["method"] == method and r["rate"] == rate and r["variant"] == "default"
-    ]
-    if not values:
-        return float("nan"), float("nan"), 0
-    return float(np.mean(values)), float(np.std(values)), len(values)
+class Runs:
+    """The records of one study, indexed for the report."""
+
+    def __init__(self, records: list[dict]):
+        self.header = records[0]
+        self.cfg = StudyConfig.from_json(self.header["config"])
+        self.rows = [r for r in records[1:] if r.get("kind") == "run"]
+        self.dense = {r["task"]: r for r in records[1:] if r.get("kind") == "dense"}
+        self.tasks = [t for t in self.cfg.tasks if t in self.dense]
+        self.rates = sorted({r["rate"] for r in self.rows if r["variant"] == "default"} | set(self.cfg.rates))
+        present = {r["method"] for r in self.rows}
+        self.methods = [m for m in METHODS if m in present or m in self.cfg.methods]
+        self.learned = {t: self._learned(t) for t in self.tasks}
+
+    def cell(self, task: str, method: str, rate: float) -> list[dict]:
+        return [
+            r
+            for r in self.rows
+            if r["task"] == task and r["method"] == method and r["rate"] == rate and r["variant"] == "default"
+        ]
+
+    def mean(self, task: str, method: str, rate: float, field: str = "value") -> float:
+        values = [r[field] for r in self.cell(task, method, rate)]
+        return float(np.mean(values)) if values else float("nan")
+
+    def labels(self, task: str) -> list[int] | None:
+        return self.dense[task].get("labels")
+
+    def paired(self, task: str, base: list[dict], other: list[dict]) -> tuple[float, np.ndarray, int] | None:
+        """``other``'s metric (mean over its runs) minus ``base``'s, resampled over the test items; None where a
+        run lacks predictions (records from before the study kept them)."""
+        labels = self.labels(task)
+        if not labels or not base or not other or not all(r.get("preds") for r in (*base, *other)):
+            return None
+        value, spread = resampled_differences(
+            self.dense[task]["metric"], labels, [r["preds"] for r in base], [r["preds"] for r in other], seed=SEED
+        )
+        return value, spread, len(labels)
+
+    def against_dense(self, task: str, method: str, rate: float) -> Interval | None:
+        part = self.paired(task, [self.dense[task]], self.cell(task, method, rate))
+        return None if part is None else average_interval([part], seed=SEED)
+
+    def doe_minus(self, task: str, method: str, rate: float) -> tuple[float, np.ndarray, int] | None:
+        """DoE minus ``method`` at ``rate``, paired on the seeds both have (all runs of each where none match)."""
+        doe, other = self.cell(task, "doe", rate), self.cell(task, method, rate)
+        shared = {r["seed"] for r in doe} & {r["seed"] for r in other}
+        if shared and method != "random":
+            doe, other = [r for r in doe if r["seed"] in shared], [r for r in other if r["seed"] in shared]
+        return self.paired(task, other, doe)
+
+    def _learned(self, task: str) -> bool | None:
+        """Whether the dense model beats always answering the majority test label (None: not known)."""
+        dense, labels = self.dense[task], self.labels(task)
+        if labels and dense.get("preds"):
+            return majority_interval(dense["metric"], labels, dense["preds"], seed=SEED).low > 0
+        if "majority" in dense:  # older records: 5 points above the majority answer
+            return dense["value"] - dense["majority"]["value"] >= 0.05
+        return None
+
+    @property
+    def learned_tasks(self) -> list[str]:
+        return [t for t in self.tasks if self.learned[t] is not False]
+
+
+def _verdict(interval: Interval) -> str:
+    if interval.low > 0:
+        return "win"
+    return "loss" if interval.high < 0 else "tie"
 
 
 def _flow_line(cfg: StudyConfig) -> str:
     """The flow every run shares, in one sentence."""
     flow = cfg.flow
     adapt = flow.adapt
-    how = (
-        "prompt tuning (frozen backbone; "
-        if adapt.mode == "prompt"
-        else f"fine-tuning (backbone, prompt and head; lr {adapt.lr or 'default'}; "
-    )
+    if adapt.mode == "prompt":
+        how = f"prompt tuning (frozen backbone; {adapt.prompt_length} soft tokens, "
+    else:
+        prompt = f"{adapt.prompt_length} soft tokens" if adapt.prompt_length else "no soft prompt"
+        how = f"fine-tuning (every weight; {prompt}; lr {adapt.lr or 'default'}, "
     trains = "prompt + head" if flow.recovery.params == "prompt" else "every remaining weight"
-    teacher = f", distillation {flow.recovery.distill:g}" if flow.recovery.distill else ""
+    teacher = (
+        f", distillation {flow.recovery.distill:g} at T={flow.recovery.temperature:g}" if flow.recovery.distill else ""
+    )
+    sizes = ", ".join(f"{t} {'all' if n is None else n}" for t, n in cfg.train_sizes.items() if t in cfg.tasks)
+    align = (
+        "widths as the rate gives them" if flow.prune.round_to == 1 else "kept widths aligned as doe build aligns them"
+    )
     return (
-        f"Model `{flow.model}`, adapted by {how}{adapt.prompt_length} soft tokens, {adapt.epochs} epochs on at most "
-        f"{flow.data.max_train} training examples, max length {flow.data.max_length}), DoE and baselines on "
-        f"{flow.prune.calib_examples} calibration examples, per-layer budget, then {flow.recovery.epochs} recovery "
-        f"epoch(s) of {trains}{teacher} on {flow.recovery.max_examples or 'all training'} examples."
+        f"Model `{flow.model}`, adapted by {how}{adapt.epochs} epochs on at most {flow.data.max_train} training "
+        f"examples{f' ({sizes})' if sizes else ''}, max length {flow.data.max_length}), DoE and baselines on "
+        f"{flow.prune.calib_examples} calibration examples, per-layer budget, {align}, then {flow.recovery.epochs} "
+        f"recovery epoch(s) of {trains}{teacher} on {flow.recovery.max_examples or 'the whole training'} examples"
+        f"{', best dev epoch kept' if flow.recovery.select_on_dev else ''}."
     )
 
 
 def render(records_path: Path, out_dir: Path) -> Path:
-    records = record_io.read_jsonl(records_path)
-    header, rows = records[0], [r for r in records[1:] if r.get("kind") == "run"]
-    dense = {r["task"]: r for r in records[1:] if r.get("kind") == "dense"}
-    cfg = StudyConfig.from_json(header["config"])
-    tasks = [t for t in cfg.tasks if t in dense]
-    expected = len(run_specs(cfg))
-    per_task = {t: sum(r["task"] == t for r in rows) for t in cfg.tasks}
-    progress = ", ".join(f"{t}: {n}/{expected}" for t, n in per_task.items())
+    runs = Runs(record_io.read_jsonl(records_path))
+    header = runs.header
     lines = [
         "# Localization study: which neurons make a task expert?",
         "",
-        _flow_line(cfg) + f" Values are x100 on the reporting split. Environment: {header['cpu']}, torch "
+        _flow_line(runs.cfg) + f" Values are x100 on the reporting split. Environment: {header['cpu']}, torch "
         f"{header['versions'].get('torch')}.",
         "",
-        f"Runs recorded: {len(rows)} of {expected * len(cfg.tasks)} planned ({progress}).",
+        f"Runs recorded: {len(runs.rows)} ("
+        + ", ".join(f"{t}: {sum(r['task'] == t for r in runs.rows)}" for t in runs.cfg.tasks)
+        + f"); {sum(r.get('seconds', 0.0) for r in runs.rows) / 60:.0f} min of compute, adaptation and "
+        "calibration passes not included.",
         "",
     ]
-    for task in tasks:
-        d = dense[task]
-        lines += [
-            f"## {task} — {d['metric']} on {d['split']} (n={d['split_size']})",
-            "",
-            f"Dense adapted model: **{100 * d['value']:.1f}**"
-            + (
-                f" (always answering the majority label '{d['majority']['label']}': "
-                f"{100 * d['majority']['value']:.1f})."
-                if "majority" in d
-                else "."
-            )
-            + (f" Note: {' '.join(d['notes'])}" if d.get("notes") else ""),
-            "",
-            "| method | " + " | ".join(f"p={r:g}" for r in cfg.rates) + " |",
-            "|---|" + "---:|" * len(cfg.rates),
-        ]
-        for method in cfg.methods:
-            cells = []
-            for rate in cfg.rates:
-                mean, std, n = _table(rows, task, method, rate)
-                before, _, _ = _table(rows, task, method, rate, "value_before_recovery")
-                if n == 0:
-                    cells.append("—")
-                else:
-                    spread = f" ±{100 * std:.1f}" if n > 1 else ""
-                    cells.append(f"{100 * mean:.1f}{spread} ({100 * before:.1f})")
-            lines.append(f"| {method} | " + " | ".join(cells) + " |")
-        lines += ["", "Cells: after recovery (before recovery); random: mean ± std over seeds.", ""]
-    lines += _averages(rows, dense, tasks, cfg) + _ablations(rows, dense, tasks) + _targets(rows, dense, tasks, cfg)
+    for task in runs.tasks:
+        lines += _task_section(runs, task)
+    lines += _comparisons(runs) + _averages(runs) + _targets(runs) + _ablations(runs)
     notes = Path(records_path).with_name("localization.notes.md")
     if notes.is_file():  # hand-written: what was tried where a target is missed (kept beside the records)
         lines += notes.read_text(encoding="utf-8").rstrip().splitlines() + [""]
-    plot = _plot(rows, dense, tasks, cfg, Path(out_dir))
+    plot = _plot(runs, Path(out_dir))
     if plot:
         lines += ["## Plot", "", f"![metric vs pruning rate]({plot.name})", ""]
     path = Path(out_dir) / "localization.md"
@@ -100,55 +149,202 @@ def render(records_path: Path, out_dir: Path) -> Path:
     return path
 
 
-def _average(rows, tasks, method, rate, field: str = "value"):
-    values = [_table(rows, t, method, rate, field)[0] for t in tasks]
-    return float(np.mean(values)) if values and not any(np.isnan(values)) else float("nan")
+def _task_section(runs: Runs, task: str) -> list[str]:
+    d = runs.dense[task]
+    learned = runs.learned[task]
+    flag = "" if learned is not False else " **Not learned**: its runs are no pruning result and no verdict uses them."
+    lines = [
+        f"## {task} — {d['metric']} on {d['split']} (n={d['split_size']})",
+        "",
+        f"Dense model: **{100 * d['value']:.1f}**"
+        + (f", trained on {d['train_size']} examples" if "train_size" in d else "")
+        + (
+            f" (always answering the majority label '{d['majority']['label']}': {100 * d['majority']['value']:.1f})."
+            if "majority" in d
+            else "."
+        )
+        + flag
+        + (f" Note: {' '.join(d['notes'])}" if d.get("notes") else ""),
+        "",
+        "| method | " + " | ".join(f"p={r:g}" for r in runs.rates) + " |",
+        "|---|" + "---:|" * len(runs.rates),
+    ]
+    for method in runs.methods:
+        cells = []
+        for rate in runs.rates:
+            cell = runs.cell(task, method, rate)
+            if not cell:
+                cells.append("—")
+                continue
+            values = [r["value"] for r in cell]
+            spread = f" ±{100 * np.std(values):.1f} ({len(values)} seeds)" if len(values) > 1 else ""
+            cells.append(
+                f"{100 * np.mean(values):.1f}{spread} ({100 * runs.mean(task, method, rate, 'value_before_recovery'):.1f})"
+            )
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    doe = [runs.against_dense(task, "doe", rate) for rate in runs.rates]
+    if any(doe):
+        lines.append("| DoE − dense, 95% CI | " + " | ".join(iv.points() if iv else "—" for iv in doe) + " |")
+    return lines + ["", "Cells: after recovery (before recovery); several seeds: mean ± std.", ""]
 
 
-def _averages(rows, dense, tasks, cfg) -> list[str]:
+def _comparisons(runs: Runs) -> list[str]:
+    """DoE against each baseline, per rate and task, with the paired interval and a win/tie/loss verdict (tasks
+    the dense model did not learn are shown, marked, and left out of the tally and the average)."""
+    learned = runs.learned_tasks
+    baselines = [m for m in runs.methods if m != "doe"]
+    if not baselines or not any(runs.labels(t) for t in runs.tasks):
+        return []
+    lines = [
+        "## DoE against each baseline",
+        "",
+        "DoE minus the baseline after recovery, points, with its 95% paired bootstrap interval; **win** / *loss*"
+        " where the interval excludes 0, tie otherwise. The average and the tally count only the tasks the dense"
+        " model learned.",
+        "",
+    ]
+    heads = [t if t in learned else f"{t} (not learned)" for t in runs.tasks]
+    tally: dict[str, int] = {"win": 0, "tie": 0, "loss": 0}
+    for rate in runs.rates:
+        lines += [f"### p={rate:g}", "", "| baseline | " + " | ".join(heads) + " | average |"]
+        lines.append("|---|" + "---:|" * (len(heads) + 1))
+        for method in baselines:
+            parts = {t: runs.doe_minus(t, method, rate) for t in runs.tasks}
+            cells = []
+            for task, part in parts.items():
+                interval = None if part is None else average_interval([part], seed=SEED)
+                if interval is not None and task in learned:
+                    tally[_verdict(interval)] += 1
+                cells.append("—" if interval is None else _marked(interval))
+            complete = [p for t, p in parts.items() if p is not None and t in learned]
+            whole = learned and len(complete) == len(learned)
+            average = _marked(average_interval(complete, seed=SEED)) if whole else "—"
+            lines.append(f"| {method} | " + " | ".join(cells) + f" | {average} |")
+        lines.append("")
+    lines += [
+        f"Over all {sum(tally.values())} task × rate × baseline comparisons on learned tasks: DoE wins "
+        f"{tally['win']}, ties {tally['tie']}, loses {tally['loss']}.",
+        "",
+    ]
+    return lines + _seed_needs(runs, learned, baselines)
+
+
+def _marked(interval: Interval) -> str:
+    verdict = _verdict(interval)
+    text = interval.points()
+    return f"**{text}**" if verdict == "win" else (f"*{text}*" if verdict == "loss" else text)
+
+
+def _seed_needs(runs: Runs, tasks: list[str], baselines: list[str]) -> list[str]:
+    """Ties decided on fewer than MIN_SEEDS seeds of DoE: where more seeds would tell."""
+    short = []
+    for rate in runs.rates:
+        for task in tasks:
+            seeds = len(runs.cell(task, "doe", rate))
+            ties = [
+                m
+                for m in baselines
+                if (part := runs.doe_minus(task, m, rate)) is not None
+                and _verdict(average_interval([part], seed=SEED)) == "tie"
+            ]
+            if ties and seeds < MIN_SEEDS:
+                short.append(f"{task} p={rate:g} ({seeds} seed(s); tied with {', '.join(ties)})")
+    if not short:
+        return []
+    return [
+        f"Ties on fewer than {MIN_SEEDS} seeds (`doe study localization --seeds 0,1,2 --tasks T --rates P` adds "
+        f"them): {'; '.join(short)}.",
+        "",
+    ]
+
+
+def _averages(runs: Runs) -> list[str]:
+    tasks = runs.learned_tasks
     if not tasks:
         return []
     lines = []
     for field, title in (("value", "after recovery"), ("value_before_recovery", "before recovery (pruning alone)")):
+        means = {(m, r): _task_mean(runs, tasks, m, r, field) for m in runs.methods for r in runs.rates}
         lines += [
             f"## Average over {', '.join(tasks)}: {title}",
             "",
-            "| method | " + " | ".join(f"p={r:g}" for r in cfg.rates) + " |",
-            "|---|" + "---:|" * len(cfg.rates),
+            "| method | " + " | ".join(f"p={r:g}" for r in runs.rates) + " |",
+            "|---|" + "---:|" * len(runs.rates),
             "| dense | "
-            + " | ".join(f"{100 * np.mean([dense[t]['value'] for t in tasks]):.1f}" for _ in cfg.rates)
+            + " | ".join(f"{100 * np.mean([runs.dense[t]['value'] for t in tasks]):.1f}" for _ in runs.rates)
             + " |",
         ]
-        for method in cfg.methods:
-            cells = [_average(rows, tasks, method, rate, field) for rate in cfg.rates]
-            best = [max((_average(rows, tasks, m, rate, field), m) for m in cfg.methods)[1] for rate in cfg.rates]
-            lines.append(
-                f"| {method} | "
-                + " | ".join(
-                    "—" if np.isnan(c) else (f"**{100 * c:.1f}**" if b == method else f"{100 * c:.1f}")
-                    for c, b in zip(cells, best)
+        for method in runs.methods:
+            cells = []
+            for rate in runs.rates:
+                value = means[(method, rate)]
+                best = (
+                    max(v for (m, r), v in means.items() if r == rate and not np.isnan(v))
+                    if not np.isnan(value)
+                    else None
                 )
-                + " |"
-            )
-        lines += ["", "Bold: the best method at that rate.", ""]
+                cells.append(
+                    "—" if np.isnan(value) else (f"**{100 * value:.1f}**" if value == best else f"{100 * value:.1f}")
+                )
+            lines.append(f"| {method} | " + " | ".join(cells) + " |")
+        lines += ["", "Bold: the best method at that rate. Tasks weigh equally (GLUE's average).", ""]
     return lines
 
 
-def _ablations(rows, dense, tasks) -> list[str]:
-    variants = sorted({r["variant"] for r in rows if r["variant"] != "default"})
+def _task_mean(runs: Runs, tasks: list[str], method: str, rate: float, field: str = "value") -> float:
+    values = [runs.mean(t, method, rate, field) for t in tasks]
+    return float(np.mean(values)) if values and not any(np.isnan(values)) else float("nan")
+
+
+def _targets(runs: Runs) -> list[str]:
+    tasks = runs.learned_tasks
+    lines = ["## Targets", ""]
+    unlearned = [t for t in runs.tasks if runs.learned[t] is False]
+    if unlearned:
+        lines += [f"Left out (dense model not learned): {', '.join(unlearned)}.", ""]
+    if TARGET_RATE not in runs.rates or not tasks:
+        return lines + [f"No runs at p={TARGET_RATE:g} yet.", ""]
+    losses = {t: runs.against_dense(t, "doe", TARGET_RATE) for t in tasks}
+    if all(losses.values()):
+        verdicts = {t: iv.verdict(0.01) for t, iv in losses.items() if iv}
+        lines.append(
+            f"- DoE at p={TARGET_RATE:g} within 1 point of dense: "
+            + ", ".join(f"{t} {iv.points()} {verdicts[t]}" for t, iv in losses.items() if iv)
+        )
+    doe = _task_mean(runs, tasks, "doe", TARGET_RATE)
+    others = {m: _task_mean(runs, tasks, m, TARGET_RATE) for m in runs.methods if m != "doe"}
+    others = {m: v for m, v in others.items() if not np.isnan(v)}
+    if others and not np.isnan(doe):
+        best = max(others, key=lambda m: others[m])
+        parts = [runs.doe_minus(t, best, TARGET_RATE) for t in tasks]
+        interval = average_interval([p for p in parts if p], seed=SEED) if all(parts) else None
+        met = "met" if doe >= others[best] else "missed"
+        lines.append(
+            f"- DoE's average over {len(tasks)} tasks at p={TARGET_RATE:g} at least the best baseline's: {met} (DoE "
+            f"{100 * doe:.1f}, best baseline {best} {100 * others[best]:.1f}"
+            + (f"; DoE − {best} {interval.points()}, a {_verdict(interval)}" if interval else "")
+            + ")"
+        )
+    return lines + [""]
+
+
+def _ablations(runs: Runs) -> list[str]:
+    variants = sorted({r["variant"] for r in runs.rows if r["variant"] != "default"})
     if not variants:
         return []
+    tasks = runs.tasks
     lines = [
         f"## DoE ablations at p={ABLATION_RATE}",
         "",
         "| variant | " + " | ".join(tasks) + " |",
         "|---|" + "---:|" * len(tasks),
     ]
-    base = []
-    for task in tasks:
-        mean, _, n = _table(rows, task, "doe", ABLATION_RATE)
-        before, _, _ = _table(rows, task, "doe", ABLATION_RATE, "value_before_recovery")
-        base.append(f"{100 * mean:.1f} ({100 * before:.1f})" if n else "—")
+    base = [
+        f"{100 * runs.mean(t, 'doe', ABLATION_RATE):.1f} ({100 * runs.mean(t, 'doe', ABLATION_RATE, 'value_before_recovery'):.1f})"
+        if runs.cell(t, "doe", ABLATION_RATE)
+        else "—"
+        for t in tasks
+    ]
     lines.append(
         "| default (mean over tokens, per-layer, no folding, attribution on the adapted model, calib 256) | "
         + " | ".join(base)
@@ -157,90 +353,34 @@ def _ablations(rows, dense, tasks) -> list[str]:
     for variant in variants:
         cells = []
         for task in tasks:
-            match = [r for r in rows if r["task"] == task and r["variant"] == variant]
+            match = [r for r in runs.rows if r["task"] == task and r["variant"] == variant]
             cells.append(
                 f"{100 * match[0]['value']:.1f} ({100 * match[0]['value_before_recovery']:.1f})" if match else "—"
             )
-        label = VARIANT_LABELS.get(variant, variant)
-        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+        lines.append(f"| {VARIANT_LABELS.get(variant, variant)} | " + " | ".join(cells) + " |")
     return lines + ["", "Cells: after recovery (before recovery = the 'without recovery' ablation).", ""]
 
 
 VARIANT_LABELS = {
-    "no-prompt-tuning": "no-prompt-tuning (attribution on the un-adapted backbone; the adapted model is pruned)"
+    "no-prompt-tuning": "no adaptation before attribution (scores from the un-adapted backbone; the adapted model is pruned)"
 }
 
 
-def _targets(rows, dense, tasks, cfg) -> list[str]:
-    run_minutes = sum(r.get("seconds", 0.0) for r in rows) / 60
-    lines = [
-        "## Targets",
-        "",
-        f"(The {len(rows)} pruning runs took {run_minutes:.0f} min of compute in total, adaptation "
-        "and calibration passes not included.)",
-        "",
-    ]
-    lines += _target_lines(rows, dense, tasks, cfg)
-    learned = [t for t in tasks if "majority" in dense[t] and dense[t]["value"] - dense[t]["majority"]["value"] >= 0.05]
-    if learned and learned != tasks:
-        lines += [
-            "",
-            f"On the tasks the dense model learned (at least 5 points above always answering the majority "
-            f"label: {', '.join(learned)}):",
-            "",
-        ]
-        lines += _target_lines(rows, dense, learned, cfg)
-    return lines + [""]
-
-
-def _target_lines(rows, dense, tasks, cfg) -> list[str]:
-    lines = []
-    if ABLATION_RATE in cfg.rates and tasks:
-        gaps = {t: 100 * (dense[t]["value"] - _table(rows, t, "doe", ABLATION_RATE)[0]) for t in tasks}
-        if not any(np.isnan(list(gaps.values()))):
-            worst = max(gaps.values())
-            lines.append(
-                f"- DoE at p=0.65 within 1.0 point of dense on every task: "
-                f"{'met' if worst <= 1.0 else 'missed'} (loss per task: "
-                + ", ".join(f"{t} {g:+.1f}" for t, g in gaps.items())
-                + ")"
-            )
-            mean_gap = float(np.mean(list(gaps.values())))
-            lines.append(
-                f"- within 0.5 on average: {'met' if mean_gap <= 0.5 else 'missed'} "
-                f"(average loss {mean_gap:+.1f} points)"
-            )
-    for rate in (0.8, 0.9):
-        if rate not in cfg.rates:
-            continue
-        doe = _average(rows, tasks, "doe", rate)
-        others = {m: _average(rows, tasks, m, rate) for m in cfg.methods if m != "doe"}
-        if not others or np.isnan(doe) or any(np.isnan(list(others.values()))):
-            continue
-        best = max(others, key=lambda name: others[name])
-        lines.append(
-            f"- DoE beats every baseline on the average at p={rate:g}: "
-            f"{'met' if doe > others[best] else 'missed'} (DoE {100 * doe:.1f}, best baseline {best} "
-            f"{100 * others[best]:.1f})"
-        )
-    return lines
-
-
-def _plot(rows, dense, tasks, cfg, out_dir: Path) -> Path | None:
-    if not tasks:
+def _plot(runs: Runs, out_dir: Path) -> Path | None:
+    if not runs.tasks:
         return None
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    cols = min(3, len(tasks))
-    nrows = (len(tasks) + cols - 1) // cols
+    cols = min(3, len(runs.tasks))
+    nrows = (len(runs.tasks) + cols - 1) // cols
     fig, axes = plt.subplots(nrows, cols, figsize=(5 * cols, 3.8 * nrows), squeeze=False)
-    for ax, task in zip(axes.flat, tasks):
-        for method in cfg.methods:
-            points = [(rate, *_table(rows, task, method, rate)[:2]) for rate in cfg.rates]
-            points = [p for p in points if not np.isnan(p[1])]
+    for ax, task in zip(axes.flat, runs.tasks):
+        for method in runs.methods:
+            seeds = {rate: [r["value"] for r in runs.cell(task, method, rate)] for rate in runs.rates}
+            points = [(rate, float(np.mean(v)), float(np.std(v))) for rate, v in seeds.items() if v]
             if points:
                 xs, ys, es = zip(*points)
                 ax.errorbar(
@@ -252,11 +392,13 @@ def _plot(rows, dense, tasks, cfg, out_dir: Path) -> Path | None:
                     label=method,
                     linewidth=2.2 if method == "doe" else 1.0,
                 )
-        ax.axhline(100 * dense[task]["value"], color="black", linestyle="--", linewidth=1, label="dense")
-        ax.set_title(f"{task} ({dense[task]['metric']}, n={dense[task]['split_size']})")
+        d = runs.dense[task]
+        ax.axhline(100 * d["value"], color="black", linestyle="--", linewidth=1, label="dense")
+        learned = "" if runs.learned[task] is not False else ", NOT LEARNED"
+        ax.set_title(f"{task} ({d['metric']}, n={d['split_size']}{learned})")
         ax.set_xlabel("pruning rate (share of FFN neurons removed)")
-        ax.set_ylabel(f"{dense[task]['metric']} x100 after recovery")
-    for ax in list(axes.flat)[len(tasks) :]:
+        ax.set_ylabel(f"{d['metric']} x100 after recovery")
+    for ax in list(axes.flat)[len(runs.tasks) :]:
         ax.axis("off")
     axes.flat[0].legend(fontsize=7)
     fig.tight_layout()
@@ -266,4 +408,4 @@ def _plot(rows, dense, tasks, cfg, out_dir: Path) -> Path | None:
     return path
 
 
-__all__ = ["render"]
+__all__ = ["Runs", "render"]

@@ -84,6 +84,47 @@ def _metric(metric: str, conf: np.ndarray) -> np.ndarray:
     raise ValueError(f"no bootstrap for metric {metric!r}; known: accuracy, f1, matthews")
 
 
+def resampled_differences(
+    metric: str,
+    labels: list[int],
+    base: list[list[int]],
+    other: list[list[int]],
+    *,
+    seed: int = 0,
+    resamples: int = RESAMPLES,
+) -> tuple[float, np.ndarray]:
+    """The mean metric of ``other``'s prediction lists minus that of ``base``'s (e.g. one list per seed), on all
+    items and on each of ``resamples`` paired resamples of the items (the same resamples for every list)."""
+    y = np.asarray(labels, dtype=np.int64)
+    a = [np.asarray(v, dtype=np.int64) for v in base]
+    b = [np.asarray(v, dtype=np.int64) for v in other]
+    if not a or not b or len(y) == 0 or any(len(v) != len(y) for v in (*a, *b)):
+        raise ValueError(
+            f"paired bootstrap needs non-empty prediction lists as long as the {len(y)} labels; got lengths "
+            f"{[len(v) for v in a]} and {[len(v) for v in b]}"
+        )
+    classes = int(max(y.max(), *(v.max() for v in (*a, *b)))) + 1
+
+    def mean_metric(preds: list[np.ndarray], index: np.ndarray) -> np.ndarray:
+        return np.mean([_metric(metric, _confusions(y, p, index, classes)) for p in preds], axis=0)
+
+    full = np.arange(len(y))[None, :]
+    value = float(mean_metric(b, full)[0] - mean_metric(a, full)[0])
+    rng = np.random.default_rng(seed)
+    diffs = []
+    for start in range(0, resamples, _CHUNK):
+        index = rng.integers(0, len(y), size=(min(_CHUNK, resamples - start), len(y)))
+        diffs.append(mean_metric(b, index) - mean_metric(a, index))
+    return value, np.concatenate(diffs)
+
+
+def interval_of(value: float, spread: np.ndarray, *, seed: int, items: int, level: float = LEVEL) -> Interval:
+    """The percentile interval of resampled differences (:func:`resampled_differences`)."""
+    tail = (1 - level) / 2
+    low, high = np.quantile(spread, [tail, 1 - tail])
+    return Interval(value, float(low), float(high), level, len(spread), seed, items)
+
+
 def paired_bootstrap(
     metric: str,
     labels: list[int],
@@ -95,25 +136,23 @@ def paired_bootstrap(
     level: float = LEVEL,
 ) -> Interval:
     """``metric(other) - metric(base)`` on the same items, with its paired bootstrap interval."""
-    y, a, b = (np.asarray(v, dtype=np.int64) for v in (labels, base, other))
-    if not (len(y) == len(a) == len(b)) or len(y) == 0:
-        raise ValueError(f"paired bootstrap needs equal, non-empty lists; got {len(y)}, {len(a)}, {len(b)} items")
-    classes = int(max(y.max(), a.max(), b.max())) + 1
-    full = np.arange(len(y))[None, :]
-    value = float(
-        _metric(metric, _confusions(y, b, full, classes))[0] - _metric(metric, _confusions(y, a, full, classes))[0]
-    )
-    rng = np.random.default_rng(seed)
-    diffs = []
-    for start in range(0, resamples, _CHUNK):
-        index = rng.integers(0, len(y), size=(min(_CHUNK, resamples - start), len(y)))
-        diffs.append(
-            _metric(metric, _confusions(y, b, index, classes)) - _metric(metric, _confusions(y, a, index, classes))
+    if not (len(labels) == len(base) == len(other)) or len(labels) == 0:
+        raise ValueError(
+            f"paired bootstrap needs equal, non-empty lists; got {len(labels)}, {len(base)}, {len(other)} items"
         )
-    spread = np.concatenate(diffs)
-    tail = (1 - level) / 2
-    low, high = np.quantile(spread, [tail, 1 - tail])
-    return Interval(value, float(low), float(high), level, resamples, seed, len(y))
+    value, spread = resampled_differences(metric, labels, [base], [other], seed=seed, resamples=resamples)
+    return interval_of(value, spread, seed=seed, items=len(labels), level=level)
+
+
+def average_interval(parts: list[tuple[float, np.ndarray, int]], *, seed: int, level: float = LEVEL) -> Interval:
+    """The average of several independent differences (e.g. one per task, each ``(value, resampled differences,
+    items)`` from :func:`resampled_differences` with the same number of resamples): the mean of the values, and the
+    interval of the resample-wise means (the tasks' items are resampled independently)."""
+    if not parts or len({len(spread) for _, spread, _ in parts}) != 1:
+        raise ValueError("average_interval needs at least one part, all with the same number of resamples")
+    value = float(np.mean([v for v, _, _ in parts]))
+    spread = np.mean([s for _, s, _ in parts], axis=0)
+    return interval_of(value, spread, seed=seed, items=sum(n for _, _, n in parts), level=level)
 
 
 def majority_interval(metric: str, labels: list[int], preds: list[int], *, seed: int = 0) -> Interval:
@@ -194,9 +233,12 @@ __all__ = [
     "RESAMPLES",
     "Figures",
     "Interval",
+    "average_interval",
     "build_figures",
     "dev_items_for",
+    "interval_of",
     "majority_interval",
     "paired_bootstrap",
+    "resampled_differences",
     "resolvable_points",
 ]

@@ -6,6 +6,7 @@ import pytest
 from doe_export import study
 from doe_export.bench import common
 from doe_export.cli import main
+from doe_export.errors import ConfigError
 
 
 def _quick(out, cache, methods="doe,random,magnitude"):
@@ -48,8 +49,16 @@ def test_quick_study_records_report_and_determinism(tmp_path):
         "no-prompt-tuning",
         "calib-8",
     }
+    assert dense[0]["labels"] and len(dense[0]["labels"]) == len(dense[0]["preds"]) == 24
+    assert all(len(r["preds"]) == len(r["preds_before_recovery"]) == 24 for r in runs)
+    assert {r["recovery_seed"] for r in runs if r["method"] == "doe"} == {study.QUICK_FLOW.recovery.seed}
     report = (tmp_path / "a" / "localization.md").read_text()
     assert "## toy" in report and "## Targets" in report and "DoE ablations" in report
+    assert (
+        "## DoE against each baseline" in report
+        and "task × rate × baseline comparisons on learned tasks: DoE wins" in report
+    )
+    assert "| DoE − dense, 95% CI |" in report
     assert "majority label 'no': 50.0" in report
     assert (tmp_path / "a" / "localization.png").read_bytes()[:4] == b"\x89PNG"
 
@@ -133,3 +142,42 @@ def test_quick_recovery_study_records_and_report(tmp_path):
     assert [r["distill"] for r in rows[1:]] == [0.0, 0.5]
     report = (tmp_path / "out" / "recovery.md").read_text()
     assert "| 1 epoch, cross-entropy |" in report and "Smallest average loss" in report
+
+
+def test_quick_study_seeds_every_method_and_pairs_the_runs(tmp_path):
+    """--seeds runs every method at every rate once per seed (the recovery reshuffled), and the report pairs
+    DoE with each baseline on the seeds both have."""
+    from doe_export import study_report
+
+    out = tmp_path / "out"
+    args = ["study", "localization", "--quick", "--out", str(out), "--cache-dir", str(tmp_path / "c"), "--no-progress"]
+    assert main([*args, "--methods", "doe,magnitude", "--seeds", "0,1", "--no-ablations"]) == 0
+    runs = [r for r in common.read_jsonl(out / "localization.jsonl")[1:] if r["kind"] == "run"]
+    for method in ("doe", "magnitude"):
+        for rate in (0.5, 0.8):
+            cell = [r for r in runs if r["method"] == method and r["rate"] == rate]
+            assert sorted(r["seed"] for r in cell) == [0, 1]
+            assert len({r["recovery_seed"] for r in cell}) == 2
+    assert len({r["after_recovery"]["gold_logprob"] for r in runs if r["method"] == "doe"}) > 1
+    report = study_report.Runs(common.read_jsonl(out / "localization.jsonl"))
+    value, spread, items = report.doe_minus("toy", "magnitude", 0.5)
+    doe = [r["value"] for r in runs if r["method"] == "doe" and r["rate"] == 0.5]
+    magnitude = [r["value"] for r in runs if r["method"] == "magnitude" and r["rate"] == 0.5]
+    assert value == pytest.approx(sum(doe) / 2 - sum(magnitude) / 2) and items == 24 and len(spread) == 2000
+
+
+def test_train_sizes_are_per_task_and_part_of_the_records_identity(tmp_path, capsys):
+    config = study.StudyConfig(train_sizes={"cola": None, "rte": 300})
+    assert config.flow_for("cola").data.max_train is None and config.flow_for("rte").data.max_train == 300
+    assert config.flow_for("sst2") == config.flow
+    out = tmp_path / "out"
+    args = ["study", "localization", "--quick", "--out", str(out), "--cache-dir", str(tmp_path / "c"), "--no-progress"]
+    args += ["--methods", "doe", "--no-ablations"]
+    assert main([*args, "--train-sizes", "toy=40"]) == 0
+    assert [r["train_size"] for r in common.read_jsonl(out / "localization.jsonl") if r.get("kind") == "dense"] == [40]
+    assert main([*args, "--train-sizes", "toy=30"]) == 2
+    assert "other settings of ['train_sizes.toy']" in capsys.readouterr().err
+    assert main([*args, "--train-sizes", "toy"]) == 2
+    assert "--train-sizes: expected TASK=N or TASK=none, got 'toy'" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match="training size of task 'rte' must be >= 1"):
+        study.StudyConfig(train_sizes={"rte": -3})

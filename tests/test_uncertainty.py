@@ -77,3 +77,22 @@ def test_a_form_checked_on_the_first_items_is_paired_on_those():
     figures = build_figures("accuracy", labels, dense, {"expert": dense, "fp16": dense[:10]}, seed=0, tolerance=0.01)
     assert figures.against_dense["expert"].items == 40 and figures.against_dense["fp16"].items == 10
     assert figures.learned and figures.cell("fp16") == "fp16 +0.0 [+0.0, +0.0] met"
+
+
+def test_differences_average_over_seeds_and_tasks():
+    """Several prediction lists (seeds) average their metric; averages over tasks average the resamples."""
+    from doe_export.uncertainty import average_interval, resampled_differences
+
+    labels = [0, 1] * 50
+    right, wrong = list(labels), [1 - y for y in labels]
+    half = right[:50] + wrong[50:]
+    value, spread = resampled_differences("accuracy", labels, [wrong], [right, half], seed=3, resamples=500)
+    assert value == pytest.approx(0.75) and spread.shape == (500,)  # (1.0 + 0.5) / 2 - 0.0
+    same, zero = resampled_differences("accuracy", labels, [half], [half], resamples=300)
+    assert same == 0 and not zero.any()
+    average = average_interval([(value, spread, 100), (same, np.zeros(500), 100)], seed=3)
+    assert average.value == pytest.approx(0.375) and average.items == 200 and average.low <= 0.375 <= average.high
+    with pytest.raises(ValueError, match="as long as the 100 labels"):
+        resampled_differences("accuracy", labels, [labels[:10]], [labels])
+    with pytest.raises(ValueError, match="same number of resamples"):
+        average_interval([(value, spread, 100), (same, zero, 100)], seed=0)

@@ -7,15 +7,18 @@ import os
 from dataclasses import replace
 from pathlib import Path
 
+from ..errors import ConfigError
 from ..recovery_study import DEFAULT_TASKS as RECOVERY_TASKS
 from ..specs import AdaptMode, TrainedParams
 from ..study import StudyConfig
-from .options import choices, default, names, numbers, render_only, report_errors
+from .options import choices, default, names, numbers, positive_or_none, render_only, report_errors
 
 # flag (argparse dest) -> (None: a field of StudyConfig, else the part of its default flow; field)
 FIELDS: dict[str, tuple[str | None, str]] = {
     "rates": (None, "rates"),
     "methods": (None, "methods"),
+    "seeds": (None, "seeds"),
+    "random_seeds": (None, "random_seeds"),
     "adapt": ("adapt", "mode"),
     "prompt_length": ("adapt", "prompt_length"),
     "lr": ("adapt", "lr"),
@@ -68,12 +71,15 @@ def _add_flow_options(st: argparse.ArgumentParser) -> None:
     st.add_argument("--epochs", type=int, default=_default("epochs"), help="adaptation epochs (best dev epoch kept)")
     st.add_argument(
         "--max-train",
-        type=int,
+        type=positive_or_none,
         default=_default("max_train"),
         help="adaptation examples per task (calibration samples come from these)",
     )
     st.add_argument(
-        "--recovery-examples", type=int, default=_default("recovery_examples"), help="recovery tuning examples per run"
+        "--recovery-examples",
+        type=positive_or_none,
+        default=_default("recovery_examples"),
+        help="recovery examples per run (default: the task's whole training split, as doe build)",
     )
     st.add_argument("--max-eval", type=int, default=_default("max_eval"), help="cap on the reporting split")
     st.add_argument("--max-length", type=int, default=_default("max_length"))
@@ -102,6 +108,18 @@ def add_parser(sub) -> argparse.ArgumentParser:
     )
     st.add_argument("--rates", default=_default("rates"))
     st.add_argument("--methods", default=_default("methods"))
+    st.add_argument(
+        "--seeds",
+        default=_default("seeds"),
+        help="seeds of every method's runs (a seed moves the recovery's shuffling; random also draws other neurons)",
+    )
+    st.add_argument("--random-seeds", default=_default("random_seeds"), help="seeds the random scorer runs at least")
+    st.add_argument(
+        "--train-sizes",
+        default=format_sizes(StudyConfig().train_sizes),
+        help="training examples of the tasks that need more than --max-train to be learned, TASK=N or TASK=none "
+        "(the whole split), comma-separated; '' for none",
+    )
     _add_flow_options(st)
     st.add_argument("--no-ablations", action="store_true")
     st.add_argument("--render-only", action="store_true", help="re-render the report from the records")
@@ -109,12 +127,37 @@ def add_parser(sub) -> argparse.ArgumentParser:
     return st
 
 
+def format_sizes(sizes: dict[str, int | None]) -> str:
+    return ",".join(f"{task}={'none' if n is None else n}" for task, n in sizes.items())
+
+
+def parse_sizes(text: str) -> dict[str, int | None]:
+    """``cola=none,rte=2000`` as {task: examples or None}; ConfigError naming the part that is not one."""
+    sizes: dict[str, int | None] = {}
+    for part in (p.strip() for p in text.split(",") if p.strip()):
+        task, _, size = part.partition("=")
+        if not task or not size:
+            raise ConfigError(f"--train-sizes: expected TASK=N or TASK=none, got {part!r}")
+        try:
+            sizes[task.strip()] = positive_or_none(size.strip())
+        except (ValueError, argparse.ArgumentTypeError):
+            raise ConfigError(f"--train-sizes: {part!r} is not TASK=N (N >= 1) or TASK=none") from None
+    return sizes
+
+
 def study_config(args: argparse.Namespace) -> StudyConfig:
     """The localization study of the flags: the default flow with every given setting applied."""
     from .. import study
 
     if args.quick:
-        return StudyConfig(**{**study.QUICK, "methods": names(args.methods)})
+        return StudyConfig(
+            **{
+                **study.QUICK,
+                "methods": names(args.methods),
+                "seeds": numbers(args.seeds),
+                "train_sizes": parse_sizes(args.train_sizes),
+            }
+        )
     base = StudyConfig()
     flow = base.flow
     flow = replace(
@@ -133,6 +176,9 @@ def study_config(args: argparse.Namespace) -> StudyConfig:
         tasks=names(args.tasks) if args.tasks else base.tasks,
         rates=numbers(args.rates, float),
         methods=names(args.methods),
+        seeds=numbers(args.seeds),
+        random_seeds=numbers(args.random_seeds),
+        train_sizes=parse_sizes(args.train_sizes),
         ablations=not args.no_ablations,
         flow=flow,
     )
