@@ -202,8 +202,26 @@ def summary_table(results: list[TaskResult]) -> str:
     return "\n".join(lines)
 
 
+def verdict_line(results: list[TaskResult], tolerance_points: float) -> str:
+    """How many served experts hold the tolerance on test (the --max-loss budget, else 1 point), read from each
+    build's paired interval: met (the interval rules out a larger loss), not resolved, missed, or no verdict
+    where the dense model is not shown to have learned the task."""
+    groups: dict[str, list[str]] = {"met": [], "not resolved": [], "missed": [], "no verdict (dense not learned)": []}
+    for r in results:
+        forms = r.uncertainty.get("expert_minus_dense", {})
+        within = forms.get("int8" if "int8" in r.precisions else "fp32", {}).get("within")
+        if not r.dense_learned or within is None:
+            groups["no verdict (dense not learned)"].append(r.task)
+        else:
+            groups[within["verdict"]].append(f"{r.task} p={r.rate:g}")
+    return (
+        f"Served expert within {tolerance_points:g} point(s) of the dense model on test (95% interval): "
+        + "; ".join(f"{verdict} {len(tasks)} ({', '.join(tasks)})" for verdict, tasks in groups.items() if tasks)
+    )
+
+
 def results_as_dicts(results: list[TaskResult]) -> list[dict]:
     return [asdict(r) for r in results]
 
 
-__all__ = ["BuiltTask", "TaskResult", "build_manifest", "results_as_dicts", "summary_table"]
+__all__ = ["BuiltTask", "TaskResult", "build_manifest", "results_as_dicts", "summary_table", "verdict_line"]

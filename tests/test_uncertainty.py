@@ -96,3 +96,30 @@ def test_differences_average_over_seeds_and_tasks():
         resampled_differences("accuracy", labels, [labels[:10]], [labels])
     with pytest.raises(ValueError, match="same number of resamples"):
         average_interval([(value, spread, 100), (same, zero, 100)], seed=0)
+
+
+def test_build_verdict_line_counts_every_task_once():
+    """doe build's last line: each task's served form against dense, grouped by its interval's verdict."""
+    from doe_export.summary import TaskResult, verdict_line
+
+    def result(task, verdict, *, learned=True, precisions=("fp32", "int8")):
+        within = {"points": 1.0, "verdict": verdict}
+        forms = {"int8": {"within": within}, "fp32": {"within": {"points": 1.0, "verdict": "missed"}}}
+        return TaskResult(
+            task, "accuracy", "test", 100, 0.9, 0.8, 0.89, 0.89, 10, 5, [4], [2], 1e-6, "out",
+            list(precisions), rate=0.65, uncertainty={"expert_minus_dense": forms}, dense_learned=learned,
+        )  # fmt: skip
+
+    line = verdict_line(
+        [
+            result("a", "met"),
+            result("b", "not resolved"),
+            result("c", "met", learned=False),
+            result("d", "met", precisions=("fp32",)),  # served fp32: its own verdict is read
+        ],
+        1.0,
+    )
+    assert line == (
+        "Served expert within 1 point(s) of the dense model on test (95% interval): met 1 (a p=0.65); "
+        "not resolved 1 (b p=0.65); missed 1 (d p=0.65); no verdict (dense not learned) 1 (c)"
+    )

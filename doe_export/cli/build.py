@@ -386,14 +386,17 @@ def config_from_args(args: argparse.Namespace) -> BuildConfig:
 def run(args: argparse.Namespace) -> int:
     from ..errors import ConfigError
     from ..pipeline import build, results_as_dicts, summary_table
+    from ..summary import verdict_line
     from ..tasks import parse_user_task
 
     def go() -> int:
         if args.json_out and not Path(args.json_out).resolve().parent.is_dir():
             raise ConfigError(f"--json {args.json_out}: its folder does not exist; create it or pick another path")
         user_tasks = {t.name: t for t in map(parse_user_task, args.user_task)}
-        results = build(config_from_args(args), user_tasks)
+        config = config_from_args(args)
+        results = build(config, user_tasks)
         print(summary_table(results))
+        print("\n" + verdict_line(results, 1.0 if config.max_loss is None else config.max_loss))
         first = results[0]
         print(
             f"\nNext: doe-runtime inspect {first.bundle}\n      doe-runtime predict {args.out} --task {first.task} ..."
