@@ -42,7 +42,7 @@ class PruneConfig:
             raise ConfigError(f"round_to and min_keep must be >= 1, got {self.round_to}, {self.min_keep}")
 
 
-def _round_width(k: int, width: int, config: PruneConfig) -> int:
+def kept_width(k: int, width: int, config: PruneConfig) -> int:
     """``k`` kept of ``width`` made a multiple of ``round_to`` (up, down or to the nearest; at least one multiple
     and never more than the width)."""
     k, step = max(k, config.min_keep), config.round_to
@@ -78,7 +78,7 @@ def select_neurons(importance: list[torch.Tensor], config: PruneConfig) -> list[
         counts = torch.bincount(layer_of[top], minlength=len(widths)).tolist()
     keep = []
     for scores, width, count in zip(importance, widths, counts):
-        count = _round_width(count, width, config)
+        count = kept_width(count, width, config)
         # stable tie-break by index so equal scores give the same selection every run
         order = torch.sort(-scores.float(), stable=True).indices
         keep.append(torch.sort(order[:count]).values)

@@ -20,7 +20,7 @@ from __future__ import annotations
 import copy
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -253,24 +253,62 @@ def make_expert(
     score: Callable[[Any], Score] | None = None,
 ) -> ExpertResult:
     """Attribute on ``dense``, prune a copy, score it, recover it (``dense`` is the teacher), score again.
+    With ``prune_spec.steps`` > 1 the widths are reached gradually: each step attributes on the model the step
+    before left, prunes to its share of the way and recovers; ``before`` is the last step's, before its recovery.
 
     ``score(model)`` defaults to the task metric on ``data.test`` (:func:`scorer`); the study passes
     one with more values, the rate search one that also scores dev.
     """
     score = score or scorer(tokenizer, data)
-    seconds = {}
-    start = time.perf_counter()
-    found = attribute(dense, tokenizer, data.train, prune_spec, progress=progress, stats=stats)
-    seconds["attribute"] = round(time.perf_counter() - start, 2)
+    seconds: dict[str, float] = {"attribute": 0.0, "prune": 0.0, "recover": 0.0}
     model = copy.deepcopy(dense)
-    start = time.perf_counter()
-    report = prune(model, found, prune_spec)
-    seconds["prune"] = round(time.perf_counter() - start, 2)
-    before = score(model)
-    start = time.perf_counter()
-    record = recover(model, dense, tokenizer, data, recovery_spec, progress=progress, desc=f"{desc} recovery")
-    seconds["recover"] = round(time.perf_counter() - start, 2)
+    step_specs = gradual_steps(model, prune_spec)
+    found: Attribution | None = None
+    before: Score | None = None
+    report: dict = {}
+    record: dict = {}
+    for step, spec in enumerate(step_specs, 1):
+        start = time.perf_counter()
+        found = attribute(model, tokenizer, data.train, spec, progress=progress, stats=stats if step == 1 else None)
+        seconds["attribute"] += round(time.perf_counter() - start, 2)
+        start = time.perf_counter()
+        step_report = prune(model, found, spec)
+        report = step_report if step == 1 else {**step_report, "params_before": report["params_before"]}
+        seconds["prune"] += round(time.perf_counter() - start, 2)
+        before = score(model)
+        start = time.perf_counter()
+        where = f" step {step}/{len(step_specs)}" if len(step_specs) > 1 else ""
+        record = recover(
+            model, dense, tokenizer, data, recovery_spec, progress=progress, desc=f"{desc}{where} recovery"
+        )
+        seconds["recover"] += round(time.perf_counter() - start, 2)
+    assert found is not None and before is not None  # at least one step
+    if len(step_specs) > 1:  # the steps' own specs align nothing: the final widths are aligned as prune_spec asks
+        ffn_multiple, head_multiple = alignments(dense, prune_spec)
+        report["alignment"] = {"ffn_multiple": ffn_multiple, "head_multiple": head_multiple}
+        report["steps"] = [{"rate": round(s.rate, 6)} for s in step_specs]
     return ExpertResult(model, found, report, record, before, score(model), seconds)
+
+
+def gradual_steps(model, spec: PruneSpec) -> list[PruneSpec]:
+    """The prune specs of each step: one step is ``spec`` itself; with ``spec.steps`` = n, step k keeps
+    ``width - (width - final) * k / n`` neurons per layer (``final``: the one-shot kept width, aligned as
+    ``spec`` aligns it), each step's rate relative to the width the step before left."""
+    if spec.steps == 1:
+        return [spec]
+    widths = set(model.ffn_widths())
+    if len(widths) != 1:
+        raise ConfigError(
+            f"--prune-steps {spec.steps}: gradual pruning needs one FFN width in every layer, the model has "
+            f"{sorted(widths)}; use --prune-steps 1"
+        )
+    width = widths.pop()
+    multiple, _ = alignments(model, spec)
+    config = surgery.PruneConfig(spec.ffn_rate, spec.budget, multiple, rounding=spec.rounding)
+    final = surgery.kept_width(round(width * (1.0 - spec.ffn_rate)), width, config)
+    kept = [round(width - (width - final) * k / spec.steps) for k in range(spec.steps + 1)]
+    # round_to=1: each step's count is already what it should be (the last one aligned above)
+    return [replace(spec, rate=1.0 - kept[k] / kept[k - 1], round_to=1, steps=1) for k in range(1, spec.steps + 1)]
 
 
 # ----------------------------------------------------------------------------- export

@@ -107,6 +107,8 @@ def _pruning(built: BuiltTask) -> dict:
         "rounding": str(spec.rounding),
         "alignment": report.get("alignment", {}),
         "fold_bias": spec.fold_bias,
+        "steps": spec.steps,  # gradual pruning: each step's rate, relative to the widths the step before left
+        **({"step_rates": [s["rate"] for s in report["steps"]]} if "steps" in report else {}),
         "calibration_examples": expert.attribution.scores.examples,
         "seed": spec.seed,
         "params_before": report["params_before"],

@@ -394,3 +394,41 @@ def test_max_loss_sizes_the_dev_split_from_train_or_refuses_before_training(caps
 
     assert main(["build", "--tasks", "bbc-news", "--max-loss", "1", "--out", "/nonexistent/never"]) == 2
     assert "needs a dev split of 4,610 items" in capsys.readouterr().err
+
+
+def test_gradual_pruning_reaches_the_one_shot_widths_in_steps(tiny_backbone, hf_tokenizer, monkeypatch):
+    """--prune-steps 2: two attribute / prune / recover rounds ending at the one-shot widths (37 -> 28 -> 18),
+    each step attributed on the model the step before left; refused where it cannot apply."""
+    data = synthetic_task("toy", n_train=64)
+    loaded = LoadedModel(tiny_backbone("bert"), hf_tokenizer, "t", "c", None)
+    dense = stages.new_model(loaded, data, stages.AdaptSpec()).eval()
+    tokenizer = fast_tokenizer(hf_tokenizer, 24)
+    splits = stages.Splits.of(data, DataSpec(max_train=48, max_dev=8, max_length=24))
+    recovery = RecoverySpec(epochs=1, batch_size=8)
+    one_shot = stages.make_expert(
+        dense, tokenizer, splits, PruneSpec(rate=0.5, calib_examples=16, batch_size=8), recovery, progress=False
+    )
+    attributed, recovered = [], []
+    original_attribute, original_recover = stages.attribute, stages.recover
+    monkeypatch.setattr(
+        stages,
+        "attribute",
+        lambda model, *a, **k: attributed.append(model.ffn_widths()) or original_attribute(model, *a, **k),
+    )
+    monkeypatch.setattr(
+        stages,
+        "recover",
+        lambda model, *a, **k: recovered.append(model.ffn_widths()) or original_recover(model, *a, **k),
+    )
+    spec = PruneSpec(rate=0.5, calib_examples=16, batch_size=8, steps=2)
+    gradual = stages.make_expert(dense, tokenizer, splits, spec, recovery, progress=False)
+    assert one_shot.report["ffn_widths"] == gradual.report["ffn_widths"] == [18, 18]
+    assert attributed == [[37, 37], [28, 28]] and recovered == [[28, 28], [18, 18]]
+    assert gradual.report["params_before"] == one_shot.report["params_before"]
+    assert [s["rate"] for s in gradual.report["steps"]] == [round(1 - 28 / 37, 6), round(1 - 18 / 28, 6)]
+    assert gradual.report["alignment"] == one_shot.report["alignment"]
+    assert dense.ffn_widths() == [37, 37]  # the dense model is untouched
+    with pytest.raises(ConfigError, match="gradual pruning removes FFN neurons with a per-layer budget only"):
+        PruneSpec(steps=2, budget="global")
+    with pytest.raises(ConfigError, match="pruning steps must be an integer >= 1, got 0"):
+        PruneSpec(steps=0)

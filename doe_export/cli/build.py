@@ -53,6 +53,7 @@ FIELDS: dict[str, tuple[str | None, str]] = {
     "rounding": ("prune", "rounding"),
     "fp16_form": ("export", "fp16_form"),
     "fold_bias": ("prune", "fold_bias"),
+    "prune_steps": ("prune", "steps"),
     "calib_examples": ("prune", "calib_examples"),
     "recovery_epochs": ("recovery", "epochs"),
     "distill": ("recovery", "distill"),
@@ -266,6 +267,13 @@ def _add_pruning_options(b: argparse.ArgumentParser) -> None:
     b.add_argument(
         "--calib-examples", type=int, default=_default("calib_examples"), help="training examples used for attribution"
     )
+    b.add_argument(
+        "--prune-steps",
+        type=int,
+        default=_default("prune_steps"),
+        help="gradual pruning: reach the kept widths in this many steps, re-attributing and recovering after each "
+        "(FFN, per-layer budget; each step costs one recovery)",
+    )
 
 
 def _add_export_options(b: argparse.ArgumentParser) -> None:
@@ -355,6 +363,7 @@ def config_from_args(args: argparse.Namespace) -> BuildConfig:
             round_to=args.round_to,
             rounding=args.rounding,
             fold_bias=args.fold_bias,
+            steps=args.prune_steps,
             calib_examples=args.calib_examples,
             batch_size=batch,
             seed=seed,
