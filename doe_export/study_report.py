@@ -1,4 +1,4 @@
-"""The localization study's report: Markdown tables and a plot from ``localization.jsonl``
+"""The localization study's report: Markdown tables and plots from ``localization.jsonl``
 (re-rendered from the records alone: nothing is measured again).
 
 Runs that carry their test predictions (every run since the study moved to the shipped flow) are paired
@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from . import records as record_io
+from . import study_plots
 from .study import ABLATION_RATE, METHODS, StudyConfig
 from .uncertainty import Interval, average_interval, majority_interval, resampled_differences
 
@@ -141,9 +142,9 @@ def render(records_path: Path, out_dir: Path) -> Path:
     notes = Path(records_path).with_name("localization.notes.md")
     if notes.is_file():  # hand-written: what was tried where a target is missed (kept beside the records)
         lines += notes.read_text(encoding="utf-8").rstrip().splitlines() + [""]
-    plot = _plot(runs, Path(out_dir))
-    if plot:
-        lines += ["## Plot", "", f"![metric vs pruning rate]({plot.name})", ""]
+    plots = [study_plots.metric_vs_rate(runs, Path(out_dir)), _comparison_plot(runs, Path(out_dir))]
+    if any(plots):
+        lines += ["## Plots", ""] + [f"![{plot.stem}]({plot.name})" for plot in plots if plot] + [""]
     path = Path(out_dir) / "localization.md"
     path.write_text("\n".join(lines), encoding="utf-8")
     return path
@@ -366,46 +367,18 @@ VARIANT_LABELS = {
 }
 
 
-def _plot(runs: Runs, out_dir: Path) -> Path | None:
-    if not runs.tasks:
-        return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    cols = min(3, len(runs.tasks))
-    nrows = (len(runs.tasks) + cols - 1) // cols
-    fig, axes = plt.subplots(nrows, cols, figsize=(5 * cols, 3.8 * nrows), squeeze=False)
-    for ax, task in zip(axes.flat, runs.tasks):
-        for method in runs.methods:
-            seeds = {rate: [r["value"] for r in runs.cell(task, method, rate)] for rate in runs.rates}
-            points = [(rate, float(np.mean(v)), float(np.std(v))) for rate, v in seeds.items() if v]
-            if points:
-                xs, ys, es = zip(*points)
-                ax.errorbar(
-                    xs,
-                    [100 * y for y in ys],
-                    yerr=[100 * e for e in es],
-                    marker="o",
-                    capsize=2,
-                    label=method,
-                    linewidth=2.2 if method == "doe" else 1.0,
-                )
-        d = runs.dense[task]
-        ax.axhline(100 * d["value"], color="black", linestyle="--", linewidth=1, label="dense")
-        learned = "" if runs.learned[task] is not False else ", NOT LEARNED"
-        ax.set_title(f"{task} ({d['metric']}, n={d['split_size']}{learned})")
-        ax.set_xlabel("pruning rate (share of FFN neurons removed)")
-        ax.set_ylabel(f"{d['metric']} x100 after recovery")
-    for ax in list(axes.flat)[len(runs.tasks) :]:
-        ax.axis("off")
-    axes.flat[0].legend(fontsize=7)
-    fig.tight_layout()
-    path = out_dir / "localization.png"
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+def _comparison_plot(runs: Runs, out_dir: Path) -> Path | None:
+    """DoE minus each baseline with its interval, per learned task and rate (the comparison tables as a plot)."""
+    learned = runs.learned_tasks
+    table = {
+        rate: {
+            method: {t: average_interval([p], seed=SEED) for t in learned if (p := runs.doe_minus(t, method, rate))}
+            for method in runs.methods
+            if method != "doe"
+        }
+        for rate in runs.rates
+    }
+    return study_plots.doe_against_baselines(table, learned, out_dir)
 
 
 __all__ = ["Runs", "render"]

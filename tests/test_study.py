@@ -181,3 +181,17 @@ def test_train_sizes_are_per_task_and_part_of_the_records_identity(tmp_path, cap
     assert "--train-sizes: expected TASK=N or TASK=none, got 'toy'" in capsys.readouterr().err
     with pytest.raises(ConfigError, match="training size of task 'rte' must be >= 1"):
         study.StudyConfig(train_sizes={"rte": -3})
+
+
+def test_comparison_plot_draws_each_interval_and_draws_nothing_without_learned_tasks(tmp_path):
+    from doe_export import study_plots
+    from doe_export.uncertainty import Interval
+
+    def interval(value: float) -> Interval:
+        return Interval(value, value - 0.02, value + 0.02, 0.95, 2000, 0, 100)
+
+    table = {0.65: {"random": {"a": interval(0.03), "b": interval(-0.01)}, "taylor": {"a": interval(-0.05)}}}
+    path = study_plots.doe_against_baselines(table, ["a", "b"], tmp_path)
+    assert path == tmp_path / "localization_vs_baselines.png" and path.read_bytes()[:4] == b"\x89PNG"
+    assert study_plots.doe_against_baselines(table, [], tmp_path / "none") is None
+    assert study_plots.doe_against_baselines({0.65: {"random": {}}}, ["a"], tmp_path / "none") is None
