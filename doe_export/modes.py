@@ -90,6 +90,13 @@ class Rounding(Choice):
     DOWN = "down"  # keep fewer: never less pruning than asked for
 
 
+class BudgetRule(Choice):
+    """How ``--max-loss`` decides that a rate keeps the budget on dev."""
+
+    CONFIDENT = "confident"  # the dev interval's lower end is within it: 95 % sure on dev (default)
+    POINT = "point"  # the dev estimate is within it: about an even chance of a larger loss at the chosen rate
+
+
 class Fp16Form(Choice):
     """The form of the fp16 variant, the graph served on CUDA."""
 
@@ -107,6 +114,7 @@ __all__ = [
     "AdaptMode",
     "Attention",
     "Budget",
+    "BudgetRule",
     "Choice",
     "Exporter",
     "Fp16Form",

@@ -74,6 +74,7 @@ def _expert(config: BuildConfig, dense_model, tokenizer, splits: stages.Splits, 
         config.recovery,
         max_loss=config.max_loss,
         rates=config.search_rates,
+        rule=config.budget_rule,
         progress=config.progress,
         desc=f"[{task}]",
     )

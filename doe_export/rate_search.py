@@ -11,7 +11,7 @@ import numpy as np
 from . import evaluate
 from .console import log
 from .errors import ConfigError
-from .specs import SEARCH_RATES, PruneSpec, RecoverySpec
+from .specs import SEARCH_RATES, BudgetRule, PruneSpec, RecoverySpec
 from .stages import ExpertResult, Splits, calibration_stats, make_expert, scorer
 from .uncertainty import paired_bootstrap
 
@@ -35,17 +35,20 @@ def search_rate(
     *,
     max_loss: float,
     rates: tuple[float, ...] = SEARCH_RATES,
+    rule: BudgetRule = BudgetRule.CONFIDENT,
     progress: bool = True,
     desc: str = "expert",
 ) -> RateSearch:
     """The expert at the largest rate in ``rates`` whose dev metric after recovery is at most
-    ``max_loss`` points (x100) below the dense model's dev metric. Searched on dev only (never test),
+    ``max_loss`` points (x100) below the dense model's dev metric — with ``rule`` CONFIDENT, the lower end of
+    its 95 % paired interval against the dense model too (the estimate alone, POINT, leaves about an even
+    chance that the chosen rate loses more than the budget on new data). Searched on dev only (never test),
     by bisection over the sorted rates (the metric falls with the rate); the attribution pass is
     shared by every try. With heads removed and no fixed head rate, heads follow the same rate.
     Raises ConfigError with the dev metric of every rate tried when none is within the budget."""
     if not max_loss >= 0:
         raise ConfigError(f"--max-loss must be >= 0 points, got {max_loss}")
-    rates = tuple(sorted(set(rates)))
+    rates, rule = tuple(sorted(set(rates))), BudgetRule.parse(rule, "--budget-rule")
     if not rates or not all(0 < r < 1 for r in rates):
         raise ConfigError(f"search rates must be in (0, 1), got {rates}")
     score = scorer(tokenizer, data, dev=True)  # dev decides; test is only reported for the chosen rate
@@ -80,7 +83,8 @@ def search_rate(
             f"{desc} rate search: p={rate:g} dev {data.metric} {dev_of(rate):.4f} (dense {dense_dev:.4f}; expert - "
             f"dense {intervals[rate].points()} points on {len(data.dev)} dev items; budget {max_loss:g} points)"
         )
-        return 100 * (dense_dev - dev_of(rate)) <= max_loss + 1e-9  # float noise of x100
+        within = 100 * (dense_dev - dev_of(rate)) <= max_loss + 1e-9  # float noise of x100
+        return within and (rule is BudgetRule.POINT or -100 * intervals[rate].low <= max_loss + 1e-9)
 
     low, high = -1, len(rates)  # invariant: rates[low] passes (or low = -1), rates[high] fails (or len)
     while high - low > 1:
@@ -93,12 +97,13 @@ def search_rate(
     record = _record(
         data, max_loss, dense=(dense_dev, dense_preds), tried=tried, intervals=intervals, chosen=chosen, rates=rates
     )
+    record["rule"] = str(rule)
     if low < 0:
-        found = ", ".join(f"p={r:g}: {dev_of(r):.4f}" for r in sorted(tried))
+        found = ", ".join(f"p={r:g}: {dev_of(r):.4f} ({intervals[r].points()})" for r in sorted(tried))
         raise ConfigError(
             f"{desc}: --max-loss {max_loss:g}: no pruning rate kept the dev {data.metric} within {max_loss:g} points "
-            f"of the dense model's {dense_dev:.4f} ({found}); raise --max-loss, give smaller rates, or train the "
-            "dense model longer"
+            f"of the dense model's {dense_dev:.4f} by the {rule} rule ({found}); raise --max-loss, give smaller "
+            "rates, use --budget-rule point, or train the dense model longer"
         )
     return RateSearch(tried[rates[low]], record, rates[low])
 

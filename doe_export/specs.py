@@ -26,6 +26,7 @@ from .modes import (
     AdaptMode,
     Attention,
     Budget,
+    BudgetRule,
     Choice,
     Exporter,
     Fp16Form,
@@ -319,11 +320,13 @@ class BuildConfig:
     max_loss: float | None = None  # points: the largest rate whose dev metric stays within this (rate ignored)
     train_budget: float | None = None  # minutes for the dense adaptation: as many training examples as fit
     search_rates: tuple[float, ...] = SEARCH_RATES
+    budget_rule: BudgetRule = BudgetRule.CONFIDENT  # how --max-loss decides a rate keeps the budget on dev
     progress: bool = True
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "tasks", tuple(self.tasks))
         object.__setattr__(self, "search_rates", tuple(self.search_rates))
+        object.__setattr__(self, "budget_rule", BudgetRule.parse(self.budget_rule, "--budget-rule"))
         if not self.tasks:
             raise ConfigError("no tasks given; pass --tasks (see `doe tasks`)")
         for task in self.tasks:
@@ -357,6 +360,7 @@ __all__ = [
     "AdaptSpec",
     "Attention",
     "Budget",
+    "BudgetRule",
     "BuildConfig",
     "Choice",
     "DataSpec",

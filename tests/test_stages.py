@@ -278,7 +278,7 @@ def test_rate_search_bisects_on_dev_and_reports_every_try(tiny_backbone, hf_toke
     monkeypatch.setattr(rate_search, "make_expert", fake_expert)
     monkeypatch.setattr(evaluate, "torch_predictions", lambda *args, **kwargs: dense_preds)  # the dense model on dev
 
-    def search(max_loss):
+    def search(max_loss, rule="point"):
         return rate_search.search_rate(
             dense,
             tokenizer,
@@ -286,6 +286,7 @@ def test_rate_search_bisects_on_dev_and_reports_every_try(tiny_backbone, hf_toke
             stages.PruneSpec(calib_examples=16),
             stages.RecoverySpec(),
             max_loss=max_loss,
+            rule=rule,
             progress=False,
         )
 
@@ -300,8 +301,17 @@ def test_rate_search_bisects_on_dev_and_reports_every_try(tiny_backbone, hf_toke
     assert chosen["disagreement"] == 0.05 and chosen["vs_dense"]["value"] == pytest.approx(-0.05)
     assert chosen["vs_dense"]["low"] <= -0.05 <= chosen["vs_dense"]["high"] <= 0
     assert chosen["vs_dense"]["within"]["points"] == 5.0
+    assert found.record["rule"] == "point"
     with pytest.raises(ConfigError, match=r"no pruning rate kept the dev accuracy within 1 points .*p=0.2: 0.8800"):
         search(1.0)
+    # the default rule asks the interval too: p=0.5's estimate is within 5 points but its interval (20 items) is
+    # not, p=0.35 changes one answer (interval far below -5), p=0.2 changes none
+    calls.clear()
+    confident = search(5.0, rule="confident")
+    assert confident.rate == 0.2 and calls == [0.5, 0.2, 0.35] and confident.record["rule"] == "confident"
+    assert confident.record["chosen_rate"] == 0.2
+    with pytest.raises(ConfigError, match="--budget-rule must be one of confident, point, got 'maybe'"):
+        search(5.0, rule="maybe")
     with pytest.raises(ConfigError, match="--max-loss must be >= 0"):
         search(-1.0)
 

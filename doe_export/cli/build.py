@@ -13,6 +13,7 @@ from ..specs import (
     AdaptSpec,
     Attention,
     Budget,
+    BudgetRule,
     BuildConfig,
     DataSpec,
     Exporter,
@@ -37,6 +38,7 @@ FIELDS: dict[str, tuple[str | None, str]] = {
     "out": (None, "out_dir"),
     "max_loss": (None, "max_loss"),
     "search_rates": (None, "search_rates"),
+    "budget_rule": (None, "budget_rule"),
     "train_budget": (None, "train_budget"),
     "adapt": ("adapt", "mode"),
     "prompt_length": ("adapt", "prompt_length"),
@@ -214,20 +216,6 @@ def _add_pruning_options(b: argparse.ArgumentParser) -> None:
     )
     b.add_argument("--rate", type=float, default=_default("rate"), help="share of FFN neurons removed")
     b.add_argument(
-        "--max-loss",
-        type=float,
-        default=_default("max_loss"),
-        metavar="POINTS",
-        help="accuracy budget: instead of --rate, the largest rate among --search-rates whose dev metric "
-        "after recovery stays within POINTS (x100) of the dense model's (searched on dev, reported on "
-        "test; recorded in the manifest)",
-    )
-    b.add_argument(
-        "--search-rates",
-        default=_default("search_rates"),
-        help="candidate rates for --max-loss (heads follow the same rate unless --head-rate is given)",
-    )
-    b.add_argument(
         "--layer-types",
         choices=choices(LayerTypes),
         default=_default("layer_types"),
@@ -273,6 +261,30 @@ def _add_pruning_options(b: argparse.ArgumentParser) -> None:
         default=_default("prune_steps"),
         help="gradual pruning: reach the kept widths in this many steps, re-attributing and recovering after each "
         "(FFN, per-layer budget; each step costs one recovery)",
+    )
+
+
+def _add_budget_options(b: argparse.ArgumentParser) -> None:
+    b.add_argument(
+        "--max-loss",
+        type=float,
+        default=_default("max_loss"),
+        metavar="POINTS",
+        help="accuracy budget: instead of --rate, the largest rate among --search-rates whose dev metric "
+        "after recovery stays within POINTS (x100) of the dense model's (searched on dev, reported on "
+        "test; recorded in the manifest)",
+    )
+    b.add_argument(
+        "--search-rates",
+        default=_default("search_rates"),
+        help="candidate rates for --max-loss (heads follow the same rate unless --head-rate is given)",
+    )
+    b.add_argument(
+        "--budget-rule",
+        choices=choices(BudgetRule),
+        default=_default("budget_rule"),
+        help="how --max-loss decides a rate keeps the budget on dev: 'confident', its 95%% interval's lower end "
+        "is within it; 'point', its estimate is (a larger rate, about an even chance of losing more on test)",
     )
 
 
@@ -329,6 +341,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
     _add_data_options(b)
     _add_training_options(b)
     _add_pruning_options(b)
+    _add_budget_options(b)
     _add_export_options(b)
     return b
 
@@ -388,6 +401,7 @@ def config_from_args(args: argparse.Namespace) -> BuildConfig:
         max_loss=args.max_loss,
         train_budget=args.train_budget,
         search_rates=numbers(args.search_rates, float),
+        budget_rule=args.budget_rule,
         progress=not args.no_progress,
     )
 
