@@ -23,6 +23,15 @@ def _pyplot():
     return plt
 
 
+def _save(plt, fig, axes, path: Path) -> Path:
+    """The legend on the first panel, then the figure written to ``path`` and closed."""
+    axes.flat[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
 def metric_vs_rate(runs: Runs, out_dir: Path) -> Path | None:
     """Each task's metric after recovery against the rate, one line per method, the dense model dashed."""
     if not runs.tasks:
@@ -54,12 +63,7 @@ def metric_vs_rate(runs: Runs, out_dir: Path) -> Path | None:
         ax.set_ylabel(f"{d['metric']} x100 after recovery")
     for ax in list(axes.flat)[len(runs.tasks) :]:
         ax.axis("off")
-    axes.flat[0].legend(fontsize=7)
-    fig.tight_layout()
-    path = out_dir / "localization.png"
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, axes, out_dir / "localization.png")
 
 
 def doe_against_baselines(
@@ -91,12 +95,7 @@ def doe_against_baselines(
         ax.invert_yaxis()
         ax.set_title(f"DoE minus baseline, p={rate:g}")
         ax.set_xlabel("points after recovery (95% paired interval)")
-    axes.flat[0].legend(fontsize=7)
-    fig.tight_layout()
-    path = out_dir / "localization_vs_baselines.png"
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, axes, out_dir / "localization_vs_baselines.png")
 
 
 __all__ = ["doe_against_baselines", "metric_vs_rate"]

@@ -37,6 +37,7 @@ class Runs:
         present = {r["method"] for r in self.rows}
         self.methods = [m for m in METHODS if m in present or m in self.cfg.methods]
         self.learned = {t: self._learned(t) for t in self.tasks}
+        self._doe_minus: dict[tuple[str, str, float], tuple[float, np.ndarray, int] | None] = {}
 
     def cell(self, task: str, method: str, rate: float) -> list[dict]:
         return [
@@ -68,7 +69,14 @@ class Runs:
         return None if part is None else average_interval([part], seed=SEED)
 
     def doe_minus(self, task: str, method: str, rate: float) -> tuple[float, np.ndarray, int] | None:
-        """DoE minus ``method`` at ``rate``, paired on the seeds both have (all runs of each where none match)."""
+        """DoE minus ``method`` at ``rate``, paired on the seeds both have (all runs of each where none match);
+        resampled once per cell (the tables, the seed list and the plot all read it)."""
+        key = (task, method, rate)
+        if key not in self._doe_minus:
+            self._doe_minus[key] = self._resampled_doe_minus(task, method, rate)
+        return self._doe_minus[key]
+
+    def _resampled_doe_minus(self, task: str, method: str, rate: float) -> tuple[float, np.ndarray, int] | None:
         doe, other = self.cell(task, "doe", rate), self.cell(task, method, rate)
         shared = {r["seed"] for r in doe} & {r["seed"] for r in other}
         if shared and method != "random":
