@@ -84,7 +84,8 @@ def search_rate(
             f"dense {intervals[rate].points()} points on {len(data.dev)} dev items; budget {max_loss:g} points)"
         )
         within = 100 * (dense_dev - dev_of(rate)) <= max_loss + 1e-9  # float noise of x100
-        return within and (rule is BudgetRule.POINT or -100 * intervals[rate].low <= max_loss + 1e-9)
+        # confident: the verdict the search record shows for this rate (Interval.verdict) is "met"
+        return within and (rule is BudgetRule.POINT or intervals[rate].verdict(max_loss / 100) == "met")
 
     low, high = -1, len(rates)  # invariant: rates[low] passes (or low = -1), rates[high] fails (or len)
     while high - low > 1:
@@ -93,11 +94,6 @@ def search_rate(
             low = middle
         else:
             high = middle
-    chosen = rates[low] if low >= 0 else None
-    record = _record(
-        data, max_loss, dense=(dense_dev, dense_preds), tried=tried, intervals=intervals, chosen=chosen, rates=rates
-    )
-    record["rule"] = str(rule)
     if low < 0:
         found = ", ".join(f"p={r:g}: {dev_of(r):.4f} ({intervals[r].points()})" for r in sorted(tried))
         raise ConfigError(
@@ -105,10 +101,16 @@ def search_rate(
             f"of the dense model's {dense_dev:.4f} by the {rule} rule ({found}); raise --max-loss, give smaller "
             "rates, use --budget-rule point, or train the dense model longer"
         )
-    return RateSearch(tried[rates[low]], record, rates[low])
+    chosen = rates[low]
+    record = _record(
+        data, max_loss, rule, rates, chosen, dense=(dense_dev, dense_preds), tried=tried, intervals=intervals
+    )
+    return RateSearch(tried[chosen], record, chosen)
 
 
-def _record(data, max_loss: float, *, dense: tuple, tried: dict, intervals: dict, chosen, rates) -> dict:
+def _record(
+    data, max_loss: float, rule: BudgetRule, rates, chosen, *, dense: tuple, tried: dict, intervals: dict
+) -> dict:
     """The manifest's ``pruning.search``: every rate tried with its dev metric, interval and disagreement."""
     dense_dev, dense_preds = dense
     return {
@@ -127,6 +129,7 @@ def _record(data, max_loss: float, *, dense: tuple, tried: dict, intervals: dict
         ],
         "chosen_rate": chosen,
         "candidates": list(rates),
+        "rule": str(rule),
     }
 
 
