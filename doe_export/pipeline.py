@@ -226,22 +226,35 @@ def plan_training(config: BuildConfig, loaded: LoadedModel, data: TaskData) -> B
 
 
 def plan_dev(config: BuildConfig, data: TaskData) -> tuple[BuildConfig, TaskData]:
-    """With ``max_loss``: a dev split large enough to resolve the budget (:func:`uncertainty.dev_items_for`),
-    the task's own dev split topped up from the end of train (items the training never sees while
-    ``max_train`` leaves them out; else train gives them up, down to MIN_TRAIN). A budget the data cannot
-    resolve is an error here, before anything trains, with the dev size it would need."""
-    from .tasks import Split
-    from .uncertainty import MIN_TRAIN, dev_items_for, resolvable_points
+    """The dev split the build selects on. With ``max_loss``: large enough to resolve the budget
+    (:func:`uncertainty.dev_items_for`), the task's own dev split topped up from the end of train (items the
+    training never sees while ``max_train`` leaves them out; else train gives them up, down to MIN_TRAIN).
+    A budget the data cannot resolve is an error here, before anything trains, with the dev size it would
+    need. With ``match_test_lengths``: dev and the training examples drawn by the test split's word counts."""
+    from .uncertainty import dev_items_for
 
-    if config.max_loss is None:
-        return config, data
-    if not config.max_loss > 0:
+    if config.max_loss is not None and not config.max_loss > 0:
         raise ConfigError("--max-loss 0 cannot be resolved by any dev split (every rate loses something); give > 0")
-    needed = dev_items_for(config.max_loss)
-    extra = max(0, needed - len(data.dev))
-    spare = len(data.train) - MIN_TRAIN
-    if extra and extra > spare:
-        have = len(data.dev) + max(spare, 0)
+    needed = None if config.max_loss is None else dev_items_for(config.max_loss)
+    if config.data.match_test_lengths:
+        data = _matched(config, data, needed)
+    elif needed is not None:
+        data = _topped_up(config, data, needed)
+    if needed is None:
+        return config, data
+    used = len(data.train) if config.data.max_train is None else min(config.data.max_train, len(data.train))
+    log(
+        f"[{data.name}] --max-loss {config.max_loss:g}: dev split of {needed:,} items ({data.dev.name}) so its 95% "
+        f"interval resolves the budget; {used:,} training examples"
+    )
+    return replace(config, data=replace(config.data, max_dev=needed)), data
+
+
+def _resolvable(config: BuildConfig, data: TaskData, needed: int) -> None:
+    from .uncertainty import MIN_TRAIN, resolvable_points
+
+    have = len(data.dev) + max(len(data.train) - MIN_TRAIN, 0)
+    if needed > have:
         raise ConfigError(
             f"task {data.name!r}: --max-loss {config.max_loss:g} needs a dev split of {needed:,} items to resolve "
             f"{config.max_loss:g} point(s) (95% interval half-width <= half the budget); the task has {len(data.dev):,} "
@@ -249,21 +262,42 @@ def plan_dev(config: BuildConfig, data: TaskData) -> tuple[BuildConfig, TaskData
             f"smallest budget its data resolve is {resolvable_points(have):.1f} points. Raise --max-loss or give "
             "more data (--user-task)"
         )
+
+
+def _topped_up(config: BuildConfig, data: TaskData, needed: int) -> TaskData:
+    from .tasks import Split
+
+    extra = max(0, needed - len(data.dev))
+    if not extra:
+        return data
+    _resolvable(config, data, needed)
     train, dev = data.train, data.dev
-    if extra:
-        cut = len(train) - extra
-        dev = Split(
-            f"{dev.name} + {extra:,} items carved from the end of train",
-            [*dev.inputs, *train.inputs[cut:]],
-            [*dev.labels, *train.labels[cut:]],
-        )
-        train = Split(train.name, train.inputs[:cut], train.labels[:cut])
-    used = len(train) if config.data.max_train is None else min(config.data.max_train, len(train))
-    log(
-        f"[{data.name}] --max-loss {config.max_loss:g}: dev split of {needed:,} items ({dev.name}) so its 95% "
-        f"interval resolves the budget; {used:,} training examples"
+    cut = len(train) - extra
+    dev = Split(
+        f"{dev.name} + {extra:,} items carved from the end of train",
+        [*dev.inputs, *train.inputs[cut:]],
+        [*dev.labels, *train.labels[cut:]],
     )
-    return replace(config, data=replace(config.data, max_dev=needed)), replace(data, train=train, dev=dev)
+    return replace(data, train=Split(train.name, train.inputs[:cut], train.labels[:cut]), dev=dev)
+
+
+def _matched(config: BuildConfig, data: TaskData, needed: int | None) -> TaskData:
+    from .tasks.matching import match_test_lengths
+    from .uncertainty import MIN_TRAIN
+
+    if needed is not None:
+        _resolvable(config, data, needed)
+    size = needed or min(config.data.max_dev or len(data.dev), len(data.dev))
+    reported = data.test.sample(config.data.max_eval, config.data.seed)  # the items the build reports on
+    matched, match = match_test_lengths(
+        replace(data, test=reported),
+        dev_items=size,
+        train_items=config.data.max_train,
+        seed=config.data.seed + 2,
+        keep_train=MIN_TRAIN,
+    )
+    log(f"[{data.name}] {match.note()}")
+    return replace(matched, test=data.test)
 
 
 def build(config: BuildConfig, user_tasks: dict[str, UserTask] | None = None) -> list[TaskResult]:

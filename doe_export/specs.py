@@ -96,6 +96,7 @@ class DataSpec:
     max_eval: int | None = 1000  # reporting examples (seeded stratified sample); None: the whole split
     max_length: int = 128  # tokens per input (soft prompt excluded)
     seed: int = 0
+    match_test_lengths: bool = False  # dev and training examples drawn by the test split's word counts
 
     def __post_init__(self) -> None:
         for name in ("max_train", "max_dev", "max_eval"):

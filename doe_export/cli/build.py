@@ -66,6 +66,7 @@ FIELDS: dict[str, tuple[str | None, str]] = {
     "max_eval": ("data", "max_eval"),
     "max_length": ("data", "max_length"),
     "seed": ("data", "seed"),
+    "match_test_lengths": ("data", "match_test_lengths"),
     "exporter": ("export", "exporter"),
     "attention": ("export", "attention"),
     "fuse": ("export", "fuse"),
@@ -146,6 +147,14 @@ def _add_data_options(b: argparse.ArgumentParser) -> None:
         "--max-length", type=int, default=_default("max_length"), help="max tokens per input (prompt excluded)"
     )
     b.add_argument("--seed", type=int, default=_default("seed"), help="seed of the data, adaptation and pruning")
+    b.add_argument(
+        "--match-test-lengths",
+        action="store_true",
+        default=_default("match_test_lengths"),
+        help="draw dev and the training examples from train + dev so their word counts follow the test split's "
+        "(for tasks whose train file is not drawn like their test split, e.g. SST-2: phrases vs sentences); "
+        "the test labels are never read",
+    )
 
 
 def _add_training_options(b: argparse.ArgumentParser) -> None:
@@ -364,6 +373,7 @@ def config_from_args(args: argparse.Namespace) -> BuildConfig:
             max_eval=args.max_eval,
             max_length=args.max_length,
             seed=seed,
+            match_test_lengths=args.match_test_lengths,
         ),
         adapt=adapt,
         prune=PruneSpec(
