@@ -13,7 +13,7 @@ from .console import log
 from .errors import ConfigError
 from .specs import SEARCH_RATES, BudgetRule, PruneSpec, RecoverySpec
 from .stages import ExpertResult, Splits, calibration_stats, make_expert, scorer
-from .uncertainty import paired_bootstrap
+from .uncertainty import DEV_METHOD, paired_bootstrap
 
 
 @dataclass
@@ -77,7 +77,12 @@ def search_rate(
         )
         tried[rate] = result
         intervals[rate] = paired_bootstrap(
-            data.metric, data.dev.labels, dense_preds, list(result.after.dev_preds or ()), seed=prune_spec.seed
+            data.metric,
+            data.dev.labels,
+            dense_preds,
+            list(result.after.dev_preds or ()),
+            seed=prune_spec.seed,
+            method=DEV_METHOD,
         )
         log(
             f"{desc} rate search: p={rate:g} dev {data.metric} {dev_of(rate):.4f} (dense {dense_dev:.4f}; expert - "

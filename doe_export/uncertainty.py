@@ -13,13 +13,14 @@ data allow both; more test items would decide).
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 
 RESAMPLES = 2000
 LEVEL = 0.95
 METHOD = "paired bootstrap over the test items (percentile interval)"
+DEV_METHOD = METHOD.replace("test items", "dev items")  # the rate search's intervals
 _CHUNK = 250  # resamples per vectorised step (memory: chunk x items indices)
 
 
@@ -134,14 +135,16 @@ def paired_bootstrap(
     seed: int = 0,
     resamples: int = RESAMPLES,
     level: float = LEVEL,
+    method: str = METHOD,
 ) -> Interval:
-    """``metric(other) - metric(base)`` on the same items, with its paired bootstrap interval."""
+    """``metric(other) - metric(base)`` on the same items, with its paired bootstrap interval (``method``
+    says which items they are)."""
     if not (len(labels) == len(base) == len(other)) or len(labels) == 0:
         raise ValueError(
             f"paired bootstrap needs equal, non-empty lists; got {len(labels)}, {len(base)}, {len(other)} items"
         )
     value, spread = resampled_differences(metric, labels, [base], [other], seed=seed, resamples=resamples)
-    return interval_of(value, spread, seed=seed, items=len(labels), level=level)
+    return replace(interval_of(value, spread, seed=seed, items=len(labels), level=level), method=method)
 
 
 def average_interval(parts: list[tuple[float, np.ndarray, int]], *, seed: int, level: float = LEVEL) -> Interval:

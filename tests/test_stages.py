@@ -301,6 +301,7 @@ def test_rate_search_bisects_on_dev_and_reports_every_try(tiny_backbone, hf_toke
     assert chosen["disagreement"] == 0.05 and chosen["vs_dense"]["value"] == pytest.approx(-0.05)
     assert chosen["vs_dense"]["low"] <= -0.05 <= chosen["vs_dense"]["high"] <= 0
     assert chosen["vs_dense"]["within"]["points"] == 5.0
+    assert "over the dev items" in chosen["vs_dense"]["method"]  # the record says which items it resampled
     assert found.record["rule"] == "point"
     with pytest.raises(ConfigError, match=r"no pruning rate kept the dev accuracy within 1 points .*p=0.2: 0.8800"):
         search(1.0)
