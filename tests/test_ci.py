@@ -45,6 +45,32 @@ def test_the_readme_is_a_guide_and_docs_numbers_link_to_records():
         assert (ROOT / "docs" / link).resolve().exists(), f"docs/results.md links to a missing record: {link}"
 
 
+def _slug(heading: str) -> str:
+    """GitHub's anchor of a Markdown heading: lower case, punctuation dropped, spaces as hyphens."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def _prose(path: Path) -> str:
+    return re.sub(r"```.*?```", "", path.read_text(encoding="utf-8"), flags=re.S)  # code blocks are not links
+
+
+def test_every_relative_link_in_the_docs_resolves_anchors_included():
+    missing = []
+    for doc in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
+        for link in re.findall(r"\]\(([^)\s]+)\)", _prose(doc)):
+            if re.match(r"[a-z]+:", link):  # https:, mailto:
+                continue
+            path, _, anchor = link.partition("#")
+            target = (doc.parent / path).resolve() if path else doc.resolve()
+            if not target.exists():
+                missing.append(f"{doc.name}: {link} (no such file)")
+            elif anchor and target.suffix == ".md":
+                headings = {_slug(h) for h in re.findall(r"^#+ (.+)$", _prose(target), re.M)}
+                if anchor not in headings:
+                    missing.append(f"{doc.name}: {link} (no heading with that anchor in {target.name})")
+    assert not missing, "broken links: " + "; ".join(missing)
+
+
 def test_constraints_pin_every_declared_dependency():
     pins = {}
     for line in (ROOT / "constraints.txt").read_text().splitlines():
