@@ -73,6 +73,18 @@ def test_thin_bins_are_made_up_from_other_items_and_counted():
     assert match.dev_median == _median(matched.dev) and match.train_median == _median(matched.train, 300)
 
 
+def test_with_all_of_train_the_matched_items_come_first():
+    """--max-train none (or a --train-budget that picks a head later): train keeps every item, and its head is
+    the largest draw the bins can fill at the test's shares."""
+    data = _phrases_vs_sentences()
+    matched, match = match_test_lengths(data, dev_items=200, train_items=None, seed=0)
+    assert len(matched.train) + len(matched.dev) == len(data.train) + len(data.dev) and match.shortfall == 0
+    head = match.matched_train
+    assert 300 < head < len(matched.train) and f"the first {head:,} training examples" in matched.notes[-1]
+    assert abs(_median(matched.train, head) - _median(data.test)) <= 2
+    assert _median(Split("tail", matched.train.inputs[head:], [])) < 10  # the phrases follow
+
+
 def test_too_few_items_are_refused_naming_the_task_and_the_fix():
     data = _phrases_vs_sentences(train=300, dev=20)
     with pytest.raises(TaskDataError, match=r"task 't': --match-test-lengths needs 200 dev items and at least 500"):

@@ -41,6 +41,7 @@ class LengthMatch:
     dev_median: float
     train_median: float
     shortfall: int  # drawn items taken outside their bin because the bin had too few
+    matched_train: int  # training examples drawn by the test lengths (the head of train)
 
     def note(self) -> str:
         short = (
@@ -51,7 +52,8 @@ class LengthMatch:
         return (
             f"dev and training examples drawn to match the test split's word counts (--match-test-lengths): "
             f"median words test {self.test_median:g}, train and dev before {self.before_median:g}, "
-            f"dev now {self.dev_median:g}, training examples now {self.train_median:g}{short}"
+            f"dev now {self.dev_median:g}, the first {self.matched_train:,} training examples now "
+            f"{self.train_median:g}{short}"
         )
 
 
@@ -83,17 +85,19 @@ def match_test_lengths(
     for members in by_bin:
         rng.shuffle(members)
     dev_idx = _draw(by_bin, _largest_remainders(share * dev_items, dev_items))  # dev first: the rate is chosen on it
+    if train_items is None:  # all of train trains: the longest head the bins can fill at the test's shares first
+        wanted = min(wanted, min(int(len(m) / f) for m, f in zip(by_bin, share) if f > 0))
     train_idx = _draw(by_bin, _largest_remainders(share * wanted, wanted))
     rest = [i for members in by_bin for i in members]
     rng.shuffle(rest)
-    shortfall = dev_items + wanted - len(dev_idx) - len(train_idx)
     filled = dev_items - len(dev_idx)  # bins too thin: made up from the other items, counted in the note
     dev_idx += rest[:filled]
-    train_idx += rest[filled:shortfall]
     rng.shuffle(dev_idx)
     rng.shuffle(train_idx)
-    first = len(train_idx)
-    train_idx += rest[shortfall:]
+    # the matched draw first, then the items the thin bins could not place, then the rest: any head of train
+    # (--max-train, or what --train-budget later picks) is as close to the test lengths as the bins allow
+    shortfall = filled + wanted - len(train_idx)
+    train_idx += rest[filled:]
 
     def split(name: str, idx: list[int]) -> Split:
         return Split(name, [pool_x[i] for i in idx], [pool_y[i] for i in idx])
@@ -105,8 +109,9 @@ def match_test_lengths(
         test_median=float(np.median(test_len)),
         before_median=float(np.median(pool_len)),
         dev_median=float(np.median(pool_len[dev_idx])) if dev_idx else 0.0,
-        train_median=float(np.median(pool_len[train_idx[:first]])) if first else 0.0,
+        train_median=float(np.median(pool_len[train_idx[:wanted]])) if wanted else 0.0,
         shortfall=shortfall,
+        matched_train=wanted,
     )
     return replace(data, train=train, dev=dev, notes=[*data.notes, match.note()]), match
 
