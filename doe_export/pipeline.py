@@ -230,47 +230,57 @@ def plan_dev(config: BuildConfig, data: TaskData) -> tuple[BuildConfig, TaskData
     (:func:`uncertainty.dev_items_for`), the task's own dev split topped up from the end of train (items the
     training never sees while ``max_train`` leaves them out; else train gives them up, down to MIN_TRAIN).
     A budget the data cannot resolve is an error here, before anything trains, with the dev size it would
-    need. With ``match_test_lengths``: dev and the training examples drawn by the test split's word counts."""
-    from .uncertainty import dev_items_for
+    need (F1 and MCC need more items than accuracy: :func:`uncertainty.metric_factor`). With
+    ``match_test_lengths``: dev and the training examples drawn by the test split's word counts."""
+    from .uncertainty import dev_items_for, metric_factor
 
     if config.max_loss is not None and not config.max_loss > 0:
         raise ConfigError("--max-loss 0 cannot be resolved by any dev split (every rate loses something); give > 0")
-    needed = None if config.max_loss is None else dev_items_for(config.max_loss)
+    needed, factor = None, 1.0
+    if config.max_loss is not None:
+        factor = metric_factor(data.metric, [*data.train.labels, *data.dev.labels], seed=config.data.seed)
+        needed = dev_items_for(config.max_loss, factor=factor)
+        _resolvable(config, data, needed, factor)
     if config.data.match_test_lengths:
         data = _matched(config, data, needed)
     elif needed is not None:
-        data = _topped_up(config, data, needed)
+        data = _topped_up(data, needed)
     if needed is None:
         return config, data
     used = len(data.train) if config.data.max_train is None else min(config.data.max_train, len(data.train))
     log(
         f"[{data.name}] --max-loss {config.max_loss:g}: dev split of {needed:,} items ({data.dev.name}) so its 95% "
-        f"interval resolves the budget; {used:,} training examples"
+        f"interval resolves the budget{_metric_note(data.metric, factor)}; {used:,} training examples"
     )
     return replace(config, data=replace(config.data, max_dev=needed)), data
 
 
-def _resolvable(config: BuildConfig, data: TaskData, needed: int) -> None:
+def _metric_note(metric: str, factor: float) -> str:
+    if factor == 1.0:
+        return ""
+    return f" ({metric} needs {factor:.1f}x the items accuracy would: one changed answer moves it that much more)"
+
+
+def _resolvable(config: BuildConfig, data: TaskData, needed: int, factor: float) -> None:
     from .uncertainty import MIN_TRAIN, resolvable_points
 
     have = len(data.dev) + max(len(data.train) - MIN_TRAIN, 0)
     if needed > have:
         raise ConfigError(
             f"task {data.name!r}: --max-loss {config.max_loss:g} needs a dev split of {needed:,} items to resolve "
-            f"{config.max_loss:g} point(s) (95% interval half-width <= half the budget); the task has {len(data.dev):,} "
-            f"dev and {len(data.train):,} train items, so at most {have:,} (keeping {MIN_TRAIN} to train): the "
-            f"smallest budget its data resolve is {resolvable_points(have):.1f} points. Raise --max-loss or give "
-            "more data (--user-task)"
+            f"{config.max_loss:g} point(s) of {data.metric} (95% interval half-width <= half the budget"
+            f"{_metric_note(data.metric, factor)}); the task has {len(data.dev):,} dev and {len(data.train):,} train "
+            f"items, so at most {have:,} (keeping {MIN_TRAIN} to train): the smallest budget its data resolve is "
+            f"{resolvable_points(have, factor=factor):.1f} points. Raise --max-loss or give more data (--user-task)"
         )
 
 
-def _topped_up(config: BuildConfig, data: TaskData, needed: int) -> TaskData:
+def _topped_up(data: TaskData, needed: int) -> TaskData:
     from .tasks import Split
 
     extra = max(0, needed - len(data.dev))
     if not extra:
         return data
-    _resolvable(config, data, needed)
     train, dev = data.train, data.dev
     cut = len(train) - extra
     dev = Split(
@@ -285,8 +295,6 @@ def _matched(config: BuildConfig, data: TaskData, needed: int | None) -> TaskDat
     from .tasks.matching import match_test_lengths
     from .uncertainty import MIN_TRAIN
 
-    if needed is not None:
-        _resolvable(config, data, needed)
     size = needed or min(config.data.max_dev or len(data.dev), len(data.dev))
     reported = data.test.sample(config.data.max_eval, config.data.seed)  # the items the build reports on
     matched, match = match_test_lengths(

@@ -175,16 +175,52 @@ Z95 = 1.959964
 MIN_TRAIN = 500  # training examples a carve may leave at the least
 
 
-def dev_items_for(max_loss_points: float, disagreement: float = DISAGREEMENT_PRIOR) -> int:
-    """Dev items whose paired 95 % interval is at most half of ``max_loss_points`` wide on each side."""
+def dev_items_for(max_loss_points: float, disagreement: float = DISAGREEMENT_PRIOR, factor: float = 1.0) -> int:
+    """Dev items whose paired 95 % interval is at most half of ``max_loss_points`` wide on each side
+    (``factor``: the metric's variance per changed answer against accuracy's, :func:`metric_factor`)."""
     if not max_loss_points > 0:
         raise ValueError(f"a budget of {max_loss_points} points cannot be resolved by any number of items")
-    return int(np.ceil((2 * Z95 * 100 / max_loss_points) ** 2 * disagreement))
+    return int(np.ceil((2 * Z95 * 100 / max_loss_points) ** 2 * disagreement * factor))
 
 
-def resolvable_points(items: int, disagreement: float = DISAGREEMENT_PRIOR) -> float:
+def resolvable_points(items: int, disagreement: float = DISAGREEMENT_PRIOR, factor: float = 1.0) -> float:
     """The smallest budget (points) that ``items`` dev items resolve (the inverse of dev_items_for)."""
-    return float(2 * Z95 * 100 * np.sqrt(disagreement / max(items, 1)))
+    return float(2 * Z95 * 100 * np.sqrt(disagreement * factor / max(items, 1)))
+
+
+# The sizing above is accuracy's. F1 and Matthews' correlation move by other amounts when one answer changes
+# (MCC about twice as much: it is scaled by each class's size), so their variance is measured on a simulated
+# pair of models: labels drawn at the task's shares, a dense model right on ACCURACY_PRIOR of them, an expert
+# that changes DISAGREEMENT_PRIOR of its answers.
+ACCURACY_PRIOR = 0.8
+_FACTOR_ITEMS, _FACTOR_RESAMPLES = 2000, 500
+
+
+def metric_factor(metric: str, labels: list[int], *, seed: int = 0) -> float:
+    """How many times the dev items accuracy needs ``metric`` needs for the same interval width in points,
+    for a task whose labels are ``labels`` (their shares are what matters). 1 for accuracy."""
+    if metric == "accuracy":
+        return 1.0
+    classes, counts = np.unique(np.asarray(labels, dtype=np.int64), return_counts=True)
+    if len(classes) < 2:
+        raise ValueError(f"metric_factor needs labels of at least two classes, got {classes.tolist()}")
+    rng = np.random.default_rng(seed)
+    y = rng.choice(classes, size=_FACTOR_ITEMS, p=counts / counts.sum())
+
+    def changed(v: np.ndarray) -> np.ndarray:  # another class than v's, at random among the task's
+        pick = rng.integers(1, len(classes), size=len(v))
+        position = np.searchsorted(classes, v)
+        return classes[(position + pick) % len(classes)]
+
+    dense = np.where(rng.random(_FACTOR_ITEMS) < ACCURACY_PRIOR, y, changed(y))
+    expert = np.where(rng.random(_FACTOR_ITEMS) < DISAGREEMENT_PRIOR, changed(dense), dense)
+    spread = {
+        name: resampled_differences(
+            name, y.tolist(), [dense.tolist()], [expert.tolist()], seed=seed, resamples=_FACTOR_RESAMPLES
+        )[1].std()
+        for name in (metric, "accuracy")
+    }
+    return float((spread[metric] / spread["accuracy"]) ** 2)
 
 
 @dataclass(frozen=True)
@@ -241,6 +277,7 @@ __all__ = [
     "dev_items_for",
     "interval_of",
     "majority_interval",
+    "metric_factor",
     "paired_bootstrap",
     "resampled_differences",
     "resolvable_points",

@@ -401,6 +401,11 @@ def test_max_loss_sizes_the_dev_split_from_train_or_refuses_before_training(caps
         plan_dev(BuildConfig(max_loss=1.0), task(1529, 170))
     with pytest.raises(ConfigError, match="--max-loss 0 cannot be resolved"):
         plan_dev(BuildConfig(max_loss=0.0), task(8000, 100))
+    mcc = replace(task(8000, 100), metric="matthews")
+    config, data = plan_dev(BuildConfig(max_loss=2.0), mcc)
+    assert len(data.dev) == config.data.max_dev > 3 * dev_items_for(2.0)  # MCC moves more per changed answer
+    with pytest.raises(ConfigError, match=r"point\(s\) of matthews .*matthews needs 4\.\dx the items accuracy would"):
+        plan_dev(BuildConfig(max_loss=1.0), mcc)
     from doe_export.cli import main
 
     assert main(["build", "--tasks", "bbc-news", "--max-loss", "1", "--out", "/nonexistent/never"]) == 2

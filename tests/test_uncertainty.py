@@ -123,3 +123,19 @@ def test_build_verdict_line_counts_every_task_once():
         "Served expert within 1 point(s) of the dense model on test (95% interval): met 1 (a p=0.65); "
         "not resolved 1 (b p=0.65); missed 1 (d p=0.65); no verdict (dense not learned) 1 (c)"
     )
+
+
+def test_dev_sizing_counts_how_far_one_answer_moves_the_metric():
+    """MCC moves about twice as far as accuracy per changed answer (4x the variance), F1 with a positive
+    majority less; the factor scales the dev split a budget needs, and what a split resolves."""
+    from doe_export.uncertainty import dev_items_for, metric_factor, resolvable_points
+
+    cola_like = [0] * 30 + [1] * 70
+    mcc = metric_factor("matthews", cola_like)
+    assert 3.0 < mcc < 5.5 and metric_factor("matthews", cola_like) == mcc  # seeded
+    assert metric_factor("f1", [0] * 32 + [1] * 68) < 1.0 and metric_factor("accuracy", cola_like) == 1.0
+    assert 2.0 < metric_factor("matthews", [0, 1, 2] * 10) < 5.5  # multi-class works too
+    assert dev_items_for(2.0, factor=mcc) == pytest.approx(dev_items_for(2.0) * mcc, rel=0.01)
+    assert resolvable_points(dev_items_for(2.0, factor=mcc), factor=mcc) <= 2.0
+    with pytest.raises(ValueError, match="at least two classes"):
+        metric_factor("matthews", [1, 1, 1])
