@@ -273,7 +273,10 @@ def make_expert(
         seconds["attribute"] += round(time.perf_counter() - start, 2)
         start = time.perf_counter()
         step_report = prune(model, found, spec)
-        report = step_report if step == 1 else {**step_report, "params_before": report["params_before"]}
+        # the model before the first step is the dense one: its sizes stay the report's "before" (FLOP bound)
+        report = (
+            step_report if step == 1 else {**step_report, **{k: v for k, v in report.items() if k.endswith("_before")}}
+        )
         seconds["prune"] += round(time.perf_counter() - start, 2)
         before = score(model)
         start = time.perf_counter()

@@ -441,6 +441,10 @@ def test_gradual_pruning_reaches_the_one_shot_widths_in_steps(tiny_backbone, hf_
     assert one_shot.report["ffn_widths"] == gradual.report["ffn_widths"] == [18, 18]
     assert attributed == [[37, 37], [28, 28]] and recovered == [[28, 28], [18, 18]]
     assert gradual.report["params_before"] == one_shot.report["params_before"]
+    assert gradual.report["ffn_widths_before"] == one_shot.report["ffn_widths_before"] == [37, 37]  # the dense
+    from doe_export.flops import report_bound
+
+    assert report_bound(32, gradual.report, 128) == report_bound(32, one_shot.report, 128)  # same widths, same bound
     assert [s["rate"] for s in gradual.report["steps"]] == [round(1 - 28 / 37, 6), round(1 - 18 / 28, 6)]
     assert gradual.report["alignment"] == one_shot.report["alignment"]
     assert dense.ffn_widths() == [37, 37]  # the dense model is untouched
