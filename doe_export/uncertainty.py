@@ -13,7 +13,7 @@ data allow both; more test items would decide).
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 
 import numpy as np
 
@@ -119,11 +119,13 @@ def resampled_differences(
     return value, np.concatenate(diffs)
 
 
-def interval_of(value: float, spread: np.ndarray, *, seed: int, items: int, level: float = LEVEL) -> Interval:
+def interval_of(
+    value: float, spread: np.ndarray, *, seed: int, items: int, level: float = LEVEL, method: str = METHOD
+) -> Interval:
     """The percentile interval of resampled differences (:func:`resampled_differences`)."""
     tail = (1 - level) / 2
     low, high = np.quantile(spread, [tail, 1 - tail])
-    return Interval(value, float(low), float(high), level, len(spread), seed, items)
+    return Interval(value, float(low), float(high), level, len(spread), seed, items, method)
 
 
 def paired_bootstrap(
@@ -144,7 +146,7 @@ def paired_bootstrap(
             f"paired bootstrap needs equal, non-empty lists; got {len(labels)}, {len(base)}, {len(other)} items"
         )
     value, spread = resampled_differences(metric, labels, [base], [other], seed=seed, resamples=resamples)
-    return replace(interval_of(value, spread, seed=seed, items=len(labels), level=level), method=method)
+    return interval_of(value, spread, seed=seed, items=len(labels), level=level, method=method)
 
 
 def average_interval(parts: list[tuple[float, np.ndarray, int]], *, seed: int, level: float = LEVEL) -> Interval:
