@@ -59,9 +59,18 @@ def read_jsonl(path: Path) -> list[dict]:
 # ----------------------------------------------------------------------------- specs in records and keys
 
 
+def _keyed(spec: Any) -> dict:
+    """``spec``'s fields for its key: those it lists in ``KEY_SKIPS_DEFAULT`` are left out at their default."""
+    fields = asdict(spec)
+    for name in getattr(type(spec), "KEY_SKIPS_DEFAULT", ()):
+        if fields[name] == type(spec).__dataclass_fields__[name].default:
+            del fields[name]
+    return fields
+
+
 def spec_key(*specs: Any, extra: Any = None) -> str:
     """A short stable hash of frozen specs (and anything JSON-able beside them), for cache keys."""
-    payload = [type(s).__name__ for s in specs] + [asdict(s) for s in specs] + [extra]
+    payload = [type(s).__name__ for s in specs] + [_keyed(s) for s in specs] + [extra]
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 

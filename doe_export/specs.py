@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 from doe_runtime.bundle import check_task_name
 
@@ -97,6 +97,10 @@ class DataSpec:
     max_length: int = 128  # tokens per input (soft prompt excluded)
     seed: int = 0
     match_test_lengths: bool = False  # dev and training examples drawn by the test split's word counts
+
+    # fields added after cache keys (records.spec_key) were in use: left out of the key while at their
+    # default, so the models cached before them are found again
+    KEY_SKIPS_DEFAULT: ClassVar[tuple[str, ...]] = ("match_test_lengths",)
 
     def __post_init__(self) -> None:
         for name in ("max_train", "max_dev", "max_eval"):

@@ -164,6 +164,21 @@ def test_spec_key_changes_with_any_field():
     assert base == stages.spec_key(stages.AdaptSpec(), stages.DataSpec())
     assert base != stages.spec_key(stages.AdaptSpec(epochs=2), stages.DataSpec())
     assert base != stages.spec_key(stages.AdaptSpec(), stages.DataSpec(max_train=10))
+    assert base != stages.spec_key(stages.AdaptSpec(), stages.DataSpec(match_test_lengths=True))
+
+
+def test_spec_key_of_a_field_added_later_is_the_key_from_before_it_at_its_default():
+    """A field added to a spec after models were cached under its key (DataSpec.match_test_lengths) must not
+    move the key while it is at its default: the key is the hash of the spec's fields without it."""
+    import dataclasses
+    import hashlib
+    import json
+
+    data, adapt = stages.DataSpec(max_train=10), stages.AdaptSpec()
+    before = {k: v for k, v in dataclasses.asdict(data).items() if k != "match_test_lengths"}
+    payload = ["DataSpec", "AdaptSpec", before, dataclasses.asdict(adapt), ["m", "t"]]
+    old = hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    assert stages.spec_key(data, adapt, extra=["m", "t"]) == old
 
 
 def test_training_keeps_the_best_dev_epoch(tiny_backbone, hf_tokenizer, monkeypatch):
