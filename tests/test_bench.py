@@ -183,18 +183,28 @@ def test_quick_batching_suite_counts_and_compares_every_answer(tmp_path):
     assert _bench("batching", out, tmp_path / "w") == 0
     rows = common.read_jsonl(out / "batching.jsonl")[1:]
     runs = [r for r in rows if r["kind"] == "batching"]
-    assert [(r["batch_wait_ms"], r["connections"]) for r in runs] == [(0.0, 4), (5.0, 4)]
+    # one server per wait, rounds alternating between them, the order reversed every other round
+    order = [(r["round"], r["batch_wait_ms"], r["connections"]) for r in runs]
+    assert order == [(0, 0.0, 4), (0, 5.0, 4), (1, 5.0, 4), (1, 0.0, 4)]
     for run in runs:
         assert run["requests"] > 0 and run["errors"] == 0 and run["mismatches"] == 0
+        # CPU over the measured window, both sides: the server did the work, the lean client little of it
+        assert run["server_cpu_s"] > 0 and 0 < run["client_cpu_share"] < 0.5
+        assert run["server_cpu_ms_per_request"] == pytest.approx(1e3 * run["server_cpu_s"] / run["requests"])
         # the server's request counter equals what the client got; the mid-run scrape parsed whole
         assert run["metrics_add_up"] and run["metrics_requests"] == run["client_answered"] > 0
         assert run["metrics_midway_families"] >= 10 and run["graceful_shutdown"] is True
         assert run["requests_per_call"] >= 1.0
-    assert runs[0]["requests_per_call"] == 1.0  # batching off: one request, one call
+    assert runs[0]["requests_per_call"] == runs[3]["requests_per_call"] == 1.0  # batching off: one request, one call
     (verdict,) = [r for r in rows if r["kind"] == "verdict"]
-    assert verdict["connections"] == 4 and verdict["throughput_ratio"] > 0
+    each = [
+        runs[1]["requests_per_s"] / runs[0]["requests_per_s"],
+        runs[2]["requests_per_s"] / runs[3]["requests_per_s"],
+    ]
+    assert verdict["connections"] == 4 and verdict["rounds"] == 2 and verdict["throughput_ratios"] == each
+    assert verdict["throughput_ratio"] == pytest.approx(sum(each) / 2)  # the median of two
     report = (out / "batching.md").read_text()
-    assert "counted / answered" in report and "throughput ×" in report
+    assert "counted / answered" in report and "throughput ×" in report and "server CPU per request" in report
     assert (out / "batching.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -203,6 +213,8 @@ def test_batching_suite_options_are_checked(tmp_path, capsys):
     assert "--batching-waits must all be in [0, 1000]" in capsys.readouterr().err
     assert main(["bench", "--suite", "batching", "--batching-connections", "0", "--out", str(tmp_path)]) == 2
     assert "--batching-connections must all be >= 1" in capsys.readouterr().err
+    assert main(["bench", "--suite", "batching", "--batching-rounds", "0", "--out", str(tmp_path)]) == 2
+    assert "--batching-rounds must be >= 1, got 0" in capsys.readouterr().err
     missing = tmp_path / "empty"
     missing.mkdir()
     code = main(

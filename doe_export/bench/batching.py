@@ -10,6 +10,9 @@ texts are the task's test texts. ``--quick``: a tiny generated bundle and texts,
 from __future__ import annotations
 
 import collections
+import contextlib
+import functools
+import statistics
 from pathlib import Path
 
 from ..console import log
@@ -87,44 +90,54 @@ def run_batching(config: SuiteConfig, work: Path, progress: bool) -> list[dict]:
     info = reference.info(task)
     del reference
     records = []
-    for wait in config.batching_waits_ms:
-        with ServerProcess(
-            config,
-            root,
-            engine="fastapi",
-            replicas=None,
-            tasks=1,
-            extra=("--batch-wait-ms", f"{wait:g}"),
-            suite_threads=False,
-        ) as server:
+    # one server per wait, all up at once; the rows alternate between them round after round (the order
+    # reversed every other round), so drift on the machine falls on every setting alike
+    with contextlib.ExitStack() as stack:
+        servers = {
+            wait: stack.enter_context(
+                ServerProcess(
+                    config,
+                    root,
+                    engine="fastapi",
+                    replicas=None,
+                    tasks=1,
+                    extra=("--batch-wait-ms", f"{wait:g}"),
+                    suite_threads=False,
+                )
+            )
+            for wait in config.batching_waits_ms
+        }
+        for round_ in range(config.batching_rounds):
             for connections in config.batching_connections:
-                before = _scrape(server.base)
-                result = run_client(
-                    server.base,
-                    server.memory,
-                    requests,
-                    expected,
-                    config=config,
-                    connections=connections,
-                    midway=lambda: _scrape(server.base),
-                )
-                after = _scrape(server.base)
-                result.update(_counters(before, after, result))
-                result.update(
-                    kind="batching",
-                    task=task,
-                    batch_wait_ms=wait,
-                    batching=wait > 0,
-                    texts=len(texts),
-                    precision=info["precision"],
-                    provider=info["provider"],
-                    bundles=str(root),
-                )
-                records.append(result)
-                _log(result)
-        for record in records:
-            if record["batch_wait_ms"] == wait:
-                record.update(server.shutdown)
+                waits = list(config.batching_waits_ms)
+                for wait in waits[::-1] if round_ % 2 else waits:
+                    server = servers[wait]
+                    before = _scrape(server.base)
+                    result = run_client(
+                        server,
+                        requests,
+                        expected,
+                        config=config,
+                        connections=connections,
+                        midway=functools.partial(_scrape, server.base),
+                    )
+                    after = _scrape(server.base)
+                    result.update(_counters(before, after, result))
+                    result.update(
+                        kind="batching",
+                        round=round_,
+                        task=task,
+                        batch_wait_ms=wait,
+                        batching=wait > 0,
+                        texts=len(texts),
+                        precision=info["precision"],
+                        provider=info["provider"],
+                        bundles=str(root),
+                    )
+                    records.append(result)
+                    _log(result)
+    for record in records:
+        record.update(servers[record["batch_wait_ms"]].shutdown)
     return records + _verdicts(records)
 
 
@@ -157,25 +170,44 @@ def _log(result: dict) -> None:
 
 
 def _verdicts(records: list[dict]) -> list[dict]:
-    """Each wait against batching off at the same connection count: throughput ratio and p99s."""
-    off = {r["connections"]: r for r in records if not r["batching"]}
+    """Each wait against batching off at the same connection count: the throughput ratio of each round's
+    pair of rows and their median, the p99s (medians over the rounds), errors and answers summed."""
     out = []
-    for record in records:
-        base = off.get(record["connections"])
-        if not record["batching"] or base is None:
+    keys = sorted({(r["connections"], r["batch_wait_ms"]) for r in records if r["batching"]})
+    for connections, wait in keys:
+        pairs = []
+        for on in (
+            r for r in records if r["batching"] and (r["connections"], r["batch_wait_ms"]) == (connections, wait)
+        ):
+            off = [
+                r for r in records if not r["batching"] and (r["connections"], r["round"]) == (connections, on["round"])
+            ]
+            pairs += [(on, off[0])] if off else []
+        if not pairs:
             continue
+        ratios = [on["requests_per_s"] / off["requests_per_s"] for on, off in pairs]
+        p99, p99_off = (statistics.median(pair[i]["latency_s"]["p99"] for pair in pairs) for i in (0, 1))
         out.append(
             {
                 "kind": "verdict",
-                "connections": record["connections"],
-                "batch_wait_ms": record["batch_wait_ms"],
-                "throughput_ratio": record["requests_per_s"] / base["requests_per_s"],
-                "p99_s": record["latency_s"]["p99"],
-                "p99_off_s": base["latency_s"]["p99"],
-                "p99_no_worse": record["latency_s"]["p99"] <= base["latency_s"]["p99"],
-                "errors": record["errors"] + base["errors"],
-                "mismatches": record["mismatches"],
-                "health_p99_s": record["health_s"]["p99"],
+                "connections": connections,
+                "batch_wait_ms": wait,
+                "rounds": len(pairs),
+                "throughput_ratio": statistics.median(ratios),
+                "throughput_ratios": ratios,
+                "requests_per_s": statistics.median(on["requests_per_s"] for on, _ in pairs),
+                "requests_per_s_off": statistics.median(off["requests_per_s"] for _, off in pairs),
+                "server_cpu_ms_per_request": statistics.median(on["server_cpu_ms_per_request"] for on, _ in pairs),
+                "server_cpu_ms_per_request_off": statistics.median(
+                    off["server_cpu_ms_per_request"] for _, off in pairs
+                ),
+                "p99_s": p99,
+                "p99_off_s": p99_off,
+                "p99_no_worse": p99 <= p99_off,
+                "errors": sum(on["errors"] + off["errors"] for on, off in pairs),
+                "mismatches": sum(on["mismatches"] for on, _ in pairs),
+                "answers": sum(on["requests"] for on, _ in pairs),
+                "health_p99_s": max(on["health_s"]["p99"] for on, _ in pairs),
             }
         )
     return out

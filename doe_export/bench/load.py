@@ -31,6 +31,23 @@ def process_rss(pid: int) -> int:
     raise OSError(f"no VmRSS for process {pid}")
 
 
+def session_cpu_seconds(leader: int) -> float:
+    """CPU seconds (user + system) used so far by the processes of ``leader``'s session: the server started
+    with ``start_new_session`` and whatever it started (the Ray engine's replicas)."""
+    import os
+
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0.0
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rpartition(")")[2].split()
+            if int(fields[3]) == leader:  # field 6, the session id (fields here start at field 3, the state)
+                total += (int(fields[11]) + int(fields[12])) / tick  # fields 14-15: utime, stime
+        except (OSError, ValueError, IndexError):  # a process that ended while being read
+            continue
+    return total
+
+
 def run_load(config: SuiteConfig, root: Path, progress: bool) -> list[dict]:
     """``doe-runtime serve`` in its own process, a bounded asyncio client with ``load_connections``
     concurrent connections over ``load_tasks`` tasks; every answer is compared with sequential
@@ -49,9 +66,7 @@ def run_load(config: SuiteConfig, root: Path, progress: bool) -> list[dict]:
     for engine, replicas in engines:
         with ServerProcess(config, root, engine=engine, replicas=replicas, tasks=len(names)) as server:
             for connections in config.load_connection_steps or (config.load_connections,):
-                result = run_client(
-                    server.base, server.memory, requests, expected, config=config, connections=connections
-                )
+                result = run_client(server, requests, expected, config=config, connections=connections)
                 result.update(engine=engine, replicas=replicas)
                 results.append(result)
                 _log_result(server.label, connections, result)
@@ -123,6 +138,9 @@ class ServerProcess:
 
     def memory(self) -> int:
         return _replica_rss(self.process.pid) if self.engine == "ray" else process_rss(self.process.pid)
+
+    def cpu_seconds(self) -> float:
+        return session_cpu_seconds(self.process.pid)
 
     def __enter__(self) -> ServerProcess:
         import httpx

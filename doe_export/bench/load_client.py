@@ -1,5 +1,7 @@
 """The load suite's client: one asyncio process with N connections sending requests round-robin, a
-liveness prober in its own process, and the server's memory sampled every second."""
+liveness prober in its own process, and the server's memory sampled every second. The connections are
+:mod:`.http_client`'s lean keep-alive ones (the client shares the cores with the server it measures), and the
+CPU both sides used over the measured window is recorded."""
 
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from .http_client import Answer, ClientError, Connection
 from .workbench import SuiteConfig
 
 PROBER = r"""
@@ -68,38 +71,44 @@ class _Tally:
             self.mismatches += 1
 
 
-async def _worker(client, job: dict, state: dict, tally: _Tally) -> None:
-    base, requests, expected = job["base"], job["requests"], job["expected"]
-    import httpx
+async def _worker(job: dict, state: dict, tally: _Tally) -> None:
+    requests, expected = job["requests"], job["expected"]
+    client = Connection(job["base"])
+    try:
+        await _send(client, requests, expected, state, tally)
+    finally:
+        await client.close()
 
+
+async def _send(client: Connection, requests: list, expected: list, state: dict, tally: _Tally) -> None:
     while not state["stop"].is_set():
         index = state["next"] % len(requests)
         state["next"] += 1
         task, items = requests[index]
         t0 = time.perf_counter()
+        response: Answer | str
         try:
-            response = await client.post(f"{base}/v1/tasks/{task}/predict", json={"inputs": items})
+            response = await client.post_json(f"/v1/tasks/{task}/predict", {"inputs": items})
             ok = response.status_code == 200
             labels = [p["label_id"] for p in response.json()["predictions"]] if ok else None
-        except (httpx.HTTPError, ValueError, KeyError) as exc:
+        except (ClientError, ValueError, KeyError) as exc:
             ok, labels, response = False, None, f"{type(exc).__name__}: {exc}"
         elapsed = time.perf_counter() - t0
         status = getattr(response, "status_code", None)
         state["answered"][str(status)] += 1  # every answer the server gave, warm-up and tail included
-        was_shed = not ok and status == 503 and response.headers.get("retry-after") is not None
+        retry = response.headers.get("retry-after") if isinstance(response, Answer) and status == 503 else None
+        was_shed = retry is not None
         if state["measuring"].is_set() and not state["stop"].is_set():
             tally.add(
                 elapsed=elapsed, response=response, ok=ok, was_shed=was_shed, labels=labels, expected=expected[index]
             )
-        if was_shed:
-            await asyncio.sleep(float(response.headers["retry-after"]) * 0.2)  # a polite client backs off
+        if retry is not None:
+            await asyncio.sleep(float(retry) * 0.2)  # a polite client backs off
 
 
 async def _drive(
-    job: dict, memory: Callable[[], int], *, config: SuiteConfig, connections: int, probe_file: Path
-) -> tuple[_Tally, list, float, tuple[int, int]]:
-    import httpx
-
+    job: dict, server: Any, *, config: SuiteConfig, connections: int, probe_file: Path
+) -> tuple[_Tally, list, float, tuple[int, int], dict]:
     tally, samples = _Tally(), []
     state: dict[str, Any] = {
         "next": 0,
@@ -111,31 +120,30 @@ async def _drive(
 
     async def sampler():
         while not state["stop"].is_set():
-            samples.append((time.monotonic(), state["measuring"].is_set(), memory()))
+            samples.append((time.monotonic(), state["measuring"].is_set(), server.memory()))
             await asyncio.sleep(1.0)
 
-    limits = httpx.Limits(max_connections=connections, max_keepalive_connections=connections)
-    async with httpx.AsyncClient(limits=limits, timeout=60) as client:
-        tasks = [asyncio.create_task(_worker(client, job, state, tally)) for _ in range(connections)]
-        tasks.append(asyncio.create_task(sampler()))
-        await asyncio.sleep(config.load_warmup_seconds)
-        state["measuring"].set()
-        probe_start = probe_file.stat().st_size
-        start = time.monotonic()
-        if job.get("midway") is not None:  # e.g. a /metrics scrape in the middle of the measured window
-            await asyncio.sleep(config.load_seconds / 2)
-            job["midway_result"] = await asyncio.to_thread(job["midway"])
-        await asyncio.sleep(max(0.0, config.load_seconds - (time.monotonic() - start)))
-        state["stop"].set()
-        elapsed = time.monotonic() - start
-        probe_end = probe_file.stat().st_size
-        await asyncio.gather(*tasks)
-    return tally, samples, elapsed, (probe_start, probe_end)
+    tasks = [asyncio.create_task(_worker(job, state, tally)) for _ in range(connections)]
+    tasks.append(asyncio.create_task(sampler()))
+    await asyncio.sleep(config.load_warmup_seconds)
+    state["measuring"].set()
+    probe_start = probe_file.stat().st_size
+    cpu = (time.process_time(), server.cpu_seconds())
+    start = time.monotonic()
+    if job.get("midway") is not None:  # e.g. a /metrics scrape in the middle of the measured window
+        await asyncio.sleep(config.load_seconds / 2)
+        job["midway_result"] = await asyncio.to_thread(job["midway"])
+    await asyncio.sleep(max(0.0, config.load_seconds - (time.monotonic() - start)))
+    state["stop"].set()
+    elapsed = time.monotonic() - start
+    used = {"client_cpu_s": time.process_time() - cpu[0], "server_cpu_s": server.cpu_seconds() - cpu[1]}
+    probe_end = probe_file.stat().st_size
+    await asyncio.gather(*tasks)
+    return tally, samples, elapsed, (probe_start, probe_end), used
 
 
 def run_client(
-    base: str,
-    memory: Callable[[], int],
+    server: Any,
     requests: list,
     expected: list,
     *,
@@ -143,18 +151,19 @@ def run_client(
     connections: int,
     midway: Callable[[], Any] | None = None,
 ) -> dict:
-    """Load ``base`` with ``connections`` connections for ``config.load_seconds`` after a warm-up; the record.
+    """Load ``server`` (its ``base`` URL, ``memory()`` and ``cpu_seconds()``) with ``connections`` connections
+    for ``config.load_seconds`` after a warm-up; the record.
     ``midway()`` runs (in a thread) halfway through the measured window; what it returns is ``midway``."""
     # the liveness probe runs in its own process (as a kubelet's would), so the load client's own
     # event loop does not delay it: what it measures is the server's answer time
     probe_file = Path(tempfile.mkstemp(prefix="doe-probe-", suffix=".jsonl")[1])
-    prober = subprocess.Popen([sys.executable, "-c", PROBER, f"{base}/healthz", str(probe_file)])
-    job: dict[str, Any] = {"base": base, "requests": requests, "expected": expected, "midway": midway}
+    prober = subprocess.Popen([sys.executable, "-c", PROBER, f"{server.base}/healthz", str(probe_file)])
+    job: dict[str, Any] = {"base": server.base, "requests": requests, "expected": expected, "midway": midway}
     try:
-        tally, samples, elapsed, (start, end) = asyncio.run(
+        tally, samples, elapsed, (start, end), used = asyncio.run(
             _drive(
                 job,
-                memory,
+                server,
                 config=config,
                 connections=connections,
                 probe_file=probe_file,
@@ -183,6 +192,10 @@ def run_client(
         "shed": len(tally.shed),
         "shed_latency_s": quantiles(tally.shed),
         "requests_per_s": len(tally.latencies) / elapsed,
+        # CPU over the measured window: the server's processes, and this client's (on the same cores)
+        **used,
+        "server_cpu_ms_per_request": 1e3 * used["server_cpu_s"] / max(1, len(tally.latencies)),
+        "client_cpu_share": used["client_cpu_s"] / (used["client_cpu_s"] + used["server_cpu_s"] or 1.0),
         "latency_s": quantiles(tally.latencies),
         "server_s": quantiles(tally.held),
         "shed_server_s": quantiles(tally.held_shed),

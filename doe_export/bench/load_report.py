@@ -81,31 +81,46 @@ def render_batching(rows, cfg, intro, out_dir) -> list[str]:
         f"Task {r0['task']}: the bundle as `doe build` ships it ({r0['precision']} on {r0['provider']}), served by "
         f"`doe-runtime serve` with its defaults but `--batch-wait-ms` (0: batching off). Requests of one text each, "
         f"round-robin over {r0['texts']} test texts; {r0['seconds']:.0f} s measured after {r0['warmup_seconds']:.0f} s "
-        "of warm-up per row. *Differing*: answers whose label is not `Router.predict`'s for that text alone. "
+        "of warm-up per row. One server per wait, all started together; the rows alternate between them round "
+        "after round (the order reversed every other round), so the machine's drift falls on every setting alike. "
+        "*Server CPU*: CPU milliseconds the server's processes used per answered request over the row; *client "
+        "CPU*: the load client's share of the CPU both used (it runs on the same cores). *Differing*: answers whose label is not `Router.predict`'s for that text alone. "
         "*Per call*: requests per model call, from the server's `/metrics`; *counted*: `doe_requests_total` over "
         "the row against the answers the client got (a scrape mid-row must parse too). The header's intra-op "
         "thread count is the suite's, not the server's: the server runs with its own defaults (with batching on "
         "CPU: one merged call at a time on every core; off: one call per CPU at onnxruntime's default threads).",
         "",
-        "| wait ms | connections | requests/s | p50 ms | p99 ms | in server p50 / p99 ms | /healthz p99 ms | "
-        "errors | differing | shed | per call | counted / answered |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| round | wait ms | connections | requests/s | p50 ms | p99 ms | in server p50 / p99 ms | /healthz p99 ms | "
+        "server CPU ms | client CPU | errors | differing | shed | per call | counted / answered |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in runs:
+        cpu = r.get("server_cpu_ms_per_request")  # absent from records made before it was measured
+        cpu_cells = "— | —" if cpu is None else f"{cpu:.1f} | {100 * r['client_cpu_share']:.0f} %"
         lines.append(
-            f"| {r['batch_wait_ms']:g} | {r['connections']} | {r['requests_per_s']:.1f} | {ms(r['latency_s']['p50'])} | "
+            f"| {r.get('round', 0) + 1} | {r['batch_wait_ms']:g} | {r['connections']} | {r['requests_per_s']:.1f} | "
+            f"{ms(r['latency_s']['p50'])} | "
             f"{ms(r['latency_s']['p99'])} | {ms(r['server_s']['p50'])} / {ms(r['server_s']['p99'])} | "
-            f"{ms(r['health_s']['p99'])} | {r['errors']} | {r['mismatches']} | {r['shed']} | "
+            f"{ms(r['health_s']['p99'])} | {cpu_cells} | "
+            f"{r['errors']} | {r['mismatches']} | {r['shed']} | "
             f"{r['requests_per_call'] or 0:.1f} | {r['metrics_requests']:.0f} / {r['client_answered']}"
             f"{'' if r['metrics_add_up'] else ' (MISMATCH)'} |"
         )
     verdicts = [r for r in rows if r["kind"] == "verdict"]
     if verdicts:
-        lines += ["", "Against batching off at the same connection count:", ""]
+        lines += ["", "Against batching off at the same connection count (medians over the rounds):", ""]
         for v in verdicts:
+            each = v.get("throughput_ratios", [v["throughput_ratio"]])
+            cpu = (
+                f"; server CPU per request {v['server_cpu_ms_per_request']:.1f} vs "
+                f"{v['server_cpu_ms_per_request_off']:.1f} ms"
+                if "server_cpu_ms_per_request" in v
+                else ""
+            )
             lines.append(
                 f"- wait {v['batch_wait_ms']:g} ms, {v['connections']} connections: throughput ×"
-                f"{v['throughput_ratio']:.2f}, p99 {ms(v['p99_s'])} ms vs {ms(v['p99_off_s'])} ms "
+                f"{v['throughput_ratio']:.2f} (rounds: {', '.join(f'×{x:.2f}' for x in each)}){cpu}, "
+                f"p99 {ms(v['p99_s'])} ms vs {ms(v['p99_off_s'])} ms "
                 f"({'no worse' if v['p99_no_worse'] else 'worse'}), {v['errors']} errors, {v['mismatches']} differing, "
                 f"/healthz p99 {ms(v['health_p99_s'])} ms."
             )
@@ -126,14 +141,22 @@ def _batching_plot(runs: list[dict], out_dir) -> str | None:
     from pathlib import Path
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    import statistics
+
     for wait in sorted({r["batch_wait_ms"] for r in runs}):
-        mine = sorted((r for r in runs if r["batch_wait_ms"] == wait), key=lambda r: r["connections"])
+        counts = sorted({r["connections"] for r in runs if r["batch_wait_ms"] == wait})
+        rows = [[r for r in runs if (r["batch_wait_ms"], r["connections"]) == (wait, c)] for c in counts]
         label = "batching off" if wait == 0 else f"wait {wait:g} ms"
-        left.plot([r["connections"] for r in mine], [r["requests_per_s"] for r in mine], marker="o", label=label)
-        right.plot(
-            [r["connections"] for r in mine], [1e3 * r["latency_s"]["p99"] for r in mine], marker="o", label=label
+        left.plot(
+            counts, [statistics.median(r["requests_per_s"] for r in row) for row in rows], marker="o", label=label
         )
-    for axis, title in ((left, "requests/s (one text each)"), (right, "client p99 ms")):
+        right.plot(
+            counts,
+            [statistics.median(1e3 * r["latency_s"]["p99"] for r in row) for row in rows],
+            marker="o",
+            label=label,
+        )
+    for axis, title in ((left, "requests/s (one text each), median of rounds"), (right, "client p99 ms, median")):
         axis.set_xscale("log", base=2)
         axis.set_xlabel("connections")
         axis.set_title(title)

@@ -65,6 +65,7 @@ class SuiteConfig:
     batching_bundles: str | None = None
     batching_connections: tuple[int, ...] = (1, 16, 64)
     batching_waits_ms: tuple[float, ...] = (0.0, DEFAULT_WAIT_MS["cpu"])
+    batching_rounds: int = 3  # every row this many times, alternating between the settings; verdicts: medians
     # the gpu suite: shapes, batch x tokens cells, timed repeats, and a BERT tokenizer folder (None: the packaged
     # MiniLM one; the lent GPU machine has no such package, so benchmarks/gpu_check.sh carries one)
     gpu_models: tuple[str, ...] = ("minilm", "bert-base")
@@ -146,6 +147,7 @@ QUICK: dict[str, Any] = dict(
     load_ray_replicas=(1,),
     batching_connections=(4,),
     batching_waits_ms=(0.0, 5.0),
+    batching_rounds=2,
 )
 
 

@@ -45,6 +45,7 @@ FIELDS: dict[str, tuple[type, str]] = {
     "batching_task": (SuiteConfig, "batching_task"),
     "batching_connections": (SuiteConfig, "batching_connections"),
     "batching_waits": (SuiteConfig, "batching_waits_ms"),
+    "batching_rounds": (SuiteConfig, "batching_rounds"),
     "gpu_models": (SuiteConfig, "gpu_models"),
     "gpu_repeats": (SuiteConfig, "gpu_repeats"),
     "gpu_tokenizer_dir": (SuiteConfig, "gpu_tokenizer_dir"),
@@ -140,6 +141,13 @@ def _add_batching_options(g: argparse.ArgumentParser) -> None:
         default=_default("batching_waits"),
         help="batching: comma-separated --batch-wait-ms values to serve with (0: batching off; the runtime's "
         "default is the shipped setting)",
+    )
+    g.add_argument(
+        "--batching-rounds",
+        type=int,
+        default=_default("batching_rounds"),
+        help="batching: rounds of every row, alternating between the servers (one per wait); the verdicts are "
+        "the medians of each round's ratio",
     )
 
 
@@ -289,12 +297,15 @@ def suite_config(args: argparse.Namespace) -> SuiteConfig:
         batching_bundles=args.bundles,
         batching_connections=numbers(args.batching_connections),
         batching_waits_ms=numbers(args.batching_waits, float),
+        batching_rounds=args.batching_rounds,
         **_given(threads=args.threads and numbers(args.threads)[0], repeats=args.repeats, min_seconds=args.min_seconds),
     )
     if config.batch < 1 or config.tokens < 1:
         raise ConfigError("--batch and --token-count must be >= 1")
     if min(config.batching_connections) < 1:
         raise ConfigError(f"--batching-connections must all be >= 1, got {args.batching_connections!r}")
+    if config.batching_rounds < 1:
+        raise ConfigError(f"--batching-rounds must be >= 1, got {args.batching_rounds!r}")
     if not all(0 <= wait <= 1000 for wait in config.batching_waits_ms):
         raise ConfigError(
             f"--batching-waits must all be in [0, 1000] ms (0: batching off), got {args.batching_waits!r}"
