@@ -363,3 +363,15 @@ def test_replace_builds_with_the_asked_rounding():
     assert _build_config(SuiteConfig(), "bbc-news", Path("out"), False).prune == BuildConfig().prune
     unaligned = _build_config(SuiteConfig(replace_round_to=1), "bbc-news", Path("out"), False)
     assert unaligned.prune.round_to == 1 and unaligned.prune.rate == BuildConfig().prune.rate
+
+
+def test_batching_report_names_the_texts_whose_label_moved_and_their_margins():
+    from doe_export.bench.load_report import _differing
+
+    margins = [0.5, 0.5, 0.5, 0.01, 0.9, 0.02]
+    runs = [{"differing_requests": {"3": 2, "5": 1}}, {"differing_requests": {"3": 1}}, {}]
+    (_, line) = _differing(runs, margins)
+    assert "differed from `Router.predict` of the text alone: 4, from 2 of the 6 texts" in line
+    assert "#3 (3 answers, margin 0.010), #5 (1 answer, margin 0.020)" in line
+    assert "median over all texts 0.500" in line
+    assert _differing([{"differing_requests": {}}], margins) == []  # none differed: nothing to say

@@ -86,7 +86,9 @@ def run_batching(config: SuiteConfig, work: Path, progress: bool) -> list[dict]:
     texts = texts[:256]
     requests = [(task, [text]) for text in texts]
     reference = Router(root)  # the server's defaults: its device and the precision it serves there
-    expected = [[p.label_id for p in reference.predict(task, [text])] for text in texts]
+    alone = [reference.predict(task, [text]) for text in texts]
+    expected = [[p.label_id for p in answer] for answer in alone]
+    margins = [_margin(answer[0].probabilities) for answer in alone]  # how close each text is to a tie
     info = reference.info(task)
     del reference
     records = []
@@ -123,6 +125,7 @@ def run_batching(config: SuiteConfig, work: Path, progress: bool) -> list[dict]:
                     )
                     after = _scrape(server.base)
                     result.update(_counters(before, after, result))
+                    result["differing_margins"] = {i: margins[int(i)] for i in result["differing_requests"]}
                     result.update(
                         kind="batching",
                         round=round_,
@@ -138,7 +141,13 @@ def run_batching(config: SuiteConfig, work: Path, progress: bool) -> list[dict]:
                     _log(result)
     for record in records:
         record.update(servers[record["batch_wait_ms"]].shutdown)
-    return records + _verdicts(records)
+    return records + _verdicts(records) + [{"kind": "margins", "margins": margins}]
+
+
+def _margin(probabilities: dict[str, float]) -> float:
+    """The top probability minus the second: how far an answer is from changing its label."""
+    top = sorted(probabilities.values(), reverse=True)
+    return top[0] - (top[1] if len(top) > 1 else 0.0)
 
 
 def _counters(before: dict, after: dict, result: dict) -> dict:

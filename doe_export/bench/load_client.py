@@ -51,11 +51,12 @@ class _Tally:
         self.latencies: list[float] = []
         self.errors: list[str] = []
         self.mismatches = 0
+        self.differing: collections.Counter = collections.Counter()  # request index -> answers that differed
         self.shed: list[float] = []
         self.held: list[float] = []  # the server's own time per answer (its Server-Timing header), seconds
         self.held_shed: list[float] = []
 
-    def add(self, *, elapsed: float, response, ok: bool, was_shed: bool, labels, expected) -> None:
+    def add(self, *, elapsed: float, response, ok: bool, was_shed: bool, labels, expected, index: int) -> None:
         timing = getattr(response, "headers", {}).get("server-timing", "").partition(";dur=")[2]
         if was_shed:
             self.shed.append(elapsed)
@@ -69,6 +70,7 @@ class _Tally:
             self.errors.append(str(getattr(response, "status_code", response))[:200])
         elif labels != expected:
             self.mismatches += 1
+            self.differing[index] += 1
 
 
 async def _worker(job: dict, state: dict, tally: _Tally) -> None:
@@ -100,7 +102,13 @@ async def _send(client: Connection, requests: list, expected: list, state: dict,
         was_shed = retry is not None
         if state["measuring"].is_set() and not state["stop"].is_set():
             tally.add(
-                elapsed=elapsed, response=response, ok=ok, was_shed=was_shed, labels=labels, expected=expected[index]
+                elapsed=elapsed,
+                response=response,
+                ok=ok,
+                was_shed=was_shed,
+                labels=labels,
+                expected=expected[index],
+                index=index,
             )
         if retry is not None:
             await asyncio.sleep(float(retry) * 0.2)  # a polite client backs off
@@ -189,6 +197,7 @@ def run_client(
         "errors": len(tally.errors),
         "error_samples": tally.errors[:5],
         "mismatches": tally.mismatches,
+        "differing_requests": {str(i): n for i, n in sorted(tally.differing.items())},  # index -> answers
         "shed": len(tally.shed),
         "shed_latency_s": quantiles(tally.shed),
         "requests_per_s": len(tally.latencies) / elapsed,

@@ -124,10 +124,35 @@ def render_batching(rows, cfg, intro, out_dir) -> list[str]:
                 f"({'no worse' if v['p99_no_worse'] else 'worse'}), {v['errors']} errors, {v['mismatches']} differing, "
                 f"/healthz p99 {ms(v['health_p99_s'])} ms."
             )
+    lines += _differing(runs, next((r["margins"] for r in rows if r["kind"] == "margins"), None))
     plot = _batching_plot(runs, out_dir)
     if plot:
         lines += ["", f"![throughput by connections]({plot})"]
     return lines + [""]
+
+
+def _differing(runs: list[dict], margins: list[float] | None) -> list[str]:
+    """Which texts got another label in a merged call than alone, and how close to a tie they were alone."""
+    import statistics
+
+    counts: dict[str, int] = {}
+    for run in runs:
+        for index, n in run.get("differing_requests", {}).items():
+            counts[index] = counts.get(index, 0) + n
+    if not counts or margins is None:
+        return []
+    texts = ", ".join(
+        f"#{i} ({n} answer{'s' * (n > 1)}, margin {margins[int(i)]:.3f})"
+        for i, n in sorted(counts.items(), key=lambda kv: int(kv[0]))
+    )
+    return [
+        "",
+        f"Answers whose label differed from `Router.predict` of the text alone: {sum(counts.values())}, from "
+        f"{len(counts)} of the {len(margins)} texts — {texts}. The margin is the text's top probability minus its "
+        f"second when predicted alone (median over all texts {statistics.median(margins):.3f}): the int8 variant "
+        "quantizes activations per call, so an item near a tie can change label with the batch it shares "
+        "(`docs/runtime.md`, `precision`).",
+    ]
 
 
 def _batching_plot(runs: list[dict], out_dir) -> str | None:
