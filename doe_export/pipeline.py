@@ -108,10 +108,30 @@ def build_task(config: BuildConfig, loaded: LoadedModel, data: TaskData, *, retu
         f"labels {data.labels}; metric {data.metric}"
     )
     dense_model = stages.new_model(loaded, data, config.adapt)
+    first = None
+    if config.adapt.intermediate is not None:
+        with timer.stage("intermediate"):
+            first = stages.intermediate(
+                dense_model,
+                loaded,
+                tokenizer,
+                config.adapt,
+                config.data,
+                data_dir=config.data_dir,
+                cache_dir=config.cache_dir,
+                progress=config.progress,
+                desc=f"[{task}] intermediate {config.adapt.intermediate}",
+            )
+        dev = f", dev {first['metric']} {max(first['dev_metric']):.4f}" if first["dev_metric"] else ""
+        log(
+            f"[{task}] intermediate training on {first['task']}: {first['examples']} examples{dev} ({first['seconds']:.0f}s)"
+        )
     with timer.stage("adapt"):
         adapt_record = stages.adapt(
             dense_model, tokenizer, splits, config.adapt, progress=config.progress, desc=f"[{task}] {config.adapt.mode}"
         )
+    if first is not None:
+        adapt_record["intermediate"] = first
     with timer.stage("evaluate"):
         dense_preds = evaluate.torch_predictions(dense_model, tokenizer, splits.test)
         dense = evaluate.metric_value(data.metric, splits.test.labels, dense_preds)

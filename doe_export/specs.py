@@ -120,6 +120,13 @@ class AdaptSpec:
     lr: float | None = None  # None: DEFAULT_LR of what trains (1e-2 prompt + head, 8e-5 everything)
     batch_size: int = 16
     seed: int = 0
+    # intermediate training: the backbone first learns this task (its own head, dropped after), e.g. "snli"
+    # before RTE, whose 2,490 examples do not teach a small encoder entailment; None: none
+    intermediate: str | None = None
+    intermediate_examples: int | None = 10_000  # its training examples (None: its whole split)
+    intermediate_epochs: int = 1
+
+    KEY_SKIPS_DEFAULT: ClassVar[tuple[str, ...]] = ("intermediate", "intermediate_examples", "intermediate_epochs")
 
     def __post_init__(self) -> None:
         _set(self, "mode", AdaptMode.parse(self.mode, "adaptation mode"))
@@ -132,6 +139,15 @@ class AdaptSpec:
             raise ConfigError("prompt tuning needs a prompt length >= 1 (--prompt-length)")
         check_training("adaptation", epochs=self.epochs, lr=self.lr, batch_size=self.batch_size)
         _int("seed", self.seed, 0)
+        if self.intermediate is not None:
+            check_task_name(self.intermediate)
+            if self.mode is not AdaptMode.FINETUNE:
+                raise ConfigError(
+                    f"--intermediate {self.intermediate} trains the backbone, which prompt tuning keeps frozen; "
+                    "use it with --adapt finetune"
+                )
+        _positive_or_none("--intermediate-examples", self.intermediate_examples)
+        _int("--intermediate-epochs", self.intermediate_epochs, 1)
 
     @property
     def trains(self) -> TrainedParams:

@@ -142,6 +142,40 @@ def adapt(model, tokenizer, data: Splits, spec: AdaptSpec, *, progress: bool = T
     return {"mode": str(spec.mode), **record}
 
 
+def intermediate(
+    model,
+    loaded,
+    tokenizer,
+    spec: AdaptSpec,
+    data: DataSpec,
+    *,
+    data_dir: str | None = None,
+    cache_dir: str | None = None,
+    progress: bool = True,
+    desc: str = "intermediate",
+) -> dict:
+    """Train ``model``'s backbone in place on ``spec.intermediate`` first: a helper model shares the backbone
+    with its own head for that task's labels (dropped after), fine-tuned for ``spec.intermediate_epochs`` on
+    ``spec.intermediate_examples`` of its training split, best dev epoch kept. The record of that training."""
+    from .taskmodel import TaskModel
+    from .tasks import load_task
+
+    task = load_task(str(spec.intermediate), data.seed, data_dir, cache_dir)
+    splits = Splits.of(task, replace(data, max_train=spec.intermediate_examples, match_test_lengths=False))
+    helper = TaskModel(
+        model.backbone,
+        num_labels=len(task.labels),
+        pooling=None if spec.pooling is None else str(spec.pooling),
+        sep_token_id=loaded.hf_tokenizer.sep_token_id,
+        seed=spec.seed,
+    )
+    config = adapt_loop.TrainConfig(TrainedParams.ALL, spec.intermediate_epochs, spec.lr, spec.batch_size, spec.seed)
+    record = adapt_loop.train(
+        helper, tokenizer, splits.train, splits.dev, metric=task.metric, config=config, desc=desc, progress=progress
+    )
+    return {"task": task.name, "labels": list(task.labels), "metric": task.metric, **record}
+
+
 @dataclass
 class Attribution:
     scores: attribution.Scores  # per-layer FFN importance (+ mean activations)

@@ -213,3 +213,38 @@ def test_sigterm_runs_cleanup_like_ctrl_c():
         assert signal.getsignal(signal.SIGTERM) not in (before, signal.SIG_DFL)  # main installed it
     finally:
         signal.signal(signal.SIGTERM, before)
+
+
+def test_build_with_intermediate_training_records_it_in_the_manifest(tmp_path, tiny_backbone, hf_tokenizer, capsys):
+    """`--intermediate rte` (GLUE layout under --data-dir) before a user task: the backbone trains on RTE
+    first, and the bundle's manifest says on what, how many examples and how it went."""
+    model_dir = tmp_path / "tiny-model"
+    tiny_backbone("bert").save_pretrained(model_dir)
+    hf_tokenizer.save_pretrained(model_dir)
+    rte = tmp_path / "glue" / "RTE"
+    rte.mkdir(parents=True)
+    for split, n in (("train", 40), ("dev", 10)):
+        rows = [f"{i}\tthe cat sat {i}\ta cat sat\t{'entailment' if i % 2 else 'not_entailment'}" for i in range(n)]
+        (rte / f"{split}.tsv").write_text("index\tsentence1\tsentence2\tlabel\n" + "\n".join(rows) + "\n")
+    data = synthetic_task(n_train=40)
+    csv_path = tmp_path / "reviews.csv"
+    lines = [f"{text},{'yes' if y else 'no'}" for text, y in zip(data.train.inputs, data.train.labels)]
+    csv_path.write_text("review,verdict\n" + "\n".join(lines) + "\n")
+    out = tmp_path / "artifacts"
+    args = ["build", "--model", str(model_dir), "--tasks", "reviews", "--out", str(out), "--no-progress"]
+    args += [
+        "--user-task",
+        f"name=reviews,train={csv_path},text=review,label=verdict",
+        "--data-dir",
+        str(tmp_path / "glue"),
+    ]
+    args += ["--intermediate", "rte", "--intermediate-examples", "24", "--epochs", "1", "--recovery-epochs", "0"]
+    args += ["--calib-examples", "8", "--max-length", "24", "--rate", "0.5", "--round-to", "4", "--no-fp16"]
+    code = main(args)
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert "[reviews] intermediate training on rte: 24 examples, dev accuracy" in captured.err
+    manifest = json.loads((out / "reviews" / "manifest.json").read_text())
+    first = manifest["adaptation"]["train"]["intermediate"]
+    assert first["task"] == "rte" and first["examples"] == 24 and first["labels"] == ["entailment", "not_entailment"]
+    assert len(first["dev_metric"]) == 1 and first["seconds"] > 0

@@ -168,15 +168,16 @@ def test_spec_key_changes_with_any_field():
 
 
 def test_spec_key_of_a_field_added_later_is_the_key_from_before_it_at_its_default():
-    """A field added to a spec after models were cached under its key (DataSpec.match_test_lengths) must not
-    move the key while it is at its default: the key is the hash of the spec's fields without it."""
+    """Fields added to a spec after models were cached under its key (DataSpec.match_test_lengths, AdaptSpec's
+    intermediate training) must not move the key while at their default: the hash of the fields without them."""
     import dataclasses
     import hashlib
     import json
 
     data, adapt = stages.DataSpec(max_train=10), stages.AdaptSpec()
-    before = {k: v for k, v in dataclasses.asdict(data).items() if k != "match_test_lengths"}
-    payload = ["DataSpec", "AdaptSpec", before, dataclasses.asdict(adapt), ["m", "t"]]
+    added = ("match_test_lengths", "intermediate", "intermediate_examples", "intermediate_epochs")
+    before = [{k: v for k, v in dataclasses.asdict(spec).items() if k not in added} for spec in (data, adapt)]
+    payload = ["DataSpec", "AdaptSpec", *before, ["m", "t"]]
     old = hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
     assert stages.spec_key(data, adapt, extra=["m", "t"]) == old
 
@@ -467,3 +468,47 @@ def test_gradual_pruning_reaches_the_one_shot_widths_in_steps(tiny_backbone, hf_
         PruneSpec(steps=2, budget="global")
     with pytest.raises(ConfigError, match="pruning steps must be an integer >= 1, got 0"):
         PruneSpec(steps=0)
+
+
+def test_intermediate_training_moves_the_shared_backbone_and_leaves_the_task_head(
+    tiny_backbone, hf_tokenizer, monkeypatch
+):
+    """The backbone learns the intermediate task through a helper with its own head (3 labels here); the task
+    model's head (2 labels) is not touched, and the record says what was trained on what."""
+    import doe_export.tasks as tasks_module
+
+    inter = synthetic_task("inter", kind="pair", n_train=40, seed=3)
+    inter = replace(inter, labels=["a", "b", "c"])
+    asked = []
+    monkeypatch.setattr(tasks_module, "load_task", lambda name, *a, **k: asked.append(name) or inter)
+    data = synthetic_task("toy")
+    spec = stages.AdaptSpec(epochs=1, intermediate="inter", intermediate_examples=32)
+    model = stages.new_model(LoadedModel(tiny_backbone("bert"), hf_tokenizer, "t", "c", None), data, spec)
+    backbone = {k: v.clone() for k, v in model.backbone.state_dict().items()}
+    head = {k: v.clone() for k, v in model.state_dict().items() if not k.startswith("backbone.")}
+    tokenizer = fast_tokenizer(hf_tokenizer, 24)
+    record = stages.intermediate(
+        model,
+        LoadedModel(model.backbone, hf_tokenizer, "t", "c", None),
+        tokenizer,
+        spec,
+        stages.DataSpec(max_dev=8),
+        progress=False,
+    )
+    assert asked == ["inter"]
+    assert record["task"] == "inter" and record["labels"] == ["a", "b", "c"] and record["examples"] == 32
+    assert len(record["epoch_loss"]) == 1 and record["params"] == "all"
+    after = model.backbone.state_dict()
+    assert any(not torch.equal(backbone[k], after[k]) for k in backbone)  # the backbone learned
+    assert head and all(torch.equal(v, model.state_dict()[k]) for k, v in head.items())  # the task's head did not
+
+
+def test_intermediate_spec_is_checked_and_keeps_old_cache_keys():
+    assert stages.spec_key(stages.AdaptSpec()) == stages.spec_key(stages.AdaptSpec(intermediate_examples=10_000))
+    assert stages.spec_key(stages.AdaptSpec()) != stages.spec_key(stages.AdaptSpec(intermediate="snli"))
+    with pytest.raises(ConfigError, match="prompt tuning keeps frozen; use it with --adapt finetune"):
+        stages.AdaptSpec(mode="prompt", intermediate="snli")
+    with pytest.raises(ConfigError, match="--intermediate-examples must be an integer >= 1, got 0"):
+        stages.AdaptSpec(intermediate="snli", intermediate_examples=0)
+    with pytest.raises(ConfigError, match="--intermediate-epochs must be an integer >= 1"):
+        stages.AdaptSpec(intermediate="snli", intermediate_epochs=0)

@@ -45,6 +45,9 @@ FIELDS: dict[str, tuple[str | None, str]] = {
     "epochs": ("adapt", "epochs"),
     "lr": ("adapt", "lr"),
     "batch_size": ("adapt", "batch_size"),
+    "intermediate": ("adapt", "intermediate"),
+    "intermediate_examples": ("adapt", "intermediate_examples"),
+    "intermediate_epochs": ("adapt", "intermediate_epochs"),
     "scorer": ("prune", "scorer"),
     "token_agg": ("prune", "token_agg"),
     "rate": ("prune", "rate"),
@@ -174,6 +177,23 @@ def _add_training_options(b: argparse.ArgumentParser) -> None:
         "given length trains with everything else)",
     )
     b.add_argument("--epochs", type=int, default=_default("epochs"), help="adaptation epochs (best dev epoch is kept)")
+    b.add_argument(
+        "--intermediate",
+        metavar="TASK",
+        default=_default("intermediate"),
+        help="intermediate training: fine-tune the backbone on TASK first (its own head, dropped after), then on "
+        "each task; e.g. snli before rte, whose 2,490 examples do not teach a small encoder entailment",
+    )
+    b.add_argument(
+        "--intermediate-examples",
+        type=positive_or_none,
+        default=_default("intermediate_examples"),
+        metavar="N",
+        help="training examples of the intermediate task ('none': its whole split)",
+    )
+    b.add_argument(
+        "--intermediate-epochs", type=int, default=_default("intermediate_epochs"), help="intermediate task epochs"
+    )
     b.add_argument(
         "--lr", type=float, default=_default("lr"), help="adaptation learning rate (default 1e-2 prompt, 8e-5 finetune)"
     )
@@ -359,7 +379,15 @@ def config_from_args(args: argparse.Namespace) -> BuildConfig:
     """The BuildConfig of ``doe build``'s flags: every spec built by keyword, sharing the seed and batch size."""
     seed, batch = args.seed, args.batch_size
     adapt = AdaptSpec(
-        mode=args.adapt, prompt_length=args.prompt_length, epochs=args.epochs, lr=args.lr, batch_size=batch, seed=seed
+        mode=args.adapt,
+        prompt_length=args.prompt_length,
+        epochs=args.epochs,
+        lr=args.lr,
+        batch_size=batch,
+        seed=seed,
+        intermediate=args.intermediate,
+        intermediate_examples=args.intermediate_examples,
+        intermediate_epochs=args.intermediate_epochs,
     )
     return BuildConfig(
         model=args.model,
