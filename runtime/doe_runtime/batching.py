@@ -7,7 +7,10 @@ sequential client will never send — then for a model slot of the
 server's :class:`~doe_runtime.server.Admission` (one FIFO for every task, so a busy task's batches
 queue behind, not ahead of, another task's), and only then takes what is queued — everything that
 arrived meanwhile joins, up to ``max_items`` items (whole requests; a request larger than that runs
-alone). The call runs in a worker thread; each request gets its own slice of the answers.
+alone). The call runs in a worker thread; each request gets its own slice of the answers. When a call
+returns while more requests of its task are queued and no other task waits for a slot, the next batch's
+call starts on the same slot before this one's answers are written, so the model does not wait for the
+event loop.
 
 Requests are checked against their task before they join (a bad item gets its own 4xx and never fails
 its neighbours); a request whose client went away before its batch starts is dropped from it.
@@ -17,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import functools
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -91,6 +95,7 @@ class Batcher:
         self.started = started or (lambda entries: None)
         self.on_call = on_call or (lambda task, entries, stats: None)
         self._queues: dict[str, _Queue] = {}
+        self._wanting: collections.Counter = collections.Counter()  # task -> its loops waiting for a slot
 
     async def submit(self, task: str, items: list) -> tuple[list, dict]:
         """This request's answers (and the stats of the call that made them), once its batch has run."""
@@ -123,7 +128,11 @@ class Batcher:
                 except asyncio.TimeoutError:
                     break
             slot = self.slot()
-            await slot.__aenter__()
+            self._wanting[task] += 1
+            try:
+                await slot.__aenter__()
+            finally:
+                self._wanting[task] -= 1
             batch = self._take(queue)
             if not batch:
                 await slot.__aexit__(None, None, None)
@@ -148,25 +157,52 @@ class Batcher:
         return batch
 
     async def _call(self, task: str, queue: _Queue, batch: list[Entry], slot: Any) -> None:
-        from starlette.concurrency import run_in_threadpool
-
+        """Run ``batch``'s call, then — while requests of this task are queued and no other task waits for a
+        slot — take the next batch and start its call before answering this one, on the same slot: the model
+        does not sit idle while the event loop writes answers (on 2 cores it did, about a quarter of the time)."""
+        loop = asyncio.get_running_loop()
+        running = self._submit(loop, task, batch)
         try:
-            items = [item for entry in batch for item in entry.items]
-            try:
-                answers, stats = await run_in_threadpool(self.call, task, items)
-            except Exception as exc:  # the call's error belongs to every request in it (items were checked)
-                for entry in batch:
-                    if not entry.future.done():
-                        entry.future.set_exception(exc)
-                return
-            stats = {**stats, "requests": len(batch)}
-            self.on_call(task, batch, stats)
-            for entry, share in zip(batch, split_answers([e.items for e in batch], answers)):
-                if not entry.future.done():
-                    entry.future.set_result((share, stats))
+            while batch:
+                failure: Exception | None = None
+                try:
+                    answers, stats = await running
+                except Exception as exc:  # the call's error belongs to every request in it (items were checked)
+                    answers, stats, failure = None, {}, exc
+                following = self._following(task, queue)
+                if following:
+                    self.started(following)
+                    queue.calls += 1
+                    running = self._submit(loop, task, following)
+                queue.calls -= 1
+                if failure is not None:
+                    for entry in batch:
+                        if not entry.future.done():
+                            entry.future.set_exception(failure)
+                else:
+                    self._answer(task, batch, answers, stats)
+                batch = following
         finally:
-            queue.calls -= 1
             await slot.__aexit__(None, None, None)
+
+    def _submit(self, loop: asyncio.AbstractEventLoop, task: str, batch: list[Entry]) -> asyncio.Future:
+        """Start ``batch``'s model call in a worker thread now (not at the event loop's next turn)."""
+        items = [item for entry in batch for item in entry.items]
+        return loop.run_in_executor(None, functools.partial(self.call, task, items))
+
+    def _following(self, task: str, queue: _Queue) -> list[Entry]:
+        """The next batch of ``task`` to run on the slot it holds: none when its queue is empty or another
+        task waits for a slot (that task goes first, as the FIFO of slots would have it)."""
+        if any(n for other, n in self._wanting.items() if other != task):
+            return []
+        return self._take(queue) if any(not e.left for e in queue.entries) else []
+
+    def _answer(self, task: str, batch: list[Entry], answers: list, stats: dict) -> None:
+        stats = {**stats, "requests": len(batch)}
+        self.on_call(task, batch, stats)
+        for entry, share in zip(batch, split_answers([e.items for e in batch], answers)):
+            if not entry.future.done():
+                entry.future.set_result((share, stats))
 
 
 def split_answers(entries_items: list[list], answers: list) -> list[list]:

@@ -149,6 +149,37 @@ def test_a_busy_task_does_not_starve_another():
     assert calls.index(("quiet", 1)) <= 2, calls
 
 
+def test_the_next_batch_starts_before_the_last_ones_answers_are_written():
+    """While requests of the task are queued, the next merged call runs while the event loop answers the
+    last one: ``on_call`` (on the loop, before the answers go out) sees the next call start."""
+    import threading
+
+    started = [threading.Event() for _ in range(3)]
+    seen_while_answering: list[bool] = []
+
+    def call(task, items):
+        started[items[0] // 4].set()
+        return list(items), {}
+
+    def on_call(task, entries, stats):
+        following = entries[0].items[0] // 4 + 1
+        if following < 3:  # the loop blocks here until the following call has started (or gives up after 5 s)
+            seen_while_answering.append(started[following].wait(5))
+
+    async def scenario():
+        slots = _Slots()
+        batcher = Batcher(call=call, slot=slots.slot, wait_s=0.001, max_items=4, on_call=on_call)
+        await slots.lock.acquire()  # busy: the twelve requests queue
+        futures = [asyncio.ensure_future(batcher.submit("t", [i])) for i in range(12)]
+        await asyncio.sleep(0.01)
+        slots.lock.release()
+        return [(await f)[0] for f in futures]
+
+    answers = asyncio.run(scenario())
+    assert answers == [[i] for i in range(12)]
+    assert seen_while_answering == [True, True]
+
+
 def test_a_client_that_leaves_is_dropped_from_its_batch():
     seen: list[list] = []
 
