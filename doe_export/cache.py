@@ -35,9 +35,19 @@ def _save(state, path: Path) -> None:
 
 
 def cached_adapted(
-    path: Path, loaded, data, spec: AdaptSpec, *, tokenizer, splits: stages.Splits, progress: bool = True
+    path: Path,
+    loaded,
+    data,
+    spec: AdaptSpec,
+    *,
+    tokenizer,
+    splits: stages.Splits,
+    progress: bool = True,
+    data_spec: DataSpec | None = None,
+    data_dir: str | Path | None = None,
 ):
-    """The dense model adapted by ``spec`` (stages.new_model + stages.adapt), from ``path`` if stored.
+    """The dense model adapted by ``spec`` (stages.new_model, stages.intermediate where ``spec`` asks for it
+    — on ``data_spec``'s caps, its task read from ``data_dir`` — then stages.adapt), from ``path`` if stored.
 
     Prompt tuning stores only the soft prompt and the head (the backbone is the base model's)."""
     model = stages.new_model(loaded, data, spec)
@@ -45,6 +55,17 @@ def cached_adapted(
         state = torch.load(path, weights_only=True)
         model.load_state_dict(state, strict=spec.mode is AdaptMode.FINETUNE)
         return model.eval()
+    if spec.intermediate is not None:
+        stages.intermediate(
+            model,
+            loaded,
+            tokenizer,
+            spec,
+            data_spec or DataSpec(),
+            data_dir=None if data_dir is None else str(data_dir),
+            progress=progress,
+            desc=f"[{data.name}] intermediate {spec.intermediate}",
+        )
     stages.adapt(model, tokenizer, splits, spec, progress=progress, desc=f"[{data.name}] adapt ({spec.mode})")
     if spec.mode is AdaptMode.FINETUNE:
         state = model.state_dict()

@@ -30,7 +30,9 @@ def metrics_of(data: TaskData, labels: list[int], logits: np.ndarray) -> dict:
 class TaskRunner:
     """Everything one task's runs share: data, tokenizer, adapted model (cached), statistics (cached)."""
 
-    def __init__(self, flow: Flow, data: TaskData, loaded, cache: Path, *, progress: bool = True):
+    def __init__(
+        self, flow: Flow, data: TaskData, loaded, cache: Path, *, progress: bool = True, data_dir: str | None = None
+    ):
         self.flow, self.data, self.loaded, self.cache, self.progress = flow, data, loaded, Path(cache), progress
         self.tokenizer = fast_tokenizer(loaded.hf_tokenizer, flow.data.max_length)
         self.splits = stages.Splits.of(data, flow.data)
@@ -38,7 +40,15 @@ class TaskRunner:
         self._stats: dict[str, attribution.CalibrationStats] = {}
         self.path = adapted_path(self.cache, flow.model, data.name, flow.data, flow.adapt)
         self.adapted = cached_adapted(
-            self.path, loaded, data, flow.adapt, tokenizer=self.tokenizer, splits=self.splits, progress=progress
+            self.path,
+            loaded,
+            data,
+            flow.adapt,
+            tokenizer=self.tokenizer,
+            splits=self.splits,
+            progress=progress,
+            data_spec=flow.data,
+            data_dir=data_dir,
         )
 
     def stats(self, examples: int, *, adapted: bool = True) -> attribution.CalibrationStats:

@@ -85,6 +85,8 @@ class StudyConfig:
     ablation_calib_sizes: tuple[int, ...] = (64, 1024)
     ablations: bool = True
     train_sizes: dict[str, int | None] = dataclasses.field(default_factory=lambda: dict(TRAIN_SIZES))
+    # a task's intermediate training task (AdaptSpec.intermediate), e.g. {"rte": "snli"}; none by default
+    intermediates: dict[str, str] = dataclasses.field(default_factory=dict)
     flow: Flow = dataclasses.field(default_factory=Flow)
 
     def __post_init__(self) -> None:
@@ -97,6 +99,8 @@ class StudyConfig:
             raise ConfigError(f"study rates must be in (0, 1), got {self.rates}")
         if not self.seeds or not all(isinstance(s, int) and s >= 0 for s in (*self.seeds, *self.random_seeds)):
             raise ConfigError(f"study seeds must be integers >= 0, got {self.seeds} and {self.random_seeds}")
+        for task in self.intermediates:
+            self.flow_for(task)  # AdaptSpec checks the name, and refuses it with prompt tuning
         for task, size in self.train_sizes.items():
             if size is not None and not (isinstance(size, int) and size >= 1):
                 raise ConfigError(
@@ -108,10 +112,13 @@ class StudyConfig:
         return self.flow.prune.seed
 
     def flow_for(self, task: str) -> Flow:
-        """The flow of ``task``'s runs: the shared flow with the task's training size."""
-        if task not in self.train_sizes:
-            return self.flow
-        return replace(self.flow, data=replace(self.flow.data, max_train=self.train_sizes[task]))
+        """The flow of ``task``'s runs: the shared flow with the task's training size and intermediate task."""
+        flow = self.flow
+        if task in self.train_sizes:
+            flow = replace(flow, data=replace(flow.data, max_train=self.train_sizes[task]))
+        if task in self.intermediates:
+            flow = replace(flow, adapt=replace(flow.adapt, intermediate=self.intermediates[task]))
+        return flow
 
     def seeds_of(self, method: str) -> tuple[int, ...]:
         """The seeds ``method`` runs with at every rate."""
@@ -144,7 +151,7 @@ class StudyConfig:
         """The config of a record header: this layout, or the flat one of the first studies' records."""
         if "flow" in data or not any(key in data for key in LEGACY_FLOW_KEYS):
             # records made before per-task training sizes existed trained every task on the flow's max_train
-            return from_json(cls, {"train_sizes": {}, **data})
+            return from_json(cls, {"train_sizes": {}, "intermediates": {}, **data})
         return legacy_config(data)
 
 
@@ -209,7 +216,7 @@ def legacy_config(data: dict) -> StudyConfig:
     runs: dict[str, Any] = {
         k: tuple(v) if isinstance(v, list) else v for k, v in data.items() if k not in LEGACY_FLOW_KEYS
     }
-    return StudyConfig(**{"train_sizes": {}, **runs}, flow=flow)
+    return StudyConfig(**{"train_sizes": {}, "intermediates": {}, **runs}, flow=flow)
 
 
 QUICK_FLOW = Flow(
@@ -324,6 +331,12 @@ def _open_records(config: StudyConfig, records_path: Path) -> list[dict]:
         if old.flow_for(task).data.max_train != config.flow_for(task).data.max_train
         and any(r.get("task") == task for r in existing[1:])
     ]
+    changed += [
+        f"intermediates.{task}"
+        for task in sorted(set(old.intermediates) | set(config.intermediates))
+        if old.flow_for(task).adapt.intermediate != config.flow_for(task).adapt.intermediate
+        and any(r.get("task") == task for r in existing[1:])
+    ]
     if changed:
         raise ConfigError(
             f"{records_path} holds runs made with other settings of {changed}; its runs would not be comparable. Use "
@@ -351,6 +364,7 @@ def _dense_record(runner: Any, config: StudyConfig, data: TaskData) -> dict:
         "split": runner.test.name,
         "split_size": len(runner.test),
         "train_size": len(runner.train),
+        "intermediate": config.flow_for(data.name).adapt.intermediate,
         "notes": data.notes,
         "majority": majority_baseline(data, config.flow_for(data.name)),
     }
@@ -392,7 +406,14 @@ def run_study(
         dense_key = (data.name, "dense", "default", 0.0, config.seed)
         if not specs and dense_key in done:
             continue
-        runner = TaskRunner(config.flow_for(data.name), data, loaded, Path(cache), progress=progress)
+        runner = TaskRunner(
+            config.flow_for(data.name),
+            data,
+            loaded,
+            Path(cache),
+            progress=progress,
+            data_dir=None if data_dir is None else str(data_dir),
+        )
         if dense_key not in done:
             records.append(_dense_record(runner, config, data))
             record_io.write_jsonl(records_path, records)

@@ -1,12 +1,16 @@
 """`doe study localization --quick`: the real study code on a tiny model and generated data.
 Records complete, reruns identical, resumable, and bad data stops before any training."""
 
+from dataclasses import replace
+
 import pytest
 
 from doe_export import study
 from doe_export.bench import common
 from doe_export.cli import main
 from doe_export.errors import ConfigError
+from doe_export.specs import AdaptSpec
+from doe_export.tasks import synthetic_task
 
 
 def _quick(out, cache, methods="doe,random,magnitude"):
@@ -195,3 +199,35 @@ def test_comparison_plot_draws_each_interval_and_draws_nothing_without_learned_t
     assert path == tmp_path / "localization_vs_baselines.png" and path.read_bytes()[:4] == b"\x89PNG"
     assert study_plots.doe_against_baselines(table, [], tmp_path / "none") is None
     assert study_plots.doe_against_baselines({0.65: {"random": {}}}, ["a"], tmp_path / "none") is None
+
+
+def test_intermediates_are_per_task_and_part_of_the_records_identity(tmp_path, capsys, monkeypatch):
+    """`--intermediates toy=inter`: the task's dense model trains on `inter` first (its record says so),
+    and records made without it are not extended with runs made with it."""
+    import doe_export.tasks as tasks_module
+
+    config = study.StudyConfig(intermediates={"rte": "snli"})
+    assert config.flow_for("rte").adapt.intermediate == "snli" and config.flow_for("sst2") == config.flow
+    with pytest.raises(ConfigError, match="prompt tuning keeps frozen"):
+        study.StudyConfig(intermediates={"rte": "snli"}, flow=replace(config.flow, adapt=AdaptSpec(mode="prompt")))
+    quick = study.QUICK_FLOW  # prompt tuning, which keeps the backbone frozen: fine-tune for this test
+    finetune = replace(
+        quick,
+        adapt=replace(quick.adapt, mode="finetune", prompt_length=0),
+        recovery=replace(quick.recovery, params="all"),
+    )
+    monkeypatch.setitem(study.QUICK, "flow", finetune)
+    asked = []
+    inter = synthetic_task("inter", kind="pair", n_train=24, seed=5)
+    monkeypatch.setattr(tasks_module, "load_task", lambda name, *a, **k: asked.append(name) or inter)
+    out = tmp_path / "out"
+    args = ["study", "localization", "--quick", "--out", str(out), "--cache-dir", str(tmp_path / "c"), "--no-progress"]
+    args += ["--methods", "doe", "--no-ablations", "--rates", "0.5"]
+    assert main([*args, "--intermediates", "toy=inter"]) == 0
+    assert asked == ["inter"]
+    dense = [r for r in common.read_jsonl(out / "localization.jsonl") if r.get("kind") == "dense"]
+    assert [r["intermediate"] for r in dense] == ["inter"]
+    assert main(args) == 2
+    assert "other settings of ['intermediates.toy']" in capsys.readouterr().err
+    assert main([*args, "--intermediates", "toy"]) == 2
+    assert "--intermediates: expected TASK=INTERMEDIATE (e.g. rte=snli), got 'toy'" in capsys.readouterr().err
