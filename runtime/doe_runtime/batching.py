@@ -162,6 +162,7 @@ class Batcher:
         does not sit idle while the event loop writes answers (on 2 cores it did, about a quarter of the time)."""
         loop = asyncio.get_running_loop()
         running = self._submit(loop, task, batch)
+        counted = 1  # this coroutine's batches in queue.calls (the first was counted by the task's loop)
         try:
             while batch:
                 failure: Exception | None = None
@@ -172,9 +173,9 @@ class Batcher:
                 following = self._following(task, queue)
                 if following:
                     self.started(following)
-                    queue.calls += 1
+                    queue.calls, counted = queue.calls + 1, counted + 1
                     running = self._submit(loop, task, following)
-                queue.calls -= 1
+                queue.calls, counted = queue.calls - 1, counted - 1
                 if failure is not None:
                     for entry in batch:
                         if not entry.future.done():
@@ -183,6 +184,7 @@ class Batcher:
                     self._answer(task, batch, answers, stats)
                 batch = following
         finally:
+            queue.calls -= counted  # cancelled mid-call (the server stopping): nothing stays counted as running
             await slot.__aexit__(None, None, None)
 
     def _submit(self, loop: asyncio.AbstractEventLoop, task: str, batch: list[Entry]) -> asyncio.Future:
