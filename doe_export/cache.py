@@ -42,8 +42,8 @@ def cached_adapted(
     *,
     tokenizer,
     splits: stages.Splits,
+    data_spec: DataSpec,
     progress: bool = True,
-    data_spec: DataSpec | None = None,
     data_dir: str | Path | None = None,
 ):
     """The dense model adapted by ``spec`` (stages.new_model, stages.intermediate where ``spec`` asks for it
@@ -61,7 +61,7 @@ def cached_adapted(
             loaded,
             tokenizer,
             spec,
-            data_spec or DataSpec(),
+            data_spec,
             data_dir=None if data_dir is None else str(data_dir),
             progress=progress,
             desc=f"[{data.name}] intermediate {spec.intermediate}",

@@ -73,7 +73,9 @@ def run(
             build.adapt,
             tokenizer=tokenizer,
             splits=splits,
+            data_spec=build.data,
             progress=progress,
+            data_dir=data_dir,
         )
         score = stages.scorer(tokenizer, splits, dev=True)
         dense_scores = _scores(score(dense))

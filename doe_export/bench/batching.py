@@ -125,7 +125,6 @@ def run_batching(config: SuiteConfig, work: Path, progress: bool) -> list[dict]:
                     )
                     after = _scrape(server.base)
                     result.update(_counters(before, after, result))
-                    result["differing_margins"] = {i: margins[int(i)] for i in result["differing_requests"]}
                     result.update(
                         kind="batching",
                         round=round_,

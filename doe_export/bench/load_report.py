@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import statistics
+
 
 def _render_load(rows, cfg, intro, out_dir) -> list[str]:
     lines = ["# Load: `doe-runtime serve` under concurrent requests", ""] + intro
@@ -133,8 +135,6 @@ def render_batching(rows, cfg, intro, out_dir) -> list[str]:
 
 def _differing(runs: list[dict], margins: list[float] | None) -> list[str]:
     """Which texts got another label in a merged call than alone, and how close to a tie they were alone."""
-    import statistics
-
     counts: dict[str, int] = {}
     for run in runs:
         for index, n in run.get("differing_requests", {}).items():
@@ -166,8 +166,6 @@ def _batching_plot(runs: list[dict], out_dir) -> str | None:
     from pathlib import Path
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
-    import statistics
-
     for wait in sorted({r["batch_wait_ms"] for r in runs}):
         counts = sorted({r["connections"] for r in runs if r["batch_wait_ms"] == wait})
         rows = [[r for r in runs if (r["batch_wait_ms"], r["connections"]) == (wait, c)] for c in counts]
