@@ -38,6 +38,7 @@ from .specs import (
     DataSpec,
     Flow,
     PruneSpec,
+    Rank,
     RecoverySpec,
     Rounding,
     TokenAgg,
@@ -47,6 +48,10 @@ from .tasks import TaskData
 
 METHODS = ("doe", "random", "activation", "gradient", "magnitude", "taylor", "skill")
 ABLATION_RATE = 0.65
+# DoE's variants at ABLATION_RATE (with the calibration sizes, "calib-N"): token aggregation by max, one budget
+# over all layers, bias folding, attribution on the un-adapted backbone, ranking by mean |h*g| instead of
+# |mean h*g| (no cancellation between items), and the rate reached in two steps with recovery after each
+ABLATIONS = ("max-tokens", "global-budget", "fold-bias", "no-prompt-tuning", "mean-abs", "gradual-2")
 
 
 def first_study_flow() -> Flow:
@@ -141,6 +146,8 @@ class StudyConfig:
             token_agg=TokenAgg.MAX if variant == "max-tokens" else TokenAgg.MEAN,
             budget=Budget.GLOBAL if variant == "global-budget" else Budget.PER_LAYER,
             fold_bias=variant == "fold-bias",
+            rank=Rank.MEAN_ABS if variant == "mean-abs" else self.flow.prune.rank,
+            steps=2 if variant == "gradual-2" else self.flow.prune.steps,
         )
 
     def to_json(self) -> dict:
@@ -241,7 +248,9 @@ def run_specs(config: StudyConfig) -> list[dict]:
             for seed in config.seeds_of(method):
                 specs.append({"method": method, "variant": "default", "rate": rate, "seed": seed})
     if config.ablations:
-        for variant in ("max-tokens", "global-budget", "fold-bias", "no-prompt-tuning"):
+        if ABLATION_RATE not in config.rates or "doe" not in config.methods:  # what the variants are compared with
+            specs.append({"method": "doe", "variant": "default", "rate": ABLATION_RATE, "seed": config.seed})
+        for variant in ABLATIONS:
             specs.append({"method": "doe", "variant": variant, "rate": ABLATION_RATE, "seed": config.seed})
         for size in config.ablation_calib_sizes:
             specs.append({"method": "doe", "variant": f"calib-{size}", "rate": ABLATION_RATE, "seed": config.seed})
@@ -431,6 +440,7 @@ def run_study(
 
 
 __all__ = [
+    "ABLATIONS",
     "ABLATION_RATE",
     "METHODS",
     "QUICK",

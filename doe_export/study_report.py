@@ -355,23 +355,37 @@ def _ablations(runs: Runs) -> list[str]:
         for t in tasks
     ]
     lines.append(
-        "| default (mean over tokens, per-layer, no folding, attribution on the adapted model, calib 256) | "
-        + " | ".join(base)
-        + " |"
+        "| default (mean over tokens, per-layer, no folding, attribution on the adapted model, calib "
+        f"{runs.cfg.flow.prune.calib_examples}) | " + " | ".join(base) + " |"
     )
     for variant in variants:
         cells = []
         for task in tasks:
             match = [r for r in runs.rows if r["task"] == task and r["variant"] == variant]
-            cells.append(
-                f"{100 * match[0]['value']:.1f} ({100 * match[0]['value_before_recovery']:.1f})" if match else "—"
-            )
+            if not match:
+                cells.append("—")
+                continue
+            cell = f"{100 * match[0]['value']:.1f} ({100 * match[0]['value_before_recovery']:.1f})"
+            default = [r for r in runs.cell(task, "doe", ABLATION_RATE) if r["seed"] == match[0]["seed"]]
+            part = runs.paired(task, default, match[:1])
+            if part is not None:
+                interval = average_interval([part], seed=SEED)
+                cell += f"; {interval.points()}, a {_verdict(interval)}"
+            cells.append(cell)
         lines.append(f"| {VARIANT_LABELS.get(variant, variant)} | " + " | ".join(cells) + " |")
-    return lines + ["", "Cells: after recovery (before recovery = the 'without recovery' ablation).", ""]
+    return lines + [
+        "",
+        "Cells: after recovery (before recovery; for the two-step variant, its last step's before its recovery); "
+        "then the variant minus the default on the same seed, points with its 95 % paired interval, and whether the "
+        "variant wins, ties or loses against the default.",
+        "",
+    ]
 
 
 VARIANT_LABELS = {
-    "no-prompt-tuning": "no adaptation before attribution (scores from the un-adapted backbone; the adapted model is pruned)"
+    "no-prompt-tuning": "no adaptation before attribution (scores from the un-adapted backbone; the adapted model is pruned)",
+    "mean-abs": "ranked by the mean of the absolute h·g over items and tokens, not the absolute of its mean (no cancellation between items)",
+    "gradual-2": "the rate reached in two steps, each attributed on the model the step before left and recovered",
 }
 
 

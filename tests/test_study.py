@@ -1,6 +1,7 @@
 """`doe study localization --quick`: the real study code on a tiny model and generated data.
 Records complete, reruns identical, resumable, and bad data stops before any training."""
 
+import re
 from dataclasses import replace
 
 import pytest
@@ -51,6 +52,8 @@ def test_quick_study_records_report_and_determinism(tmp_path):
         "global-budget",
         "fold-bias",
         "no-prompt-tuning",
+        "mean-abs",
+        "gradual-2",
         "calib-8",
     }
     assert dense[0]["labels"] and len(dense[0]["labels"]) == len(dense[0]["preds"]) == 24
@@ -58,6 +61,8 @@ def test_quick_study_records_report_and_determinism(tmp_path):
     assert {r["recovery_seed"] for r in runs if r["method"] == "doe"} == {study.QUICK_FLOW.recovery.seed}
     report = (tmp_path / "a" / "localization.md").read_text()
     assert "## toy" in report and "## Targets" in report and "DoE ablations" in report
+    ablation = next(line for line in report.splitlines() if line.startswith("| ranked by the mean of the absolute h·g"))
+    assert re.search(r"\| [\d.]+ \([\d.]+\); [+-][\d.]+ \[[+-][\d.]+, [+-][\d.]+\], a (win|tie|loss) \|", ablation)
     assert (
         "## DoE against each baseline" in report
         and "task × rate × baseline comparisons on learned tasks: DoE wins" in report
@@ -87,6 +92,15 @@ def test_quick_study_resumes_and_grows(tmp_path, monkeypatch):
     assert {c["method"] for c in calls} == {"magnitude"}  # only the new method runs
     grown = common.read_jsonl(tmp_path / "out" / "localization.jsonl")
     assert grown[: len(first)][1:] == first[1:]
+
+
+def test_ablation_variants_change_what_they_name():
+    config = study.StudyConfig(**study.QUICK)
+    default = config.prune_spec({"method": "doe", "variant": "default", "rate": 0.65, "seed": 0})
+    ranked = config.prune_spec({"method": "doe", "variant": "mean-abs", "rate": 0.65, "seed": 0})
+    gradual = config.prune_spec({"method": "doe", "variant": "gradual-2", "rate": 0.65, "seed": 0})
+    assert (default.rank, default.steps) == ("abs-of-mean", 1)
+    assert ranked == replace(default, rank="mean-abs") and gradual == replace(default, steps=2)
 
 
 def test_changed_settings_are_refused(tmp_path, capsys):
