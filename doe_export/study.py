@@ -88,15 +88,24 @@ class StudyConfig:
     seeds: tuple[int, ...] = (0,)
     random_seeds: tuple[int, ...] = (0, 1, 2)
     ablation_calib_sizes: tuple[int, ...] = (64, 1024)
-    ablations: bool = True
+    # the DoE variants run at ABLATION_RATE: names from ABLATIONS, "calib" for the ablation_calib_sizes (older
+    # records say True for all of them, False for none)
+    ablations: tuple[str, ...] = (*ABLATIONS, "calib")
     train_sizes: dict[str, int | None] = dataclasses.field(default_factory=lambda: dict(TRAIN_SIZES))
     # a task's intermediate training task (AdaptSpec.intermediate), e.g. {"rte": "snli"}; none by default
     intermediates: dict[str, str] = dataclasses.field(default_factory=dict)
     flow: Flow = dataclasses.field(default_factory=Flow)
 
     def __post_init__(self) -> None:
-        for name in ("tasks", "rates", "methods", "seeds", "random_seeds", "ablation_calib_sizes"):
+        if isinstance(self.ablations, bool):
+            object.__setattr__(self, "ablations", (*ABLATIONS, "calib") if self.ablations else ())
+        for name in ("tasks", "rates", "methods", "seeds", "random_seeds", "ablation_calib_sizes", "ablations"):
             object.__setattr__(self, name, tuple(getattr(self, name)))
+        unknown = sorted(set(self.ablations) - {*ABLATIONS, "calib"})
+        if unknown:
+            raise ConfigError(
+                f"unknown ablations {unknown}; available: {', '.join(ABLATIONS)}, calib (the calibration sizes)"
+            )
         unknown = sorted(set(self.methods) - set(METHODS))
         if unknown:
             raise ConfigError(f"unknown methods {unknown}; available: {', '.join(METHODS)}")
@@ -251,8 +260,9 @@ def run_specs(config: StudyConfig) -> list[dict]:
         if ABLATION_RATE not in config.rates or "doe" not in config.methods:  # what the variants are compared with
             specs.append({"method": "doe", "variant": "default", "rate": ABLATION_RATE, "seed": config.seed})
         for variant in ABLATIONS:
-            specs.append({"method": "doe", "variant": variant, "rate": ABLATION_RATE, "seed": config.seed})
-        for size in config.ablation_calib_sizes:
+            if variant in config.ablations:
+                specs.append({"method": "doe", "variant": variant, "rate": ABLATION_RATE, "seed": config.seed})
+        for size in config.ablation_calib_sizes if "calib" in config.ablations else ():
             specs.append({"method": "doe", "variant": f"calib-{size}", "rate": ABLATION_RATE, "seed": config.seed})
     return specs
 
@@ -305,7 +315,9 @@ def run_record(runner: Any, config: StudyConfig, spec: dict) -> dict:
 
 
 def _check_sizes(config: StudyConfig, datasets: list[TaskData]) -> None:
-    need = max((config.flow.prune.calib_examples, *(config.ablation_calib_sizes if config.ablations else ())))
+    need = max(
+        (config.flow.prune.calib_examples, *(config.ablation_calib_sizes if "calib" in config.ablations else ()))
+    )
     for data in datasets:
         available = len(data.train.head(config.flow_for(data.name).data.max_train))
         if need > available:

@@ -101,6 +101,31 @@ def test_ablation_variants_change_what_they_name():
     gradual = config.prune_spec({"method": "doe", "variant": "gradual-2", "rate": 0.65, "seed": 0})
     assert (default.rank, default.steps) == ("abs-of-mean", 1)
     assert ranked == replace(default, rank="mean-abs") and gradual == replace(default, steps=2)
+    # a chosen subset, with DoE's own run at 0.65 to compare them with; older headers said True / False
+    chosen = study.StudyConfig(**{**study.QUICK, "methods": ("random",), "ablations": ("mean-abs", "calib")})
+    assert [(s["method"], s["variant"], s["rate"]) for s in study.run_specs(chosen) if s["method"] == "doe"] == [
+        ("doe", "default", 0.65),
+        ("doe", "mean-abs", 0.65),
+        ("doe", "calib-8", 0.65),
+    ]
+    assert study.StudyConfig.from_json({**config.to_json(), "ablations": False}).ablations == ()
+    assert "gradual-2" in study.StudyConfig.from_json({**config.to_json(), "ablations": True}).ablations
+    with pytest.raises(ConfigError, match=r"unknown ablations \['mean'\]; available: max-tokens, .*calib"):
+        study.StudyConfig(**{**study.QUICK, "ablations": ("mean",)})
+
+
+def test_ablations_flag_chooses_variants(tmp_path, capsys):
+    args = ["study", "localization", "--quick", "--out", str(tmp_path / "o"), "--cache-dir", str(tmp_path / "c")]
+    assert main([*args, "--no-progress", "--methods", "doe", "--ablations", "gradual-2"]) == 0
+    runs = [r for r in common.read_jsonl(tmp_path / "o" / "localization.jsonl") if r["kind"] == "run"]
+    assert sorted((r["variant"], r["rate"]) for r in runs) == [
+        ("default", 0.5),
+        ("default", 0.65),
+        ("default", 0.8),
+        ("gradual-2", 0.65),
+    ]
+    assert main([*args, "--ablations", "bogus"]) == 2
+    assert "unknown ablations ['bogus']" in capsys.readouterr().err
 
 
 def test_changed_settings_are_refused(tmp_path, capsys):

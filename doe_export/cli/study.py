@@ -10,7 +10,7 @@ from pathlib import Path
 from ..errors import ConfigError
 from ..recovery_study import DEFAULT_TASKS as RECOVERY_TASKS
 from ..specs import AdaptMode, TrainedParams
-from ..study import StudyConfig
+from ..study import ABLATIONS, StudyConfig
 from .options import choices, default, names, numbers, positive_or_none, render_only, report_errors
 
 # flag (argparse dest) -> (None: a field of StudyConfig, else the part of its default flow; field)
@@ -128,7 +128,15 @@ def add_parser(sub) -> argparse.ArgumentParser:
         "(RTE is not learned by MiniLM-L6 from its own split; with SNLI first it is)",
     )
     _add_flow_options(st)
-    st.add_argument("--no-ablations", action="store_true")
+    which = st.add_mutually_exclusive_group()
+    which.add_argument(
+        "--ablations",
+        default=None,
+        help="the DoE variants to run at p=0.65, comma-separated (default: all of "
+        + ", ".join((*ABLATIONS, "calib"))
+        + "; calib: the calibration sizes)",
+    )
+    which.add_argument("--no-ablations", action="store_true", help="no DoE variants")
     st.add_argument("--render-only", action="store_true", help="re-render the report from the records")
     st.add_argument("--no-progress", action="store_true")
     return st
@@ -167,6 +175,8 @@ def study_config(args: argparse.Namespace) -> StudyConfig:
     """The localization study of the flags: the default flow with every given setting applied."""
     from .. import study
 
+    base = StudyConfig()
+    ablations = () if args.no_ablations else names(args.ablations) if args.ablations else base.ablations
     if args.quick:
         return StudyConfig(
             **{
@@ -175,9 +185,9 @@ def study_config(args: argparse.Namespace) -> StudyConfig:
                 "seeds": numbers(args.seeds),
                 "train_sizes": parse_sizes(args.train_sizes),
                 "intermediates": parse_intermediates(args.intermediates),
+                "ablations": ablations,
             }
         )
-    base = StudyConfig()
     flow = base.flow
     flow = replace(
         flow,
@@ -199,7 +209,7 @@ def study_config(args: argparse.Namespace) -> StudyConfig:
         random_seeds=numbers(args.random_seeds),
         train_sizes=parse_sizes(args.train_sizes),
         intermediates=parse_intermediates(args.intermediates),
-        ablations=not args.no_ablations,
+        ablations=ablations,
         flow=flow,
     )
 
