@@ -222,8 +222,27 @@ def verdict_line(results: list[TaskResult], tolerance_points: float) -> str:
     )
 
 
+def rate_line(results: list[TaskResult], default_rate: float) -> str | None:
+    """The tasks whose rate (the budget's choice, or the user's) is below ``default_rate``, with the FLOP bound
+    each keeps at 128 tokens; None when every task pruned at least that much."""
+    lower = [r for r in results if r.rate < default_rate]
+    if not lower:
+        return None
+    return f"Pruned less than the default p={default_rate:g} to hold the budget or as asked: " + "; ".join(
+        f"{r.task} p={r.rate:g}, FLOP bound x{r.bound_128:.2f} at 128 tokens" for r in lower
+    )
+
+
 def results_as_dicts(results: list[TaskResult]) -> list[dict]:
     return [asdict(r) for r in results]
 
 
-__all__ = ["BuiltTask", "TaskResult", "build_manifest", "results_as_dicts", "summary_table", "verdict_line"]
+__all__ = [
+    "BuiltTask",
+    "TaskResult",
+    "build_manifest",
+    "rate_line",
+    "results_as_dicts",
+    "summary_table",
+    "verdict_line",
+]

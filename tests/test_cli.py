@@ -149,6 +149,9 @@ def test_build_user_task_with_local_model_folder(tmp_path, tiny_backbone, hf_tok
     verdict = "Served expert within 1 point(s) of the dense model on test (95% interval): "
     assert verdict in captured.out  # then met / not resolved / missed, or no verdict where dense did not learn
     assert "reviews" in captured.out.split(verdict)[1].splitlines()[0]
+    assert "Pruned less than the default p=0.65 to hold the budget or as asked: reviews p=0.5, FLOP bound x" in (
+        captured.out
+    )
     results = json.loads((tmp_path / "r.json").read_text())
     assert results[0]["ffn_widths"] == [20, 20]  # round(37 * 0.5) = 18 -> rounded up to a multiple of 4
     assert Router(out, device="cpu").predict("reviews", ["good movie"])[0].label in ("no", "yes")

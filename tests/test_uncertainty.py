@@ -123,6 +123,14 @@ def test_build_verdict_line_counts_every_task_once():
         "Served expert within 1 point(s) of the dense model on test (95% interval): met 1 (a p=0.65); "
         "not resolved 1 (b p=0.65); missed 1 (d p=0.65); no verdict (dense not learned) 1 (c)"
     )
+    from doe_export.summary import rate_line
+
+    kept = result("e", "met")
+    kept.rate, kept.bound_128 = 0.2, 1.15
+    assert rate_line([result("a", "met"), kept], 0.65) == (
+        "Pruned less than the default p=0.65 to hold the budget or as asked: e p=0.2, FLOP bound x1.15 at 128 tokens"
+    )
+    assert rate_line([result("a", "met")], 0.65) is None
 
 
 def test_dev_sizing_counts_how_far_one_answer_moves_the_metric():
