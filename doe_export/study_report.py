@@ -215,9 +215,13 @@ def _comparisons(runs: Runs) -> list[str]:
     heads = [t if t in learned else f"{t} (not learned)" for t in runs.tasks]
     tally: dict[str, int] = {"win": 0, "tie": 0, "loss": 0}
     for rate in runs.rates:
-        lines += [f"### p={rate:g}", "", "| baseline | " + " | ".join(heads) + " | average |"]
-        lines.append("|---|" + "---:|" * (len(heads) + 1))
-        for method in baselines:
+        lines += [f"### p={rate:g}", ""]
+        ran = [m for m in baselines if any(runs.doe_minus(t, m, rate) for t in runs.tasks)]
+        if not ran:
+            lines += ["No baseline has a run beside DoE's at this rate yet.", ""]
+            continue
+        lines += ["| baseline | " + " | ".join(heads) + " | average |", "|---|" + "---:|" * (len(heads) + 1)]
+        for method in ran:
             parts = {t: runs.doe_minus(t, method, rate) for t in runs.tasks}
             cells = []
             for task, part in parts.items():
@@ -229,7 +233,8 @@ def _comparisons(runs: Runs) -> list[str]:
             whole = learned and len(complete) == len(learned)
             average = _marked(average_interval(complete, seed=SEED)) if whole else "—"
             lines.append(f"| {method} | " + " | ".join(cells) + f" | {average} |")
-        lines.append("")
+        missing = [m for m in baselines if m not in ran]
+        lines += ["", f"Not run beside DoE at this rate: {', '.join(missing)}.", ""] if missing else [""]
     lines += [
         f"Over all {sum(tally.values())} task × rate × baseline comparisons on learned tasks: DoE wins "
         f"{tally['win']}, ties {tally['tie']}, loses {tally['loss']}.",

@@ -93,6 +93,22 @@ def test_quick_study_resumes_and_grows(tmp_path, monkeypatch):
     grown = common.read_jsonl(tmp_path / "out" / "localization.jsonl")
     assert grown[: len(first)][1:] == first[1:]
 
+    # a rate where a baseline has no run yet: the report names it instead of a row of dashes
+    from doe_export.study_report import render
+
+    def report_of(records):
+        common.write_jsonl(tmp_path / "partial" / "localization.jsonl", records)
+        report = render(tmp_path / "partial" / "localization.jsonl", tmp_path / "partial").read_text()
+        return report.split("### p=0.5")[1].split("### p=0.8")[0], report.split("### p=0.8")[1].split("Over all")[0]
+
+    gradient_at_05 = [{**r, "method": "gradient"} for r in grown if r.get("method") == "magnitude" and r["rate"] == 0.5]
+    at_05, at_08 = report_of(grown + gradient_at_05)
+    assert "| gradient |" in at_05 and "| magnitude |" in at_05 and "Not run" not in at_05
+    assert "| magnitude |" in at_08 and "| gradient |" not in at_08
+    assert "Not run beside DoE at this rate: gradient." in at_08
+    at_05, at_08 = report_of([r for r in grown if not (r.get("method") == "magnitude" and r.get("rate") == 0.8)])
+    assert "| magnitude |" in at_05 and "No baseline has a run beside DoE's at this rate yet." in at_08
+
 
 def test_ablation_variants_change_what_they_name():
     config = study.StudyConfig(**study.QUICK)
