@@ -75,10 +75,11 @@ def doe_against_baselines(
     if not rates or not tasks:
         return None
     plt = _pyplot()
-    baselines = list(table[rates[0]])
-    fig, axes = plt.subplots(1, len(rates), figsize=(5 * len(rates), 1.0 + 0.9 * len(baselines)), squeeze=False)
+    most = max(sum(1 for rows in table[rate].values() if rows) for rate in rates)
+    fig, axes = plt.subplots(1, len(rates), figsize=(5 * len(rates), 1.0 + 0.9 * most), squeeze=False)
     step = 0.8 / len(tasks)
     for ax, rate in zip(axes.flat, rates):
+        baselines = [method for method, rows in table[rate].items() if rows]  # those run beside DoE at this rate
         for k, task in enumerate(tasks):
             ys, xs, below, above = [], [], [], []
             for row, method in enumerate(baselines):
@@ -92,7 +93,7 @@ def doe_against_baselines(
                 ax.errorbar(xs, ys, xerr=[below, above], fmt="o", capsize=2, markersize=4, label=task)
         ax.axvline(0, color="black", linewidth=1)
         ax.set_yticks(range(len(baselines)), baselines)
-        ax.invert_yaxis()
+        ax.set_ylim(most - 0.5, -0.5)  # the same row height in every panel, first baseline on top
         ax.set_title(f"DoE minus baseline, p={rate:g}")
         ax.set_xlabel("points after recovery (95% paired interval)")
     return _save(plt, fig, axes, out_dir / "localization_vs_baselines.png")
