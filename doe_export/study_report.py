@@ -350,8 +350,8 @@ def _ablations(runs: Runs) -> list[str]:
     lines = [
         f"## DoE ablations at p={ABLATION_RATE}",
         "",
-        "| variant | " + " | ".join(tasks) + " |",
-        "|---|" + "---:|" * len(tasks),
+        "| variant | " + " | ".join(tasks) + " | average − default |",
+        "|---|" + "---:|" * (len(tasks) + 1),
     ]
     base = [
         f"{100 * runs.mean(t, 'doe', ABLATION_RATE):.1f} ({100 * runs.mean(t, 'doe', ABLATION_RATE, 'value_before_recovery'):.1f})"
@@ -361,10 +361,11 @@ def _ablations(runs: Runs) -> list[str]:
     ]
     lines.append(
         "| default (mean over tokens, per-layer, no folding, attribution on the adapted model, calib "
-        f"{runs.cfg.flow.prune.calib_examples}) | " + " | ".join(base) + " |"
+        f"{runs.cfg.flow.prune.calib_examples}) | " + " | ".join(base) + " | |"
     )
+    learned = runs.learned_tasks
     for variant in variants:
-        cells = []
+        cells, parts = [], []
         for task in tasks:
             match = [r for r in runs.rows if r["task"] == task and r["variant"] == variant]
             if not match:
@@ -376,13 +377,18 @@ def _ablations(runs: Runs) -> list[str]:
             if part is not None:
                 interval = average_interval([part], seed=SEED)
                 cell += f"; {interval.points()}, a {_verdict(interval)}"
+                if task in learned:
+                    parts.append(part)
             cells.append(cell)
+        average = average_interval(parts, seed=SEED) if learned and len(parts) == len(learned) else None
+        cells.append("—" if average is None else f"{average.points()}, a {_verdict(average)}")
         lines.append(f"| {VARIANT_LABELS.get(variant, variant)} | " + " | ".join(cells) + " |")
     return lines + [
         "",
         "Cells: after recovery (before recovery; for the two-step variant, its last step's before its recovery); "
         "then the variant minus the default on the same seed, points with its 95 % paired interval, and whether the "
-        "variant wins, ties or loses against the default.",
+        "variant wins, ties or loses against the default. The average is over the learned tasks, where the "
+        "variant ran on all of them.",
         "",
     ]
 

@@ -109,6 +109,18 @@ def test_quick_study_resumes_and_grows(tmp_path, monkeypatch):
     at_05, at_08 = report_of([r for r in grown if not (r.get("method") == "magnitude" and r.get("rate") == 0.8)])
     assert "| magnitude |" in at_05 and "No baseline has a run beside DoE's at this rate yet." in at_08
 
+    # a learned task (dense answers every item right): each ablation's average over the learned tasks is its
+    # one task's interval against the default
+    learned = [{**r, "preds": r["labels"]} if r.get("kind") == "dense" else r for r in grown]
+    report_of(learned)
+    row = next(
+        line
+        for line in (tmp_path / "partial" / "localization.md").read_text().splitlines()
+        if line.startswith("| ranked by the mean of the absolute")
+    )
+    task_cell, average_cell = row.strip("| ").split(" | ")[1:]
+    assert average_cell.endswith((", a win", ", a tie", ", a loss")) and task_cell.endswith(average_cell)
+
 
 def test_ablation_variants_change_what_they_name():
     config = study.StudyConfig(**study.QUICK)
