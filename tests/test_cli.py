@@ -22,6 +22,7 @@ def test_help_documents_every_flag(capsys):
         "--adapt",
         "--rate",
         "--scorer",
+        "--rank",
         "--budget",
         "--max-train",
         "--max-length",
@@ -72,6 +73,16 @@ def test_cli_defaults_are_the_specs_defaults(monkeypatch):
         assert getattr(args, dest) == expected, dest
 
 
+def test_rank_flag_reaches_the_prune_spec_and_the_scorer():
+    from doe_export.cli import build, build_parser
+    from doe_export.scorers import accepted, make_scorer
+
+    prune = build.config_from_args(build_parser().parse_args(["build", "--rank", "mean-abs"])).prune
+    assert prune.rank == "mean-abs" and make_scorer(
+        prune.scorer, **accepted(prune.scorer, prune.scorer_options())
+    ).config()["rank_by"] == ("mean |h*g|")
+
+
 def test_a_scorer_option_the_scorer_does_not_take_is_refused(capsys):
     assert main(["build", "--no-progress", "--scorer", "magnitude", "--token-agg", "max"]) == 2
     err = capsys.readouterr().err
@@ -94,6 +105,7 @@ def test_a_scorer_option_the_scorer_does_not_take_is_refused(capsys):
         (["--tasks", "sst2", "--data-dir", "/nonexistent/glue"], "/nonexistent/glue/SST-2: no such folder"),
         (["--json", "/nonexistent/dir/r.json"], "--json /nonexistent/dir/r.json: its folder does not exist"),
         (["--scorer", "random", "--token-agg", "max"], "scorer 'random' takes no option token_agg"),
+        (["--scorer", "taylor", "--rank", "mean-abs"], "scorer 'taylor' takes no option rank"),
     ],
 )
 def test_bad_input_stops_before_training(args, message, capsys):

@@ -21,6 +21,7 @@ from ..specs import (
     Fp16Form,
     LayerTypes,
     PruneSpec,
+    Rank,
     RecoverySpec,
     Rounding,
     TokenAgg,
@@ -50,6 +51,7 @@ FIELDS: dict[str, tuple[str | None, str]] = {
     "intermediate_epochs": ("adapt", "intermediate_epochs"),
     "scorer": ("prune", "scorer"),
     "token_agg": ("prune", "token_agg"),
+    "rank": ("prune", "rank"),
     "rate": ("prune", "rate"),
     "layer_types": ("prune", "layer_types"),
     "head_rate": ("prune", "head_rate"),
@@ -243,6 +245,13 @@ def _add_pruning_options(b: argparse.ArgumentParser) -> None:
         default=_default("token_agg"),
         help="aggregation over tokens (scorer doe)",
     )
+    b.add_argument(
+        "--rank",
+        choices=choices(Rank),
+        default=_default("rank"),
+        help="how scorer doe ranks neurons: abs-of-mean |mean h*g| (the paper), or mean-abs mean |h*g| (no "
+        "cancellation between items; in the localization study it tied taylor where abs-of-mean trailed it)",
+    )
     b.add_argument("--rate", type=float, default=_default("rate"), help="share of FFN neurons removed")
     b.add_argument(
         "--layer-types",
@@ -407,6 +416,7 @@ def config_from_args(args: argparse.Namespace) -> BuildConfig:
         prune=PruneSpec(
             scorer=args.scorer,
             token_agg=args.token_agg,
+            rank=args.rank,
             rate=args.rate,
             layer_types=args.layer_types,
             head_rate=args.head_rate,
