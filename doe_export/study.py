@@ -256,14 +256,13 @@ def run_specs(config: StudyConfig) -> list[dict]:
         for method in config.methods:
             for seed in config.seeds_of(method):
                 specs.append({"method": method, "variant": "default", "rate": rate, "seed": seed})
-    if config.ablations:
-        if ABLATION_RATE not in config.rates or "doe" not in config.methods:  # what the variants are compared with
-            specs.append({"method": "doe", "variant": "default", "rate": ABLATION_RATE, "seed": config.seed})
-        for variant in ABLATIONS:
-            if variant in config.ablations:
-                specs.append({"method": "doe", "variant": variant, "rate": ABLATION_RATE, "seed": config.seed})
-        for size in config.ablation_calib_sizes if "calib" in config.ablations else ():
-            specs.append({"method": "doe", "variant": f"calib-{size}", "rate": ABLATION_RATE, "seed": config.seed})
+    if config.ablations:  # every variant on every seed of ``seeds``, as DoE's own runs
+        variants = [v for v in ABLATIONS if v in config.ablations]
+        variants += [f"calib-{size}" for size in config.ablation_calib_sizes] if "calib" in config.ablations else []
+        for seed in config.seeds:
+            if ABLATION_RATE not in config.rates or "doe" not in config.methods:  # what the variants compare with
+                specs.append({"method": "doe", "variant": "default", "rate": ABLATION_RATE, "seed": seed})
+            specs += [{"method": "doe", "variant": v, "rate": ABLATION_RATE, "seed": seed} for v in variants]
     return specs
 
 

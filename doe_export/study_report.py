@@ -371,9 +371,14 @@ def _ablations(runs: Runs) -> list[str]:
             if not match:
                 cells.append("—")
                 continue
-            cell = f"{100 * match[0]['value']:.1f} ({100 * match[0]['value_before_recovery']:.1f})"
-            default = [r for r in runs.cell(task, "doe", ABLATION_RATE) if r["seed"] == match[0]["seed"]]
-            part = runs.paired(task, default, match[:1])
+            seeds = {r["seed"] for r in match}
+            cell = (
+                f"{100 * np.mean([r['value'] for r in match]):.1f}"
+                + (f" ({len(seeds)} seeds)" if len(seeds) > 1 else "")
+                + f" ({100 * np.mean([r['value_before_recovery'] for r in match]):.1f})"
+            )
+            default = [r for r in runs.cell(task, "doe", ABLATION_RATE) if r["seed"] in seeds]
+            part = runs.paired(task, default, [r for r in match if r["seed"] in {d["seed"] for d in default}])
             if part is not None:
                 interval = average_interval([part], seed=SEED)
                 cell += f"; {interval.points()}, a {_verdict(interval)}"
@@ -386,7 +391,7 @@ def _ablations(runs: Runs) -> list[str]:
     return lines + [
         "",
         "Cells: after recovery (before recovery; for the two-step variant, its last step's before its recovery); "
-        "then the variant minus the default on the same seed, points with its 95 % paired interval, and whether the "
+        "then the variant minus the default on the same seeds, points with its 95 % paired interval, and whether the "
         "variant wins, ties or loses against the default. The average is over the learned tasks, where the "
         "variant ran on all of them.",
         "",

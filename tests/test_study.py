@@ -136,6 +136,13 @@ def test_ablation_variants_change_what_they_name():
         ("doe", "mean-abs", 0.65),
         ("doe", "calib-8", 0.65),
     ]
+    seeded = study.StudyConfig(**{**study.QUICK, "methods": ("doe",), "seeds": (0, 1), "ablations": ("mean-abs",)})
+    assert sorted((s["variant"], s["seed"]) for s in study.run_specs(seeded) if s["rate"] == 0.65) == [
+        ("default", 0),
+        ("default", 1),
+        ("mean-abs", 0),
+        ("mean-abs", 1),
+    ]  # the variants on every seed, each with DoE's own run to pair with
     assert study.StudyConfig.from_json({**config.to_json(), "ablations": False}).ablations == ()
     assert "gradual-2" in study.StudyConfig.from_json({**config.to_json(), "ablations": True}).ablations
     with pytest.raises(ConfigError, match=r"unknown ablations \['mean'\]; available: max-tokens, .*calib"):
