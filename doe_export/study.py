@@ -52,6 +52,7 @@ ABLATION_RATE = 0.65
 # over all layers, bias folding, attribution on the un-adapted backbone, ranking by mean |h*g| instead of
 # |mean h*g| (no cancellation between items), and the rate reached in two steps with recovery after each
 ABLATIONS = ("max-tokens", "global-budget", "fold-bias", "no-prompt-tuning", "mean-abs", "gradual-2")
+ALL_ABLATIONS = (*ABLATIONS, "calib")  # what StudyConfig.ablations may name; "calib": the calibration sizes
 
 
 def first_study_flow() -> Flow:
@@ -90,7 +91,7 @@ class StudyConfig:
     ablation_calib_sizes: tuple[int, ...] = (64, 1024)
     # the DoE variants run at ABLATION_RATE: names from ABLATIONS, "calib" for the ablation_calib_sizes (older
     # records say True for all of them, False for none)
-    ablations: tuple[str, ...] = (*ABLATIONS, "calib")
+    ablations: tuple[str, ...] = ALL_ABLATIONS
     train_sizes: dict[str, int | None] = dataclasses.field(default_factory=lambda: dict(TRAIN_SIZES))
     # a task's intermediate training task (AdaptSpec.intermediate), e.g. {"rte": "snli"}; none by default
     intermediates: dict[str, str] = dataclasses.field(default_factory=dict)
@@ -98,10 +99,10 @@ class StudyConfig:
 
     def __post_init__(self) -> None:
         if isinstance(self.ablations, bool):
-            object.__setattr__(self, "ablations", (*ABLATIONS, "calib") if self.ablations else ())
+            object.__setattr__(self, "ablations", ALL_ABLATIONS if self.ablations else ())
         for name in ("tasks", "rates", "methods", "seeds", "random_seeds", "ablation_calib_sizes", "ablations"):
             object.__setattr__(self, name, tuple(getattr(self, name)))
-        unknown = sorted(set(self.ablations) - {*ABLATIONS, "calib"})
+        unknown = sorted(set(self.ablations) - set(ALL_ABLATIONS))
         if unknown:
             raise ConfigError(
                 f"unknown ablations {unknown}; available: {', '.join(ABLATIONS)}, calib (the calibration sizes)"
@@ -453,6 +454,7 @@ def run_study(
 __all__ = [
     "ABLATIONS",
     "ABLATION_RATE",
+    "ALL_ABLATIONS",
     "METHODS",
     "QUICK",
     "TRAIN_SIZES",

@@ -97,6 +97,13 @@ class Runs:
         return [t for t in self.tasks if self.learned[t] is not False]
 
 
+def _seeds_cell(rows: list[dict]) -> str:
+    """Runs of one setting as a table cell: after recovery (mean ± std over seeds) and before recovery."""
+    values = [r["value"] for r in rows]
+    spread = f" ±{100 * np.std(values):.1f} ({len(values)} seeds)" if len(values) > 1 else ""
+    return f"{100 * np.mean(values):.1f}{spread} ({100 * np.mean([r['value_before_recovery'] for r in rows]):.1f})"
+
+
 def _verdict(interval: Interval) -> str:
     if interval.low > 0:
         return "win"
@@ -182,14 +189,7 @@ def _task_section(runs: Runs, task: str) -> list[str]:
         cells = []
         for rate in runs.rates:
             cell = runs.cell(task, method, rate)
-            if not cell:
-                cells.append("—")
-                continue
-            values = [r["value"] for r in cell]
-            spread = f" ±{100 * np.std(values):.1f} ({len(values)} seeds)" if len(values) > 1 else ""
-            cells.append(
-                f"{100 * np.mean(values):.1f}{spread} ({100 * runs.mean(task, method, rate, 'value_before_recovery'):.1f})"
-            )
+            cells.append(_seeds_cell(cell) if cell else "—")
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
     doe = [runs.against_dense(task, "doe", rate) for rate in runs.rates]
     if any(doe):
@@ -353,12 +353,7 @@ def _ablations(runs: Runs) -> list[str]:
         "| variant | " + " | ".join(tasks) + " | average − default |",
         "|---|" + "---:|" * (len(tasks) + 1),
     ]
-    base = [
-        f"{100 * runs.mean(t, 'doe', ABLATION_RATE):.1f} ({100 * runs.mean(t, 'doe', ABLATION_RATE, 'value_before_recovery'):.1f})"
-        if runs.cell(t, "doe", ABLATION_RATE)
-        else "—"
-        for t in tasks
-    ]
+    base = [_seeds_cell(rows) if (rows := runs.cell(t, "doe", ABLATION_RATE)) else "—" for t in tasks]
     lines.append(
         "| default (mean over tokens, per-layer, no folding, attribution on the adapted model, calib "
         f"{runs.cfg.flow.prune.calib_examples}) | " + " | ".join(base) + " | |"
@@ -372,11 +367,7 @@ def _ablations(runs: Runs) -> list[str]:
                 cells.append("—")
                 continue
             seeds = {r["seed"] for r in match}
-            cell = (
-                f"{100 * np.mean([r['value'] for r in match]):.1f}"
-                + (f" ({len(seeds)} seeds)" if len(seeds) > 1 else "")
-                + f" ({100 * np.mean([r['value_before_recovery'] for r in match]):.1f})"
-            )
+            cell = _seeds_cell(match)
             default = [r for r in runs.cell(task, "doe", ABLATION_RATE) if r["seed"] in seeds]
             part = runs.paired(task, default, [r for r in match if r["seed"] in {d["seed"] for d in default}])
             if part is not None:
@@ -390,7 +381,8 @@ def _ablations(runs: Runs) -> list[str]:
         lines.append(f"| {VARIANT_LABELS.get(variant, variant)} | " + " | ".join(cells) + " |")
     return lines + [
         "",
-        "Cells: after recovery (before recovery; for the two-step variant, its last step's before its recovery); "
+        "Cells: after recovery, mean ± std over seeds (before recovery; for the two-step variant, its last step's "
+        "before its recovery); "
         "then the variant minus the default on the same seeds, points with its 95 % paired interval, and whether the "
         "variant wins, ties or loses against the default. The average is over the learned tasks, where the "
         "variant ran on all of them.",

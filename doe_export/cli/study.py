@@ -10,7 +10,7 @@ from pathlib import Path
 from ..errors import ConfigError
 from ..recovery_study import DEFAULT_TASKS as RECOVERY_TASKS
 from ..specs import AdaptMode, TrainedParams
-from ..study import ABLATIONS, StudyConfig
+from ..study import ALL_ABLATIONS, StudyConfig
 from .options import choices, default, names, numbers, positive_or_none, render_only, report_errors
 
 # flag (argparse dest) -> (None: a field of StudyConfig, else the part of its default flow; field)
@@ -133,7 +133,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
         "--ablations",
         default=None,
         help="the DoE variants to run at p=0.65, comma-separated (default: all of "
-        + ", ".join((*ABLATIONS, "calib"))
+        + ", ".join(ALL_ABLATIONS)
         + "; calib: the calibration sizes)",
     )
     which.add_argument("--no-ablations", action="store_true", help="no DoE variants")
