@@ -135,6 +135,26 @@ class StudyConfig:
             flow = replace(flow, adapt=replace(flow.adapt, intermediate=self.intermediates[task]))
         return flow
 
+    def merged(self, other: StudyConfig) -> StudyConfig:
+        """The runs of both configs (``self`` first, then what ``other`` adds), ``other``'s flow and per-task
+        settings: the header of records that several invocations extended, so the report shows all of them."""
+
+        def union(a: tuple, b: tuple) -> tuple:
+            return (*a, *(x for x in b if x not in a))
+
+        return replace(
+            other,
+            tasks=union(self.tasks, other.tasks),
+            rates=tuple(sorted(set(self.rates) | set(other.rates))),
+            methods=tuple(m for m in METHODS if m in self.methods or m in other.methods),
+            seeds=tuple(sorted(set(self.seeds) | set(other.seeds))),
+            random_seeds=tuple(sorted(set(self.random_seeds) | set(other.random_seeds))),
+            ablation_calib_sizes=tuple(sorted(set(self.ablation_calib_sizes) | set(other.ablation_calib_sizes))),
+            ablations=tuple(a for a in ALL_ABLATIONS if a in self.ablations or a in other.ablations),
+            train_sizes={**self.train_sizes, **other.train_sizes},
+            intermediates={**self.intermediates, **other.intermediates},
+        )
+
     def seeds_of(self, method: str) -> tuple[int, ...]:
         """The seeds ``method`` runs with at every rate."""
         return tuple(sorted({*self.seeds, *self.random_seeds})) if method == "random" else self.seeds
@@ -363,7 +383,8 @@ def _open_records(config: StudyConfig, records_path: Path) -> list[dict]:
             f"{records_path} holds runs made with other settings of {changed}; its runs would not be comparable. Use "
             "another --out, or delete the file to start over"
         )
-    existing[0]["config"] = config.to_json()  # the set of runs (tasks, methods, rates, seeds) may grow
+    # the set of runs (tasks, methods, rates, seeds) grows; the header keeps every invocation's, for the report
+    existing[0]["config"] = old.merged(config).to_json()
     return existing
 
 

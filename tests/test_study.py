@@ -14,7 +14,7 @@ from doe_export.specs import AdaptSpec
 from doe_export.tasks import synthetic_task
 
 
-def _quick(out, cache, methods="doe,random,magnitude"):
+def _quick(out, cache, methods="doe,random,magnitude", *extra):
     return main(
         [
             "study",
@@ -27,6 +27,7 @@ def _quick(out, cache, methods="doe,random,magnitude"):
             "--no-progress",
             "--methods",
             methods,
+            *extra,
         ]
     )
 
@@ -92,6 +93,15 @@ def test_quick_study_resumes_and_grows(tmp_path, monkeypatch):
     assert {c["method"] for c in calls} == {"magnitude"}  # only the new method runs
     grown = common.read_jsonl(tmp_path / "out" / "localization.jsonl")
     assert grown[: len(first)][1:] == first[1:]
+
+    # a narrower invocation adds nothing and keeps the earlier ones' runs in the header the report reads
+    calls.clear()
+    assert _quick(tmp_path / "out", tmp_path / "cache", "doe", "--rates", "0.5", "--no-ablations") == 0
+    assert calls == []
+    header = common.read_jsonl(tmp_path / "out" / "localization.jsonl")[0]["config"]
+    assert header["methods"] == ["doe", "magnitude"] and header["rates"] == [0.5, 0.8]
+    assert "mean-abs" in header["ablations"] and header["tasks"] == ["toy"]
+    assert "### p=0.8" in (tmp_path / "out" / "localization.md").read_text()
 
     # a rate where a baseline has no run yet: the report names it instead of a row of dashes
     from doe_export.study_report import render
