@@ -77,11 +77,20 @@ class Runs:
         return self._doe_minus[key]
 
     def _resampled_doe_minus(self, task: str, method: str, rate: float) -> tuple[float, np.ndarray, int] | None:
+        return self.paired(task, *reversed(self._compared_runs(task, method, rate)))
+
+    def _compared_runs(self, task: str, method: str, rate: float) -> tuple[list[dict], list[dict]]:
+        """DoE's runs and ``method``'s that ``doe_minus`` compares: those on the seeds both have, except for
+        random (whose seeds draw other neurons) or where no seed is shared."""
         doe, other = self.cell(task, "doe", rate), self.cell(task, method, rate)
         shared = {r["seed"] for r in doe} & {r["seed"] for r in other}
         if shared and method != "random":
             doe, other = [r for r in doe if r["seed"] in shared], [r for r in other if r["seed"] in shared]
-        return self.paired(task, other, doe)
+        return doe, other
+
+    def compared_seeds(self, task: str, method: str, rate: float) -> int:
+        """How many runs a side the comparison of DoE with ``method`` rests on (the fewer of the two)."""
+        return min(len(runs) for runs in self._compared_runs(task, method, rate))
 
     def _learned(self, task: str) -> bool | None:
         """Whether the dense model beats always answering the majority test label (None: not known)."""
@@ -250,24 +259,24 @@ def _marked(interval: Interval) -> str:
 
 
 def _seed_needs(runs: Runs, tasks: list[str], baselines: list[str]) -> list[str]:
-    """Ties decided on fewer than MIN_SEEDS seeds of DoE: where more seeds would tell."""
+    """Ties decided on fewer than MIN_SEEDS runs of either side: where more seeds would tell."""
     short = []
     for rate in runs.rates:
         for task in tasks:
-            seeds = len(runs.cell(task, "doe", rate))
             ties = [
-                m
+                f"{m} ({seeds})"
                 for m in baselines
                 if (part := runs.doe_minus(task, m, rate)) is not None
                 and _verdict(average_interval([part], seed=SEED)) == "tie"
+                and (seeds := runs.compared_seeds(task, m, rate)) < MIN_SEEDS
             ]
-            if ties and seeds < MIN_SEEDS:
-                short.append(f"{task} p={rate:g} ({seeds} seed(s); tied with {', '.join(ties)})")
+            if ties:
+                short.append(f"{task} p={rate:g}: tied with {', '.join(ties)}")
     if not short:
         return []
     return [
-        f"Ties on fewer than {MIN_SEEDS} seeds (`doe study localization --seeds 0,1,2 --tasks T --rates P` adds "
-        f"them): {'; '.join(short)}.",
+        f"Ties resting on fewer than {MIN_SEEDS} seeds a side, the seeds in brackets (`doe study localization "
+        f"--seeds 0,1,2 --tasks T --rates P --methods doe,M` adds them): {'; '.join(short)}.",
         "",
     ]
 
