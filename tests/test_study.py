@@ -138,6 +138,18 @@ def test_quick_study_resumes_and_grows(tmp_path, monkeypatch):
     task_cell, average_cell = row.strip("| ").split(" | ")[1:]
     assert average_cell.endswith((", a win", ", a tie", ", a loss")) and task_cell.endswith(average_cell)
 
+    # a second learned task the variant did not run on: the average is the first task's, and says so
+    other = [{**r, "task": "toy2"} for r in learned[1:] if r.get("kind") == "dense" or r.get("variant") == "default"]
+    header = {**learned[0], "config": {**learned[0]["config"], "tasks": ["toy", "toy2"]}}
+    report_of([header, *learned[1:], *other])
+    row = next(
+        line
+        for line in (tmp_path / "partial" / "localization.md").read_text().splitlines()
+        if line.startswith("| ranked by the mean of the absolute")
+    )
+    task_cell, _, average_cell = row.strip("| ").split(" | ")[1:]
+    assert average_cell == task_cell.split("; ")[1] + " (toy only)"
+
 
 def test_ablation_variants_change_what_they_name():
     config = study.StudyConfig(**study.QUICK)
