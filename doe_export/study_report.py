@@ -239,8 +239,9 @@ def _comparisons(runs: Runs) -> list[str]:
                     tally[_verdict(interval)] += 1
                 cells.append("—" if interval is None else _marked(interval))
             complete = [p for t, p in parts.items() if p is not None and t in learned]
-            whole = learned and len(complete) == len(learned)
-            average = _marked(average_interval(complete, seed=SEED)) if whole else "—"
+            without = [t for t in learned if parts[t] is None]
+            average = _marked(average_interval(complete, seed=SEED)) if complete else "—"
+            average += f" (without {', '.join(without)})" if complete and without else ""
             lines.append(f"| {method} | " + " | ".join(cells) + f" | {average} |")
         missing = [m for m in baselines if m not in ran]
         lines += ["", f"Not run beside DoE at this rate: {', '.join(missing)}.", ""] if missing else [""]
@@ -285,16 +286,21 @@ def _averages(runs: Runs) -> list[str]:
     tasks = runs.learned_tasks
     if not tasks:
         return []
+    # each rate's column averages the learned tasks DoE ran on at that rate (all of them where it ran on none),
+    # so the methods in a column share their tasks; a method missing one of them gets a dash
+    at_rate = {r: [t for t in tasks if runs.cell(t, "doe", r)] or tasks for r in runs.rates}
+    narrower = [f"p={r:g} without {', '.join(t for t in tasks if t not in at_rate[r])}" for r in runs.rates]
+    narrower = [n for r, n in zip(runs.rates, narrower) if len(at_rate[r]) < len(tasks)]
     lines = []
     for field, title in (("value", "after recovery"), ("value_before_recovery", "before recovery (pruning alone)")):
-        means = {(m, r): _task_mean(runs, tasks, m, r, field) for m in runs.methods for r in runs.rates}
+        means = {(m, r): _task_mean(runs, at_rate[r], m, r, field) for m in runs.methods for r in runs.rates}
         lines += [
             f"## Average over {', '.join(tasks)}: {title}",
             "",
             "| method | " + " | ".join(f"p={r:g}" for r in runs.rates) + " |",
             "|---|" + "---:|" * len(runs.rates),
             "| dense | "
-            + " | ".join(f"{100 * np.mean([runs.dense[t]['value'] for t in tasks]):.1f}" for _ in runs.rates)
+            + " | ".join(f"{100 * np.mean([runs.dense[t]['value'] for t in at_rate[r]]):.1f}" for r in runs.rates)
             + " |",
         ]
         for method in runs.methods:
@@ -310,7 +316,12 @@ def _averages(runs: Runs) -> list[str]:
                     "—" if np.isnan(value) else (f"**{100 * value:.1f}**" if value == best else f"{100 * value:.1f}")
                 )
             lines.append(f"| {method} | " + " | ".join(cells) + " |")
-        lines += ["", "Bold: the best method at that rate. Tasks weigh equally (GLUE's average).", ""]
+        lines += [
+            "",
+            "Bold: the best method at that rate. Tasks weigh equally (GLUE's average)"
+            + (f"; {'; '.join(narrower)} (DoE has no runs there)." if narrower else "."),
+            "",
+        ]
     return lines
 
 

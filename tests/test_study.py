@@ -150,6 +150,11 @@ def test_quick_study_resumes_and_grows(tmp_path, monkeypatch):
     task_cell, _, average_cell = row.strip("| ").split(" | ")[1:]
     assert average_cell == task_cell.split("; ")[1] + " (toy only)"
 
+    # toy2 with runs at p=0.5 alone: the p=0.8 averages are toy's, and say so
+    at_05, at_08 = report_of([header, *learned[1:], *(r for r in other if r["kind"] == "dense" or r["rate"] == 0.5)])
+    assert "(without toy2) |" in at_08 and "without" not in at_05
+    assert "; p=0.8 without toy2 (DoE has no runs there)." in (tmp_path / "partial" / "localization.md").read_text()
+
 
 def test_ablation_variants_change_what_they_name():
     config = study.StudyConfig(**study.QUICK)
