@@ -83,10 +83,8 @@ class Runs:
         """DoE's runs and ``method``'s that ``doe_minus`` compares: those on the seeds both have, except for
         random (whose seeds draw other neurons) or where no seed is shared."""
         doe, other = self.cell(task, "doe", rate), self.cell(task, method, rate)
-        shared = {r["seed"] for r in doe} & {r["seed"] for r in other}
-        if shared and method != "random":
-            doe, other = [r for r in doe if r["seed"] in shared], [r for r in other if r["seed"] in shared]
-        return doe, other
+        shared = _on_shared_seeds(doe, other)
+        return shared if shared[0] and method != "random" else (doe, other)
 
     def compared_seeds(self, task: str, method: str, rate: float) -> int:
         """How many runs a side the comparison of DoE with ``method`` rests on (the fewer of the two)."""
@@ -104,6 +102,12 @@ class Runs:
     @property
     def learned_tasks(self) -> list[str]:
         return [t for t in self.tasks if self.learned[t] is not False]
+
+
+def _on_shared_seeds(a: list[dict], b: list[dict]) -> tuple[list[dict], list[dict]]:
+    """The runs of ``a`` and of ``b`` on the seeds both have (the pairs a paired comparison is made of)."""
+    shared = {r["seed"] for r in a} & {r["seed"] for r in b}
+    return [r for r in a if r["seed"] in shared], [r for r in b if r["seed"] in shared]
 
 
 def _seeds_cell(rows: list[dict]) -> str:
@@ -289,8 +293,11 @@ def _averages(runs: Runs) -> list[str]:
     # each rate's column averages the learned tasks DoE ran on at that rate (all of them where it ran on none),
     # so the methods in a column share their tasks; a method missing one of them gets a dash
     at_rate = {r: [t for t in tasks if runs.cell(t, "doe", r)] or tasks for r in runs.rates}
-    narrower = [f"p={r:g} without {', '.join(t for t in tasks if t not in at_rate[r])}" for r in runs.rates]
-    narrower = [n for r, n in zip(runs.rates, narrower) if len(at_rate[r]) < len(tasks)]
+    narrower = [
+        f"p={r:g} without {', '.join(t for t in tasks if t not in at_rate[r])}"
+        for r in runs.rates
+        if len(at_rate[r]) < len(tasks)
+    ]
     lines = []
     for field, title in (("value", "after recovery"), ("value_before_recovery", "before recovery (pruning alone)")):
         means = {(m, r): _task_mean(runs, at_rate[r], m, r, field) for m in runs.methods for r in runs.rates}
@@ -386,10 +393,8 @@ def _ablations(runs: Runs) -> list[str]:
             if not match:
                 cells.append("—")
                 continue
-            seeds = {r["seed"] for r in match}
             cell = _seeds_cell(match)
-            default = [r for r in runs.cell(task, "doe", ABLATION_RATE) if r["seed"] in seeds]
-            part = runs.paired(task, default, [r for r in match if r["seed"] in {d["seed"] for d in default}])
+            part = runs.paired(task, *_on_shared_seeds(runs.cell(task, "doe", ABLATION_RATE), match))
             if part is not None:
                 interval = average_interval([part], seed=SEED)
                 cell += f"; {interval.points()}, a {_verdict(interval)}"
