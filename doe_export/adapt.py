@@ -8,8 +8,14 @@ With a ``teacher`` the loss is logit distillation plus cross-entropy (Hinton et 
 
     loss = distill * T^2 * KL(softmax(teacher / T) || softmax(student / T)) + (1 - distill) * CE(student, gold)
 
-The teacher's logits are computed once for the whole training split (they do not change between
-epochs). After each epoch the dev metric is measured and the best epoch's weights are kept.
+With ``hidden_distill`` > 0 each transformer layer's output is also pulled towards the teacher's
+(the pruned widths are inside the layers, so the outputs keep the teacher's shape)::
+
+    loss += hidden_distill * mean over layers l of  sum ||h_l - h_l^teacher||^2 / sum ||h_l^teacher||^2
+
+over the real (unpadded) positions; the teacher runs beside the student on every batch (eval mode,
+no gradients). The teacher's logits are computed once for the whole training split (they do not
+change between epochs). After each epoch the dev metric is measured and the best epoch's weights are kept.
 """
 
 from __future__ import annotations
@@ -45,6 +51,7 @@ class TrainConfig:
     max_grad_norm: float = 1.0
     distill: float = 0.0  # weight of the distillation term (needs a teacher); 0: cross-entropy only
     temperature: float = 2.0
+    hidden_distill: float = 0.0  # weight of hidden-state distillation (needs a teacher); 0: off
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "params", TrainedParams.parse(self.params, "trained parameters"))
@@ -55,6 +62,7 @@ class TrainConfig:
             batch_size=self.batch_size,
             distill=self.distill,
             temperature=self.temperature,
+            hidden_distill=self.hidden_distill,
         )
 
     def learning_rate(self) -> float:
@@ -85,6 +93,46 @@ def distillation_loss(
     return weight * soft + (1.0 - weight) * hard
 
 
+def hidden_distillation_loss(
+    student: list[torch.Tensor], teacher: list[torch.Tensor], mask: torch.Tensor
+) -> torch.Tensor:
+    """Mean over layers of ``sum ||s - t||^2 / sum ||t||^2`` on the positions where ``mask`` ([B, T]) is 1."""
+    if len(student) != len(teacher) or not student:
+        raise ConfigError(
+            f"hidden-state distillation pairs layer outputs one to one: the student gave {len(student)}, the teacher "
+            f"{len(teacher)}; it needs models with the same (non-zero) number of layers"
+        )
+    weights = mask.unsqueeze(-1).to(student[0].dtype)  # [B, T, 1]
+    losses = [
+        (((s - t) ** 2) * weights).sum() / ((t**2) * weights).sum().clamp(min=1e-12) for s, t in zip(student, teacher)
+    ]
+    return torch.stack(losses).mean()
+
+
+class LayerOutputs:
+    """Forward hooks that keep the output hidden states ([B, T, H]) of each transformer layer of a
+    TaskModel while ``active``; :meth:`close` removes them."""
+
+    def __init__(self, model) -> None:
+        self.active = False
+        self.outputs: list[torch.Tensor] = []
+        layers = model.spec.layer_list(model.backbone)
+        self._handles = [layer.register_forward_hook(self._keep) for layer in layers]
+
+    def _keep(self, module, args, output) -> None:
+        if self.active:
+            self.outputs.append(output[0] if isinstance(output, tuple) else output)
+
+    def take(self) -> list[torch.Tensor]:
+        taken, self.outputs = self.outputs, []
+        return taken
+
+    def close(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+
 def train(
     model,
     tokenizer,
@@ -100,6 +148,8 @@ def train(
     """Train in place; return a record (losses, dev metric per epoch, best epoch, seconds)."""
     if config.distill > 0 and teacher is None:
         raise ConfigError(f"{desc}: distillation weight {config.distill} needs a teacher model")
+    if config.hidden_distill > 0 and teacher is None:
+        raise ConfigError(f"{desc}: hidden-state distillation weight {config.hidden_distill} needs a teacher model")
     start = time.perf_counter()
     record: dict[str, Any] = {
         "params": str(config.params),
@@ -110,6 +160,7 @@ def train(
         "seed": config.seed,
         "distill": config.distill if teacher is not None else 0.0,
         "temperature": config.temperature,
+        "hidden_distill": config.hidden_distill if teacher is not None else 0.0,
         "epoch_loss": [],
         "dev_metric": [],
     }
@@ -120,10 +171,25 @@ def train(
     teacher_logits = None
     if teacher is not None and config.distill > 0:
         teacher_logits = torch.from_numpy(torch_logits(teacher, tokenizer, train_split.inputs))  # [N, K], once
-    loop = _Loop(model, tokenizer, train_split, config, teacher_logits)
+    loop = _Loop(model, tokenizer, train_split, config, teacher_logits, teacher=teacher)
+    try:
+        best = _epochs(loop, dev_split, metric, record, desc=desc, progress=progress)
+    finally:
+        loop.close()
+    if best[1] is not None and best[2] != config.epochs - 1:
+        _restore(model, best[1])
+    record["best_epoch"] = best[2] + 1 if best[1] is not None else config.epochs
+    record["seconds"] = round(time.perf_counter() - start, 2)
+    _freeze(model)
+    return record
+
+
+def _epochs(loop: _Loop, dev_split: Split | None, metric: str, record: dict, *, desc: str, progress: bool) -> tuple:
+    """The epochs of :func:`train`: (best dev value, its trained weights, its epoch index)."""
+    model, config = loop.model, loop.config
     rng = random.Random(config.seed)
     best: tuple[float, dict | None, int] = (float("-inf"), None, -1)
-    order = list(range(len(train_split)))
+    order = list(range(len(loop.split)))
     for epoch in range(config.epochs):
         rng.shuffle(order)
         epoch_start = time.perf_counter()
@@ -131,7 +197,7 @@ def train(
             log(f"{desc}: epoch {epoch + 1}/{config.epochs} ({loop.steps} batches of {config.batch_size})")
         record["epoch_loss"].append(loop.epoch(order, f"{desc} epoch {epoch + 1}/{config.epochs}", progress))
         if dev_split is not None and len(dev_split):
-            value = evaluate_torch(model, tokenizer, dev_split, metric)
+            value = evaluate_torch(model, loop.tokenizer, dev_split, metric)
             record["dev_metric"].append(value)
             if value > best[0]:
                 trained = {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
@@ -143,20 +209,17 @@ def train(
                 f"{desc}: epoch {epoch + 1}/{config.epochs} done in {spent:.0f}s (loss {record['epoch_loss'][-1]:.3f}"
                 f"{dev}); about {spent * (config.epochs - epoch - 1):.0f}s left"
             )
-    if best[1] is not None and best[2] != config.epochs - 1:
-        _restore(model, best[1])
-    record["best_epoch"] = best[2] + 1 if best[1] is not None else config.epochs
-    record["seconds"] = round(time.perf_counter() - start, 2)
-    _freeze(model)
-    return record
+    return best
 
 
 class _Loop:
     """The optimizer, schedule and one epoch of steps of :func:`train`."""
 
-    def __init__(self, model, tokenizer, split: Split, config: TrainConfig, teacher_logits):
+    def __init__(self, model, tokenizer, split: Split, config: TrainConfig, teacher_logits, *, teacher=None):
         self.model, self.tokenizer, self.split, self.config = model, tokenizer, split, config
         self.teacher_logits = teacher_logits
+        self.teacher = teacher if config.hidden_distill > 0 else None
+        self.hidden = (LayerOutputs(model), LayerOutputs(teacher)) if self.teacher is not None else None
         prompt_only = config.params is TrainedParams.PROMPT
         self.params = model.trainable("prompt" if prompt_only else "finetune")
         self.optimizer = torch.optim.AdamW(
@@ -181,11 +244,13 @@ class _Loop:
             chunk = order[step * config.batch_size : (step + 1) * config.batch_size]
             ids, mask = encode_batch(self.tokenizer, [self.split.inputs[i] for i in chunk])
             labels = torch.tensor([self.split.labels[i] for i in chunk])
-            logits = model(torch.from_numpy(ids), torch.from_numpy(mask))
+            logits = self._forward(torch.from_numpy(ids), torch.from_numpy(mask))
             if self.teacher_logits is not None:
                 loss = distillation_loss(logits, self.teacher_logits[chunk], labels, config.distill, config.temperature)
             else:
                 loss = F.cross_entropy(logits, labels)
+            if self.hidden is not None:
+                loss = loss + config.hidden_distill * self._hidden_loss(torch.from_numpy(ids), torch.from_numpy(mask))
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(self.params, config.max_grad_norm)
@@ -195,6 +260,32 @@ class _Loop:
             if step % 10 == 0:
                 bar.set_postfix(loss=f"{sum(losses[-10:]) / len(losses[-10:]):.3f}")
         return sum(losses) / len(losses)
+
+    def _forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """The student's logits (its layer outputs kept for the hidden-state term)."""
+        if self.hidden is None:
+            return self.model(ids, mask)
+        self.hidden[0].active = True
+        try:
+            return self.model(ids, mask)
+        finally:
+            self.hidden[0].active = False
+
+    def _hidden_loss(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        student, teacher = self.hidden  # type: ignore[misc]
+        self.teacher.eval()  # type: ignore[union-attr]
+        teacher.active = True
+        try:
+            with torch.no_grad():
+                self.teacher(ids, mask)  # type: ignore[misc]
+        finally:
+            teacher.active = False
+        return hidden_distillation_loss(student.take(), teacher.take(), self.model.full_mask(mask))
+
+    def close(self) -> None:
+        """Remove the hidden-state hooks (the trained model is exported afterwards)."""
+        for outputs in self.hidden or ():
+            outputs.close()
 
 
 def _restore(model, weights: dict) -> None:
@@ -238,4 +329,12 @@ def examples_per_second(model, tokenizer, split: Split, config: TrainConfig, bat
     return rate
 
 
-__all__ = ["TrainConfig", "distillation_loss", "examples_per_second", "set_seed", "train"]
+__all__ = [
+    "LayerOutputs",
+    "TrainConfig",
+    "distillation_loss",
+    "examples_per_second",
+    "hidden_distillation_loss",
+    "set_seed",
+    "train",
+]

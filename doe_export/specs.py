@@ -71,7 +71,14 @@ def _rate(name: str, value: Any) -> None:
 
 
 def check_training(
-    what: str, *, epochs: int, lr: float | None, batch_size: int, distill: float = 0.0, temperature: float = 1.0
+    what: str,
+    *,
+    epochs: int,
+    lr: float | None,
+    batch_size: int,
+    distill: float = 0.0,
+    temperature: float = 1.0,
+    hidden_distill: float = 0.0,
 ) -> None:
     """The settings of a training loop (adaptation, recovery); shared by the specs and adapt.TrainConfig."""
     _int(f"{what} epochs", epochs, 0)
@@ -82,6 +89,10 @@ def check_training(
         raise ConfigError(f"{what} distillation weight must be in [0, 1], got {distill!r}")
     if not (isinstance(temperature, (int, float)) and temperature > 0):
         raise ConfigError(f"{what} distillation temperature must be > 0, got {temperature!r}")
+    if not (isinstance(hidden_distill, (int, float)) and 0.0 <= hidden_distill < float("inf")):
+        raise ConfigError(
+            f"{what} hidden-state distillation weight must be a finite number >= 0, got {hidden_distill!r}"
+        )
 
 
 # ----------------------------------------------------------------------------- specs
@@ -242,6 +253,9 @@ class RecoverySpec:
     params: TrainedParams = TrainedParams.ALL  # doe build: what the adaptation trained (AdaptMode.trains)
     distill: float = 0.5  # weight of logit distillation from the dense model; 0: cross-entropy only
     temperature: float = 2.0
+    # weight of hidden-state distillation: each layer's output against the dense model's (relative squared
+    # error over real positions, added to the loss); 0: off
+    hidden_distill: float = 0.0
     lr: float | None = None  # None: DEFAULT_LR of what trains
     batch_size: int = 16
     max_examples: int | None = None  # cap on the training examples used (None: the stage's whole train split)
@@ -257,6 +271,7 @@ class RecoverySpec:
             batch_size=self.batch_size,
             distill=self.distill,
             temperature=self.temperature,
+            hidden_distill=self.hidden_distill,
         )
         _positive_or_none("recovery max_examples", self.max_examples)
         _int("seed", self.seed, 0)

@@ -124,6 +124,7 @@ def train_config(spec: AdaptSpec | RecoverySpec) -> adapt_loop.TrainConfig:
         spec.seed,
         distill=spec.distill,
         temperature=spec.temperature,
+        hidden_distill=spec.hidden_distill,
     )
 
 
@@ -245,7 +246,8 @@ def prune(model, found: Attribution, spec: PruneSpec) -> dict:
 def recover(
     model, teacher, tokenizer, data: Splits, spec: RecoverySpec, *, progress: bool = True, desc: str = "recovery"
 ) -> dict:
-    """Re-train the pruned ``model`` in place (distilling from ``teacher`` when ``spec.distill`` > 0)."""
+    """Re-train the pruned ``model`` in place (distilling from ``teacher`` when ``spec.distill`` or
+    ``spec.hidden_distill`` > 0)."""
     if spec.params is TrainedParams.PROMPT and model.prompt is None:
         raise ConfigError(
             "recovery of the prompt and head only needs a soft prompt; this model has none (use recovery params 'all')"
@@ -259,7 +261,7 @@ def recover(
         config=train_config(spec),
         desc=desc,
         progress=progress,
-        teacher=teacher if spec.distill > 0 else None,
+        teacher=teacher if spec.distill > 0 or spec.hidden_distill > 0 else None,
     )
 
 

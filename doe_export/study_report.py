@@ -136,6 +136,8 @@ def _flow_line(cfg: StudyConfig) -> str:
     teacher = (
         f", distillation {flow.recovery.distill:g} at T={flow.recovery.temperature:g}" if flow.recovery.distill else ""
     )
+    if flow.recovery.hidden_distill:
+        teacher += f", hidden-state distillation {flow.recovery.hidden_distill:g}"
     sizes = ", ".join(f"{t} {'all' if n is None else n}" for t, n in cfg.train_sizes.items() if t in cfg.tasks)
     align = (
         "widths as the rate gives them" if flow.prune.round_to == 1 else "kept widths aligned as doe build aligns them"

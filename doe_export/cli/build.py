@@ -65,6 +65,7 @@ FIELDS: dict[str, tuple[str | None, str]] = {
     "recovery_epochs": ("recovery", "epochs"),
     "distill": ("recovery", "distill"),
     "temperature": ("recovery", "temperature"),
+    "hidden_distill": ("recovery", "hidden_distill"),
     "recovery_lr": ("recovery", "lr"),
     "max_train": ("data", "max_train"),
     "max_dev": ("data", "max_dev"),
@@ -225,6 +226,13 @@ def _add_training_options(b: argparse.ArgumentParser) -> None:
         help="weight of logit distillation from the dense model in recovery (0: cross-entropy only)",
     )
     b.add_argument("--temperature", type=float, default=_default("temperature"), help="distillation temperature")
+    b.add_argument(
+        "--hidden-distill",
+        type=float,
+        default=_default("hidden_distill"),
+        help="weight of hidden-state distillation in recovery: each layer's output pulled towards the dense "
+        "model's (relative squared error over real tokens, added to the loss; 0: off)",
+    )
     b.add_argument(
         "--recovery-lr",
         type=float,
@@ -434,6 +442,7 @@ def config_from_args(args: argparse.Namespace) -> BuildConfig:
             params=args.recovery_params or adapt.trains,
             distill=args.distill,
             temperature=args.temperature,
+            hidden_distill=args.hidden_distill,
             lr=args.recovery_lr,
             batch_size=batch,
             seed=seed + 1,

@@ -28,6 +28,7 @@ FIELDS: dict[str, tuple[str | None, str]] = {
     "max_length": ("data", "max_length"),
     "recovery_params": ("recovery", "params"),
     "distill": ("recovery", "distill"),
+    "hidden_distill": ("recovery", "hidden_distill"),
     "recovery_epochs": ("recovery", "epochs"),
     "recovery_examples": ("recovery", "max_examples"),
 }
@@ -63,6 +64,12 @@ def _add_flow_options(st: argparse.ArgumentParser) -> None:
     )
     st.add_argument(
         "--distill", type=float, default=_default("distill"), help="distillation weight in recovery (0: cross-entropy)"
+    )
+    st.add_argument(
+        "--hidden-distill",
+        type=float,
+        default=_default("hidden_distill"),
+        help="hidden-state distillation weight in recovery (each layer's output against the dense model's; 0: off)",
     )
     st.add_argument("--recovery-epochs", type=int, default=_default("recovery_epochs"))
     st.add_argument(
@@ -197,6 +204,7 @@ def study_config(args: argparse.Namespace) -> StudyConfig:
             flow.recovery,
             params=args.recovery_params,
             distill=args.distill,
+            hidden_distill=args.hidden_distill,
             epochs=args.recovery_epochs,
             max_examples=args.recovery_examples,
         ),
