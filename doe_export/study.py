@@ -50,8 +50,19 @@ METHODS = ("doe", "random", "activation", "gradient", "magnitude", "taylor", "sk
 ABLATION_RATE = 0.65
 # DoE's variants at ABLATION_RATE (with the calibration sizes, "calib-N"): token aggregation by max, one budget
 # over all layers, bias folding, attribution on the un-adapted backbone, ranking by mean |h*g| instead of
-# |mean h*g| (no cancellation between items), and the rate reached in two steps with recovery after each
-ABLATIONS = ("max-tokens", "global-budget", "fold-bias", "no-prompt-tuning", "mean-abs", "gradual-2")
+# |mean h*g| (no cancellation between items), the rate reached in two steps with recovery after each; and two
+# recovery levers on DoE's expert: hidden-state distillation (HIDDEN_DISTILL_WEIGHT) and 4 recovery epochs
+ABLATIONS = (
+    "max-tokens",
+    "global-budget",
+    "fold-bias",
+    "no-prompt-tuning",
+    "mean-abs",
+    "gradual-2",
+    "hidden-distill",
+    "recovery-4",
+)
+HIDDEN_DISTILL_WEIGHT = 1.0  # the "hidden-distill" variant's weight: the term starts near the logit loss's size
 ALL_ABLATIONS = (*ABLATIONS, "calib")  # what StudyConfig.ablations may name; "calib": the calibration sizes
 
 
@@ -160,8 +171,14 @@ class StudyConfig:
         return tuple(sorted({*self.seeds, *self.random_seeds})) if method == "random" else self.seeds
 
     def recovery_spec(self, run: dict) -> RecoverySpec:
-        """The recovery of one run: the flow's, its seed moved by the run's (seed 0: exactly doe build's)."""
-        return replace(self.flow.recovery, seed=self.flow.recovery.seed + run["seed"])
+        """The recovery of one run: the flow's, its seed moved by the run's (seed 0: exactly doe build's); the
+        recovery variants change what they name."""
+        spec = replace(self.flow.recovery, seed=self.flow.recovery.seed + run["seed"])
+        if run.get("variant") == "hidden-distill":
+            return replace(spec, hidden_distill=HIDDEN_DISTILL_WEIGHT)
+        if run.get("variant") == "recovery-4":
+            return replace(spec, epochs=4)
+        return spec
 
     def prune_spec(self, run: dict) -> PruneSpec:
         """The pruning spec of one run (method x rate x seed, or a DoE ablation variant)."""
@@ -476,6 +493,7 @@ __all__ = [
     "ABLATIONS",
     "ABLATION_RATE",
     "ALL_ABLATIONS",
+    "HIDDEN_DISTILL_WEIGHT",
     "METHODS",
     "QUICK",
     "TRAIN_SIZES",

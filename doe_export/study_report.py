@@ -16,7 +16,7 @@ import numpy as np
 
 from . import records as record_io
 from . import study_plots
-from .study import ABLATION_RATE, METHODS, StudyConfig
+from .study import ABLATION_RATE, HIDDEN_DISTILL_WEIGHT, METHODS, StudyConfig
 from .uncertainty import Interval, average_interval, majority_interval, resampled_differences
 
 SEED = 0  # bootstrap seed of every interval in the report
@@ -426,6 +426,9 @@ VARIANT_LABELS = {
     "no-prompt-tuning": "no adaptation before attribution (scores from the un-adapted backbone; the adapted model is pruned)",
     "mean-abs": "ranked by the mean of the absolute h·g over items and tokens, not the absolute of its mean (no cancellation between items)",
     "gradual-2": "the rate reached in two steps, each attributed on the model the step before left and recovered",
+    "hidden-distill": f"recovery adds hidden-state distillation (weight {HIDDEN_DISTILL_WEIGHT:g}): each layer's output "
+    "pulled towards the dense model's",
+    "recovery-4": "4 recovery epochs instead of the flow's",
 }
 
 

@@ -55,6 +55,8 @@ def test_quick_study_records_report_and_determinism(tmp_path):
         "no-prompt-tuning",
         "mean-abs",
         "gradual-2",
+        "hidden-distill",
+        "recovery-4",
         "calib-8",
     }
     assert dense[0]["labels"] and len(dense[0]["labels"]) == len(dense[0]["preds"]) == 24
@@ -163,6 +165,15 @@ def test_ablation_variants_change_what_they_name():
     gradual = config.prune_spec({"method": "doe", "variant": "gradual-2", "rate": 0.65, "seed": 0})
     assert (default.rank, default.steps) == ("abs-of-mean", 1)
     assert ranked == replace(default, rank="mean-abs") and gradual == replace(default, steps=2)
+    run = {"method": "doe", "variant": "default", "rate": 0.65, "seed": 1}
+    recovery = config.recovery_spec(run)
+    assert recovery.seed == config.flow.recovery.seed + 1 and recovery.hidden_distill == 0.0
+    for variant, changed in (
+        ("hidden-distill", {"hidden_distill": study.HIDDEN_DISTILL_WEIGHT}),
+        ("recovery-4", {"epochs": 4}),
+    ):
+        assert config.recovery_spec({**run, "variant": variant}) == replace(recovery, **changed)
+        assert config.prune_spec({**run, "variant": variant}) == config.prune_spec(run)  # recovery levers only
     # a chosen subset, with DoE's own run at 0.65 to compare them with; older headers said True / False
     chosen = study.StudyConfig(**{**study.QUICK, "methods": ("random",), "ablations": ("mean-abs", "calib")})
     assert [(s["method"], s["variant"], s["rate"]) for s in study.run_specs(chosen) if s["method"] == "doe"] == [
