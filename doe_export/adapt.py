@@ -218,7 +218,8 @@ class _Loop:
     def __init__(self, model, tokenizer, split: Split, config: TrainConfig, teacher_logits, *, teacher=None):
         self.model, self.tokenizer, self.split, self.config = model, tokenizer, split, config
         self.teacher_logits = teacher_logits
-        self.teacher = teacher if config.hidden_distill > 0 else None
+        # the teacher stays in eval mode throughout (nothing here trains it): set once, not on every batch
+        self.teacher = teacher.eval() if teacher is not None and config.hidden_distill > 0 else None
         self.hidden = (LayerOutputs(model), LayerOutputs(teacher)) if self.teacher is not None else None
         prompt_only = config.params is TrainedParams.PROMPT
         self.params = model.trainable("prompt" if prompt_only else "finetune")
@@ -244,13 +245,14 @@ class _Loop:
             chunk = order[step * config.batch_size : (step + 1) * config.batch_size]
             ids, mask = encode_batch(self.tokenizer, [self.split.inputs[i] for i in chunk])
             labels = torch.tensor([self.split.labels[i] for i in chunk])
-            logits = self._forward(torch.from_numpy(ids), torch.from_numpy(mask))
+            ids_t, mask_t = torch.from_numpy(ids), torch.from_numpy(mask)
+            logits = self._forward(ids_t, mask_t)
             if self.teacher_logits is not None:
                 loss = distillation_loss(logits, self.teacher_logits[chunk], labels, config.distill, config.temperature)
             else:
                 loss = F.cross_entropy(logits, labels)
             if self.hidden is not None:
-                loss = loss + config.hidden_distill * self._hidden_loss(torch.from_numpy(ids), torch.from_numpy(mask))
+                loss = loss + config.hidden_distill * self._hidden_loss(ids_t, mask_t)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(self.params, config.max_grad_norm)
@@ -273,7 +275,6 @@ class _Loop:
 
     def _hidden_loss(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         student, teacher = self.hidden  # type: ignore[misc]
-        self.teacher.eval()  # type: ignore[union-attr]
         teacher.active = True
         try:
             with torch.no_grad():
