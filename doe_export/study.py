@@ -429,6 +429,21 @@ def _dense_record(runner: Any, config: StudyConfig, data: TaskData) -> dict:
     }
 
 
+def _check_same_dense(runner: Any, recorded: dict, records_path: Path) -> None:
+    """New runs are paired item by item with the recorded dense model's predictions: the dense model this
+    invocation adapted (or found in its cache) must be that model. A cache lost between sessions is retrained;
+    this says whether the retraining reproduced it."""
+    preds = list(runner.score(runner.adapted).test_preds or ())
+    differ = sum(a != b for a, b in zip(preds, recorded["preds"], strict=False))
+    if len(preds) != len(recorded["preds"]) or differ:
+        raise ConfigError(
+            f"{records_path}: the dense model of task {recorded['task']!r} adapted now ({runner.path}) does not "
+            f"reproduce the recorded one: {differ} of {len(recorded['preds'])} test predictions differ "
+            f"({len(preds)} now). New runs would be compared against another model than the recorded runs. Use the "
+            "cache the records were made with (--cache-dir), or another --out to start the task's records over"
+        )
+
+
 def run_study(
     config: StudyConfig,
     out_dir: Path,
@@ -477,6 +492,9 @@ def run_study(
             records.append(_dense_record(runner, config, data))
             record_io.write_jsonl(records_path, records)
             log(f"[{data.name}] dense {config.flow.adapt.mode}-adapted {data.metric} {records[-1]['value']:.4f}")
+        else:
+            recorded = next(r for r in records[1:] if r.get("kind") == "dense" and record_key(r) == dense_key)
+            _check_same_dense(runner, recorded, records_path)
         for index, spec in enumerate(specs, 1):
             record = run_record(runner, config, spec)
             records.append(record)
