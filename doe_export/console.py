@@ -53,6 +53,29 @@ class Timer:
             self.seconds[name] = round(self.seconds.get(name, 0.0) + time.perf_counter() - start, 2)
 
 
+@contextlib.contextmanager
+def library_progress_bars(shown: bool):
+    """Hide the libraries' own progress bars (transformers' "Loading weights", the hub's downloads)
+    while ``shown`` is False, as ``--no-progress`` promises, and put them back afterwards."""
+    if shown:
+        yield
+        return
+    from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+    from transformers.utils import logging as hf_logging
+
+    transformers_on = hf_logging.is_progress_bar_enabled()
+    hub_on = not are_progress_bars_disabled()
+    hf_logging.disable_progress_bar()
+    disable_progress_bars()
+    try:
+        yield
+    finally:
+        if transformers_on:
+            hf_logging.enable_progress_bar()
+        if hub_on:
+            enable_progress_bars()
+
+
 def exit_on_sigterm() -> bool:
     """Make SIGTERM (a scheduler's stop, `timeout`, `kill`) end the program like Ctrl-C does: as an
     exception, so every ``finally`` runs — the bench suites' server processes and Ray clusters are

@@ -116,6 +116,9 @@ def test_bad_input_stops_before_training(args, message, capsys):
 
 
 def test_build_user_task_with_local_model_folder(tmp_path, tiny_backbone, hf_tokenizer, capsys):
+    from transformers.utils import logging as hf_logging
+
+    bars_before = hf_logging.is_progress_bar_enabled()
     model_dir = tmp_path / "tiny-model"
     tiny_backbone("bert").save_pretrained(model_dir)
     hf_tokenizer.save_pretrained(model_dir)
@@ -160,6 +163,8 @@ def test_build_user_task_with_local_model_folder(tmp_path, tiny_backbone, hf_tok
     captured = capsys.readouterr()
     assert code == 0, captured.err
     assert "reviews" in captured.out and "FFN widths" in captured.out
+    assert "Loading weights" not in captured.err  # --no-progress hides transformers' own bar too
+    assert hf_logging.is_progress_bar_enabled() == bars_before  # and puts it back for the rest of the process
     verdict = "Served expert within 1 point(s) of the dense model on test (95% interval): "
     assert verdict in captured.out  # then met / not resolved / missed, or no verdict where dense did not learn
     assert "reviews" in captured.out.split(verdict)[1].splitlines()[0]

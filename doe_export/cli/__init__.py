@@ -16,7 +16,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ..console import exit_on_sigterm
+from ..console import exit_on_sigterm, library_progress_bars
 from . import bench, build, study
 
 
@@ -42,7 +42,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     exit_on_sigterm()  # a stopped build or bench still runs its cleanup (servers, Ray, temp folders)
     commands = {"tasks": lambda _: _tasks(), "build": build.run, "bench": bench.run, "study": study.run}
-    return commands[args.command](args)
+    with library_progress_bars(shown=not getattr(args, "no_progress", False)):
+        return commands[args.command](args)
 
 
 if __name__ == "__main__":
