@@ -101,6 +101,7 @@ def test_glue_task_without_train_split_is_carved_and_says_so(tmp_path):
     qnli = load_task("qnli", data_dir=tmp_path, seed=0)
     assert qnli.input == "pair"
     assert "carved" in qnli.train.name and "carve" in qnli.test.name
+    assert "carve of carved" not in qnli.dev.name and "QNLI dev carved as train" in qnli.dev.name
     assert any("no train.tsv" in note for note in qnli.notes)
     assert len(qnli.train) + len(qnli.dev) + len(qnli.test) == 60
     assert not set(qnli.train.inputs) & set(qnli.test.inputs)

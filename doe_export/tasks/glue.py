@@ -100,7 +100,9 @@ def load_glue(name: str, data_dir: Path | None, seed: int) -> TaskData:
         else:
             train, test = carve(test, 0.5, seed, "test")
             train = Split(
-                f"carved from GLUE {task.folder} dev (no train split in {folder})", train.inputs, train.labels
+                f"the half of GLUE {task.folder} dev carved as train (no train.tsv in {folder})",
+                train.inputs,
+                train.labels,
             )
             notes.append(
                 f"{folder} has no train.tsv: train and test were carved from the official dev split (seed {seed})"
