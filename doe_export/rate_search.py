@@ -13,7 +13,7 @@ from .console import log
 from .errors import ConfigError
 from .specs import SEARCH_RATES, BudgetRule, PruneSpec, RecoverySpec
 from .stages import ExpertResult, Splits, calibration_stats, make_expert, scorer
-from .uncertainty import DEV_METHOD, paired_bootstrap
+from .uncertainty import DEV_METHOD, DISAGREEMENT_PRIOR, paired_bootstrap
 
 
 @dataclass
@@ -99,18 +99,50 @@ def search_rate(
             low = middle
         else:
             high = middle
+    width = _width(max_loss, len(data.dev), intervals, dense_preds, tried)
+    if width["dev_items_to_resolve"]:
+        log(f"{desc} rate search: {_width_note(width, max_loss)}")
     if low < 0:
         found = ", ".join(f"p={r:g}: {dev_of(r):.4f} ({intervals[r].points()})" for r in sorted(tried))
+        wide = f" ({_width_note(width, max_loss)})" if width["dev_items_to_resolve"] else ""
         raise ConfigError(
             f"{desc}: --max-loss {max_loss:g}: no pruning rate kept the dev {data.metric} within {max_loss:g} points "
-            f"of the dense model's {dense_dev:.4f} by the {rule} rule ({found}); raise --max-loss, give smaller "
-            "rates, use --budget-rule point, or train the dense model longer"
+            f"of the dense model's {dense_dev:.4f} by the {rule} rule ({found}){wide}; raise --max-loss, give "
+            "smaller rates, use --budget-rule point, or train the dense model longer"
         )
     chosen = rates[low]
     record = _record(
         data, max_loss, rule, rates, chosen, dense=(dense_dev, dense_preds), tried=tried, intervals=intervals
     )
+    record["interval_width"] = width
     return RateSearch(tried[chosen], record, chosen)
+
+
+def _width(max_loss: float, dev_items: int, intervals: dict, dense_preds: list[int], tried: dict) -> dict:
+    """The dev intervals' half-width against the one the split was sized for (half the budget, assuming the
+    experts change DISAGREEMENT_PRIOR of the answers), and the dev size the widest measured one implies when it
+    is wider (None when the split resolved the budget as planned)."""
+    planned = max_loss / 2
+    measured = max(50 * (i.high - i.low) for i in intervals.values())
+    changed = [_disagreement(dense_preds, tried[r].after.dev_preds) for r in sorted(tried)]
+    wider = measured > planned * 1.05  # percentile intervals wobble by a few per cent between resamplings
+    return {
+        "planned_points": planned,
+        "measured_points": measured,
+        "assumed_disagreement": DISAGREEMENT_PRIOR,
+        "measured_disagreement": [min(changed), max(changed)],
+        "dev_items_to_resolve": int(np.ceil(dev_items * (measured / planned) ** 2)) if wider else None,
+    }
+
+
+def _width_note(width: dict, max_loss: float) -> str:
+    low, high = width["measured_disagreement"]
+    return (
+        f"the dev intervals reach ±{width['measured_points']:.2f} points, not the ±{width['planned_points']:.2f} "
+        f"the dev split was sized for: its size assumes experts that change {width['assumed_disagreement']:.0%} "
+        f"of the dense model's answers, these changed {low:.1%}–{high:.1%}; about "
+        f"{width['dev_items_to_resolve']:,} dev items would resolve {max_loss:g} points as planned"
+    )
 
 
 def _record(

@@ -3,6 +3,7 @@ loop keeps the best dev epoch and distils as written; calibration gathers only w
 
 import copy
 import json
+import math
 from dataclasses import replace
 
 import pytest
@@ -385,7 +386,15 @@ def test_rate_search_bisects_on_dev_and_reports_every_try(tiny_backbone, hf_toke
     assert chosen["vs_dense"]["within"]["points"] == 5.0
     assert "over the dev items" in chosen["vs_dense"]["method"]  # the record says which items it resampled
     assert found.record["rule"] == "point"
+    # 20 dev items cannot resolve 5 points: the record and the log say how wide the intervals came out against
+    # the half-budget the split was sized for, what the experts changed, and the dev size that would do
+    width = found.record["interval_width"]
+    assert width["planned_points"] == 2.5 and width["measured_points"] > 2.5
+    assert width["measured_disagreement"] == [0.05, 0.1] and width["assumed_disagreement"] == 0.03
+    assert width["dev_items_to_resolve"] == math.ceil(20 * (width["measured_points"] / 2.5) ** 2) > 20
     with pytest.raises(ConfigError, match=r"no pruning rate kept the dev accuracy within 1 points .*p=0.2: 0.8800"):
+        search(1.0)
+    with pytest.raises(ConfigError, match=r"not the ±0.50 the dev split was sized for.* dev items would resolve 1 "):
         search(1.0)
     # the default rule asks the interval too: p=0.5's estimate is within 5 points but its interval (20 items) is
     # not, p=0.35 changes one answer (interval far below -5), p=0.2 changes none
