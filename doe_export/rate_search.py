@@ -125,7 +125,9 @@ def _width(max_loss: float, dev_items: int, intervals: dict, dense_preds: list[i
     planned = max_loss / 2
     measured = max(50 * (i.high - i.low) for i in intervals.values())
     changed = [_disagreement(dense_preds, tried[r].after.dev_preds) for r in sorted(tried)]
-    wider = measured > planned * 1.05  # percentile intervals wobble by a few per cent between resamplings
+    # percentile intervals wobble by a few per cent between resamplings; a zero budget (search_rate allows it
+    # when called directly: --max-loss refuses it) plans no width, so none is compared
+    wider = planned > 0 and measured > planned * 1.05
     return {
         "planned_points": planned,
         "measured_points": measured,

@@ -396,6 +396,9 @@ def test_rate_search_bisects_on_dev_and_reports_every_try(tiny_backbone, hf_toke
         search(1.0)
     with pytest.raises(ConfigError, match=r"not the ±0.50 the dev split was sized for.* dev items would resolve 1 "):
         search(1.0)
+    with pytest.raises(ConfigError, match=r"within 0 points") as refused:  # no width planned: none compared
+        search(0.0)
+    assert "sized for" not in str(refused.value)
     # the default rule asks the interval too: p=0.5's estimate is within 5 points but its interval (20 items) is
     # not, p=0.35 changes one answer (interval far below -5), p=0.2 changes none
     calls.clear()
