@@ -99,7 +99,8 @@ def search_rate(
             low = middle
         else:
             high = middle
-    width = _width(max_loss, len(data.dev), intervals, dense_preds, tried)
+    changed = {r: _disagreement(dense_preds, tried[r].after.dev_preds) for r in tried}  # record and width share it
+    width = _width(max_loss, len(data.dev), intervals, changed)
     if width["dev_items_to_resolve"]:
         log(f"{desc} rate search: {_width_note(width, max_loss)}")
     if low < 0:
@@ -112,19 +113,18 @@ def search_rate(
         )
     chosen = rates[low]
     record = _record(
-        data, max_loss, rule, rates, chosen, dense=(dense_dev, dense_preds), tried=tried, intervals=intervals
+        data, max_loss, rule, rates, chosen, dense_dev=dense_dev, tried=tried, intervals=intervals, changed=changed
     )
     record["interval_width"] = width
     return RateSearch(tried[chosen], record, chosen)
 
 
-def _width(max_loss: float, dev_items: int, intervals: dict, dense_preds: list[int], tried: dict) -> dict:
+def _width(max_loss: float, dev_items: int, intervals: dict, changed: dict[float, float]) -> dict:
     """The dev intervals' half-width against the one the split was sized for (half the budget, assuming the
     experts change DISAGREEMENT_PRIOR of the answers), and the dev size the widest measured one implies when it
     is wider (None when the split resolved the budget as planned)."""
     planned = max_loss / 2
     measured = max(50 * (i.high - i.low) for i in intervals.values())
-    changed = [_disagreement(dense_preds, tried[r].after.dev_preds) for r in sorted(tried)]
     # percentile intervals wobble by a few per cent between resamplings; a zero budget (search_rate allows it
     # when called directly: --max-loss refuses it) plans no width, so none is compared
     wider = planned > 0 and measured > planned * 1.05
@@ -132,7 +132,7 @@ def _width(max_loss: float, dev_items: int, intervals: dict, dense_preds: list[i
         "planned_points": planned,
         "measured_points": measured,
         "assumed_disagreement": DISAGREEMENT_PRIOR,
-        "measured_disagreement": [min(changed), max(changed)],
+        "measured_disagreement": [min(changed.values()), max(changed.values())],
         "dev_items_to_resolve": int(np.ceil(dev_items * (measured / planned) ** 2)) if wider else None,
     }
 
@@ -148,10 +148,18 @@ def _width_note(width: dict, max_loss: float) -> str:
 
 
 def _record(
-    data, max_loss: float, rule: BudgetRule, rates, chosen, *, dense: tuple, tried: dict, intervals: dict
+    data,
+    max_loss: float,
+    rule: BudgetRule,
+    rates,
+    chosen,
+    *,
+    dense_dev: float,
+    tried: dict,
+    intervals: dict,
+    changed: dict[float, float],
 ) -> dict:
     """The manifest's ``pruning.search``: every rate tried with its dev metric, interval and disagreement."""
-    dense_dev, dense_preds = dense
     return {
         "max_loss_points": max_loss,
         "split": data.dev.name,
@@ -162,7 +170,7 @@ def _record(
                 "rate": r,
                 "dev": tried[r].after.dev,
                 "vs_dense": intervals[r].to_json(max_loss / 100),
-                "disagreement": _disagreement(dense_preds, tried[r].after.dev_preds),
+                "disagreement": changed[r],
             }
             for r in sorted(tried)
         ],
