@@ -13,7 +13,7 @@ from .console import log
 from .errors import ConfigError
 from .specs import SEARCH_RATES, BudgetRule, PruneSpec, RecoverySpec
 from .stages import ExpertResult, Splits, calibration_stats, make_expert, scorer
-from .uncertainty import DEV_METHOD, DISAGREEMENT_PRIOR, paired_bootstrap
+from .uncertainty import DEV_METHOD, DISAGREEMENT_PRIOR, disagreement, paired_bootstrap
 
 
 @dataclass
@@ -99,7 +99,7 @@ def search_rate(
             low = middle
         else:
             high = middle
-    changed = {r: _disagreement(dense_preds, tried[r].after.dev_preds) for r in tried}  # record and width share it
+    changed = {r: disagreement(dense_preds, tried[r].after.dev_preds) for r in tried}  # record and width share it
     width = _width(max_loss, len(data.dev), intervals, changed)
     if width["dev_items_to_resolve"]:
         log(f"{desc} rate search: {_width_note(width, max_loss)}")
@@ -178,11 +178,6 @@ def _record(
         "candidates": list(rates),
         "rule": str(rule),
     }
-
-
-def _disagreement(dense: list[int], expert: tuple[int, ...] | None) -> float:
-    """Share of items two models label differently (what the dev split was sized for: DISAGREEMENT_PRIOR)."""
-    return float(np.mean(np.asarray(dense) != np.asarray(expert or ()))) if dense else 0.0
 
 
 __all__ = ["RateSearch", "search_rate"]

@@ -17,7 +17,16 @@ import numpy as np
 from . import records as record_io
 from . import study_plots
 from .study import ABLATION_RATE, HIDDEN_DISTILL_WEIGHT, METHODS, StudyConfig
-from .uncertainty import Interval, average_interval, majority_interval, resampled_differences
+from .uncertainty import (
+    DISAGREEMENT_PRIOR,
+    Interval,
+    average_interval,
+    dev_items_for,
+    disagreement,
+    majority_interval,
+    metric_factor,
+    resampled_differences,
+)
 
 SEED = 0  # bootstrap seed of every interval in the report
 TARGET_RATE = 0.65  # the paper's rate; the study's targets are read there
@@ -168,7 +177,7 @@ def render(records_path: Path, out_dir: Path) -> Path:
     ]
     for task in runs.tasks:
         lines += _task_section(runs, task)
-    lines += _comparisons(runs) + _averages(runs) + _targets(runs) + _ablations(runs)
+    lines += _comparisons(runs) + _averages(runs) + _targets(runs) + _disagreements(runs) + _ablations(runs)
     notes = Path(records_path).with_name("localization.notes.md")
     if notes.is_file():  # hand-written: what was tried where a target is missed (kept beside the records)
         lines += notes.read_text(encoding="utf-8").rstrip().splitlines() + [""]
@@ -369,6 +378,67 @@ def _targets(runs: Runs) -> list[str]:
             + ")"
         )
     return lines + [""]
+
+
+BUDGET_POINTS = 1.0  # the --max-loss budget whose dev size the disagreement table shows
+
+
+def _disagreements(runs: Runs) -> list[str]:
+    """How many test answers DoE's experts change against the dense model, per learned task and rate: what
+    `doe build --max-loss` sizes its dev split by (it assumes DISAGREEMENT_PRIOR), measured."""
+    tasks = [t for t in runs.learned_tasks if runs.dense[t].get("preds") and runs.labels(t)]
+    shares = {
+        (t, rate): [
+            disagreement(runs.dense[t]["preds"], r["preds"]) for r in runs.cell(t, "doe", rate) if r.get("preds")
+        ]
+        for t in tasks
+        for rate in runs.rates
+    }
+    if not any(shares.values()):
+        return []
+    read_at = TARGET_RATE if TARGET_RATE in runs.rates else runs.rates[0]
+    budget = f"{BUDGET_POINTS:g} point{'s' if BUDGET_POINTS != 1 else ''}"
+    lines = [
+        "## How many answers DoE's experts change",
+        "",
+        "Test items on which DoE's expert (after recovery) answers otherwise than the dense model, per cent: mean "
+        "over seeds (lowest–highest). `doe build --max-loss` sizes its dev split for experts that change "
+        f"{100 * DISAGREEMENT_PRIOR:g} % of the answers; the last column is the dev items a {budget} budget needs "
+        f"at the share measured at p={read_at:g} (and at the assumed {100 * DISAGREEMENT_PRIOR:g} %), for the "
+        "task's metric. Beside them, for scale: the share of test items the dense model itself gets wrong.",
+        "",
+        "| task | dense wrong | " + " | ".join(f"p={r:g}" for r in runs.rates) + f" | dev items for {budget} |",
+        "|---|" + "---:|" * (len(runs.rates) + 2),
+    ]
+    above = []
+    for task in tasks:
+        wrong = disagreement(runs.labels(task), runs.dense[task]["preds"])
+        cells = [f"{100 * wrong:.1f}"] + [_share_cell(shares[task, rate]) for rate in runs.rates]
+        measured = shares[task, read_at]
+        factor = metric_factor(runs.dense[task]["metric"], runs.labels(task) or [], seed=SEED)
+        prior = dev_items_for(BUDGET_POINTS, DISAGREEMENT_PRIOR, factor)
+        if measured:
+            needed = dev_items_for(BUDGET_POINTS, max(float(np.mean(measured)), 1e-9), factor)
+            cells.append(f"{needed:,} ({prior:,})")
+            above += [task] if np.mean(measured) > DISAGREEMENT_PRIOR else []
+        else:
+            cells.append(f"— ({prior:,})")
+        lines.append(f"| {task} | " + " | ".join(cells) + " |")
+    measured_tasks = [t for t in tasks if shares[t, read_at]]
+    if measured_tasks:
+        lines += [
+            "",
+            f"At p={read_at:g} the experts change more answers than the assumed {100 * DISAGREEMENT_PRIOR:g} % on "
+            f"{len(above)} of {len(measured_tasks)} tasks" + (f" ({', '.join(above)})" if above else "") + ".",
+        ]
+    return lines + [""]
+
+
+def _share_cell(shares: list[float]) -> str:
+    if not shares:
+        return "—"
+    mean = 100 * float(np.mean(shares))
+    return f"{mean:.1f}" if len(shares) == 1 else f"{mean:.1f} ({100 * min(shares):.1f}–{100 * max(shares):.1f})"
 
 
 def _ablations(runs: Runs) -> list[str]:

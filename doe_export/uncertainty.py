@@ -185,6 +185,17 @@ def dev_items_for(max_loss_points: float, disagreement: float = DISAGREEMENT_PRI
     return int(np.ceil((2 * Z95 * 100 / max_loss_points) ** 2 * disagreement * factor))
 
 
+def disagreement(dense, expert) -> float:
+    """Share of items two models label differently (what a --max-loss dev split is sized for:
+    DISAGREEMENT_PRIOR); 0 for no items."""
+    dense, expert = np.asarray(dense), np.asarray(expert if expert is not None else ())
+    if dense.shape != expert.shape:
+        raise ValueError(
+            f"disagreement needs two models' answers to the same items, got {len(dense)} and {len(expert)}"
+        )
+    return float(np.mean(dense != expert)) if len(dense) else 0.0
+
+
 def resolvable_points(items: int, disagreement: float = DISAGREEMENT_PRIOR, factor: float = 1.0) -> float:
     """The smallest budget (points) that ``items`` dev items resolve (the inverse of dev_items_for)."""
     return float(2 * Z95 * 100 * np.sqrt(disagreement * factor / max(items, 1)))
@@ -277,6 +288,7 @@ __all__ = [
     "average_interval",
     "build_figures",
     "dev_items_for",
+    "disagreement",
     "interval_of",
     "majority_interval",
     "metric_factor",

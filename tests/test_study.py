@@ -132,6 +132,18 @@ def test_quick_study_resumes_and_grows(tmp_path, monkeypatch):
     # a learned task (dense answers every item right): each ablation's average over the learned tasks is its
     # one task's interval against the default
     report_of(learned)
+    # ... and the answers DoE's expert changes against it are the ones it gets wrong, per rate
+    text = (tmp_path / "partial" / "localization.md").read_text()
+    assert "## How many answers DoE's experts change" in text
+    changes = next(line for line in text.split("## How many answers")[1].splitlines() if line.startswith("| toy |"))
+    wrong = {
+        r["rate"]: 100
+        * sum(p != y for p, y in zip(r["preds"], next(d["labels"] for d in grown if d.get("kind") == "dense")))
+        / 24
+        for r in grown
+        if r.get("method") == "doe" and r.get("variant") == "default"
+    }
+    assert changes.split(" | ")[1:3] == ["0.0", f"{wrong[0.5]:.1f}"] and f"| {wrong[0.8]:.1f} |" in changes
     row = next(
         line
         for line in (tmp_path / "partial" / "localization.md").read_text().splitlines()

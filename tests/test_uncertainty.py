@@ -147,3 +147,14 @@ def test_dev_sizing_counts_how_far_one_answer_moves_the_metric():
     assert resolvable_points(dev_items_for(2.0, factor=mcc), factor=mcc) <= 2.0
     with pytest.raises(ValueError, match="at least two classes"):
         metric_factor("matthews", [1, 1, 1])
+
+
+def test_disagreement_is_the_share_of_changed_answers_and_refuses_unpaired_answers():
+    from doe_export.uncertainty import dev_items_for, disagreement
+
+    assert disagreement([0, 1, 1, 0], [0, 1, 0, 1]) == 0.5 and disagreement([2, 2], [2, 2]) == 0.0
+    assert disagreement([], []) == 0.0
+    with pytest.raises(ValueError, match="same items, got 3 and 2"):
+        disagreement([0, 1, 1], [0, 1])
+    # the dev split a budget needs grows with the share of answers the expert changes, in proportion
+    assert dev_items_for(1.0, disagreement=0.09) == pytest.approx(3 * dev_items_for(1.0), rel=0.001)
