@@ -403,7 +403,7 @@ def _disagreements(runs: Runs) -> list[str]:
         "",
         "Test items on which DoE's expert (after recovery) answers otherwise than the dense model, per cent: mean "
         "over seeds (lowest–highest). `doe build --max-loss` sizes its dev split for experts that change "
-        f"{100 * DISAGREEMENT_PRIOR:g} % of the answers; the last column is the dev items a {budget} budget needs "
+        f"{100 * DISAGREEMENT_PRIOR:g} % of the answers; the last column is the dev items a {BUDGET_POINTS:g}-point budget needs "
         f"at the share measured at p={read_at:g} (and at the assumed {100 * DISAGREEMENT_PRIOR:g} %), for the "
         "task's metric. Beside them, for scale: the share of test items the dense model itself gets wrong.",
         "",
