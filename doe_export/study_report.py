@@ -410,26 +410,25 @@ def _disagreements(runs: Runs) -> list[str]:
         "| task | dense wrong | " + " | ".join(f"p={r:g}" for r in runs.rates) + f" | dev items for {budget} |",
         "|---|" + "---:|" * (len(runs.rates) + 2),
     ]
-    above = []
+    measured: dict[str, float] = {}  # task: mean share at read_at, where DoE ran there
     for task in tasks:
-        wrong = disagreement(runs.labels(task), runs.dense[task]["preds"])
+        labels = runs.labels(task) or []
+        wrong = disagreement(labels, runs.dense[task]["preds"])
         cells = [f"{100 * wrong:.1f}"] + [_share_cell(shares[task, rate]) for rate in runs.rates]
-        measured = shares[task, read_at]
-        factor = metric_factor(runs.dense[task]["metric"], runs.labels(task) or [], seed=SEED)
+        factor = metric_factor(runs.dense[task]["metric"], labels, seed=SEED)
         prior = dev_items_for(BUDGET_POINTS, DISAGREEMENT_PRIOR, factor)
-        if measured:
-            needed = dev_items_for(BUDGET_POINTS, max(float(np.mean(measured)), 1e-9), factor)
-            cells.append(f"{needed:,} ({prior:,})")
-            above += [task] if np.mean(measured) > DISAGREEMENT_PRIOR else []
+        if shares[task, read_at]:
+            measured[task] = float(np.mean(shares[task, read_at]))
+            cells.append(f"{dev_items_for(BUDGET_POINTS, measured[task], factor):,} ({prior:,})")
         else:
             cells.append(f"— ({prior:,})")
         lines.append(f"| {task} | " + " | ".join(cells) + " |")
-    measured_tasks = [t for t in tasks if shares[t, read_at]]
-    if measured_tasks:
+    above = [t for t, share in measured.items() if share > DISAGREEMENT_PRIOR]
+    if measured:
         lines += [
             "",
             f"At p={read_at:g} the experts change more answers than the assumed {100 * DISAGREEMENT_PRIOR:g} % on "
-            f"{len(above)} of {len(measured_tasks)} tasks" + (f" ({', '.join(above)})" if above else "") + ".",
+            f"{len(above)} of {len(measured)} tasks" + (f" ({', '.join(above)})" if above else "") + ".",
         ]
     return lines + [""]
 
