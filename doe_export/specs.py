@@ -256,6 +256,9 @@ class RecoverySpec:
     # weight of hidden-state distillation: each layer's output against the dense model's (relative squared
     # error over real positions, added to the loss); 0: off
     hidden_distill: float = 0.0
+    # perturbed copies of each training text added to recovery, labelled by the dense model (0: none;
+    # doe_export.augment)
+    augment: int = 0
     lr: float | None = None  # None: DEFAULT_LR of what trains
     batch_size: int = 16
     max_examples: int | None = None  # cap on the training examples used (None: the stage's whole train split)
@@ -274,6 +277,7 @@ class RecoverySpec:
             hidden_distill=self.hidden_distill,
         )
         _positive_or_none("recovery max_examples", self.max_examples)
+        _int("recovery augment (perturbed copies of each training text)", self.augment, 0)
         _int("seed", self.seed, 0)
 
 

@@ -27,6 +27,7 @@ from typing import Any
 from . import adapt as adapt_loop
 from . import attribution, evaluate, scorers
 from . import prune as surgery
+from .augment import augmented_inputs
 from .errors import ConfigError
 from .records import spec_key
 from .specs import (
@@ -252,16 +253,37 @@ def recover(
         raise ConfigError(
             "recovery of the prompt and head only needs a soft prompt; this model has none (use recovery params 'all')"
         )
-    return adapt_loop.train(
+    train = data.train.head(spec.max_examples)
+    if spec.augment:
+        train = augmented_split(train, teacher, tokenizer, spec.augment, spec.seed)
+    record = adapt_loop.train(
         model,
         tokenizer,
-        data.train.head(spec.max_examples),
+        train,
         data.dev if spec.select_on_dev else None,
         metric=data.metric,
         config=train_config(spec),
         desc=desc,
         progress=progress,
         teacher=teacher if spec.distill > 0 or spec.hidden_distill > 0 else None,
+    )
+    return record | ({"augment": spec.augment} if spec.augment else {})
+
+
+def augmented_split(train: Split, teacher, tokenizer, copies: int, seed: int) -> Split:
+    """``train`` followed by ``copies`` perturbed copies of its inputs (:mod:`doe_export.augment`), each
+    labelled with ``teacher``'s answer: the recovery split of ``RecoverySpec.augment``."""
+    if teacher is None:
+        raise ConfigError(
+            f"recovery with {copies} augmented copies labels them with the dense model's answers, and no dense "
+            "model was given: pass the teacher, or set augment to 0"
+        )
+    extra = augmented_inputs(train, copies, seed)
+    labels = evaluate.torch_logits(teacher, tokenizer, extra).argmax(axis=1).tolist()
+    return Split(
+        f"{train.name} + {copies} perturbed copies labelled by the dense model",
+        [*train.inputs, *extra],
+        [*train.labels, *labels],
     )
 
 

@@ -50,8 +50,9 @@ METHODS = ("doe", "random", "activation", "gradient", "magnitude", "taylor", "sk
 ABLATION_RATE = 0.65
 # DoE's variants at ABLATION_RATE (with the calibration sizes, "calib-N"): token aggregation by max, one budget
 # over all layers, bias folding, attribution on the un-adapted backbone, ranking by mean |h*g| instead of
-# |mean h*g| (no cancellation between items), the rate reached in two steps with recovery after each; and two
-# recovery levers on DoE's expert: hidden-state distillation (HIDDEN_DISTILL_WEIGHT) and 4 recovery epochs
+# |mean h*g| (no cancellation between items), the rate reached in two steps with recovery after each; and three
+# recovery levers on DoE's expert: hidden-state distillation (HIDDEN_DISTILL_WEIGHT), 4 recovery epochs, and
+# distillation on AUGMENT_COPIES perturbed copies of each training text besides the texts themselves
 ABLATIONS = (
     "max-tokens",
     "global-budget",
@@ -61,8 +62,10 @@ ABLATIONS = (
     "gradual-2",
     "hidden-distill",
     "recovery-4",
+    "augment-2",
 )
 HIDDEN_DISTILL_WEIGHT = 1.0  # the "hidden-distill" variant's weight: the term starts near the logit loss's size
+AUGMENT_COPIES = 2  # the "augment-2" variant's perturbed copies per training text: three times the recovery time
 ALL_ABLATIONS = (*ABLATIONS, "calib")  # what StudyConfig.ablations may name; "calib": the calibration sizes
 
 
@@ -178,6 +181,8 @@ class StudyConfig:
             return replace(spec, hidden_distill=HIDDEN_DISTILL_WEIGHT)
         if run.get("variant") == "recovery-4":
             return replace(spec, epochs=4)
+        if run.get("variant") == "augment-2":
+            return replace(spec, augment=AUGMENT_COPIES)
         return spec
 
     def prune_spec(self, run: dict) -> PruneSpec:
@@ -511,6 +516,7 @@ __all__ = [
     "ABLATIONS",
     "ABLATION_RATE",
     "ALL_ABLATIONS",
+    "AUGMENT_COPIES",
     "HIDDEN_DISTILL_WEIGHT",
     "METHODS",
     "QUICK",

@@ -37,6 +37,7 @@ def test_help_documents_every_flag(capsys):
         "--distill",
         "--temperature",
         "--hidden-distill",
+        "--augment",
         "--recovery-params",
         "--exporter",
         "--attention",
@@ -102,6 +103,10 @@ def test_a_scorer_option_the_scorer_does_not_take_is_refused(capsys):
         ),
         (["--distill", "1.5"], "distillation weight must be in [0, 1]"),
         (["--hidden-distill", "-0.5"], "hidden-state distillation weight must be a finite number >= 0, got -0.5"),
+        (
+            ["--augment", "-1"],
+            "recovery augment (perturbed copies of each training text) must be an integer >= 0, got -1",
+        ),
         (["--adapt", "prompt", "--prompt-length", "0"], "prompt tuning needs a prompt length >= 1"),
         (["--search-rates", "0.5,x"], "expected comma-separated floats"),
         (["--tasks", "sst2", "--data-dir", "/nonexistent/glue"], "/nonexistent/glue/SST-2: no such folder"),

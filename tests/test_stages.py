@@ -592,3 +592,61 @@ def test_intermediate_spec_is_checked_and_keeps_old_cache_keys():
         stages.AdaptSpec(intermediate="snli", intermediate_examples=0)
     with pytest.raises(ConfigError, match="--intermediate-epochs must be an integer >= 1"):
         stages.AdaptSpec(intermediate="snli", intermediate_epochs=0)
+
+
+def test_perturbed_copies_change_words_and_are_seeded():
+    """Each copy changes at least one word of every text of two or more words (pair inputs: both texts),
+    draws its replacements from the split's own words, and the same seed gives the same copies."""
+    import random
+
+    from doe_export import augment
+    from doe_export.tasks import Split
+
+    split = Split(
+        "toy",
+        ["the cat sat on the mat", "a dog ran far away today", "one", ("who is he", "he is a tall man")],
+        [0, 1, 0, 1],
+    )
+    first = augment.augmented_inputs(split, 3, seed=7)
+    assert first == augment.augmented_inputs(split, 3, seed=7) != augment.augmented_inputs(split, 3, seed=8)
+    assert len(first) == 12 and first[2::4] == ["one"] * 3  # copy after copy; a one-word text stays
+    vocabulary = {
+        w for item in split.inputs for text in (item if isinstance(item, tuple) else (item,)) for w in text.split()
+    }
+    for copy_index in range(3):
+        for original, changed in zip(split.inputs, first[4 * copy_index : 4 * copy_index + 4]):
+            if original == "one":
+                continue
+            pairs = zip(original, changed) if isinstance(original, tuple) else [(original, changed)]
+            for text, new in pairs:
+                assert new != text and set(new.split()) <= vocabulary, (text, new)
+    assert augment.perturb("a b c d e f g h i j", random.Random(0), ["z"], share=1.0) != "a b c d e f g h i j"
+    with pytest.raises(ConfigError, match="augmented copies must be an integer >= 0, got -1"):
+        augment.augmented_inputs(split, -1, seed=0)
+    with pytest.raises(ConfigError, match="share of words changed must be in"):
+        augment.augmented_inputs(split, 1, seed=0, share=0.0)
+
+
+def test_recovery_with_augmented_copies_trains_on_them_labelled_by_the_teacher(tiny_backbone, hf_tokenizer):
+    """``RecoverySpec.augment``: recovery trains on the split plus its copies, whose labels are the teacher's
+    answers (not the gold ones), and it refuses to run without a teacher to label them."""
+    data = synthetic_task("toy", n_train=64)
+    loaded = LoadedModel(tiny_backbone("bert"), hf_tokenizer, "t", "c", None)
+    teacher = stages.new_model(loaded, data, stages.AdaptSpec()).eval()
+    tokenizer = fast_tokenizer(hf_tokenizer, 24)
+    splits = stages.Splits.of(data, stages.DataSpec(max_length=24))
+    train = splits.train.head(16)
+    augmented = stages.augmented_split(train, teacher, tokenizer, 2, seed=3)
+    answers = stages.evaluate.torch_logits(teacher, tokenizer, augmented.inputs[16:]).argmax(1).tolist()
+    assert len(augmented) == 48 and augmented.inputs[:16] == train.inputs and augmented.labels[:16] == train.labels
+    assert augmented.labels[16:] == answers and len(answers) == 32
+    assert "2 perturbed copies labelled by the dense model" in augmented.name
+    spec = RecoverySpec(epochs=1, lr=1e-3, batch_size=8, augment=2, max_examples=16, select_on_dev=False)
+    record = stages.recover(copy.deepcopy(teacher), teacher, tokenizer, splits, spec, progress=False)
+    assert record["examples"] == 48 and record["augment"] == 2
+    plain = stages.recover(copy.deepcopy(teacher), teacher, tokenizer, splits, replace(spec, augment=0), progress=False)
+    assert plain["examples"] == 16 and "augment" not in plain
+    with pytest.raises(ConfigError, match="labels them with the dense model's answers, and no dense model was given"):
+        stages.recover(copy.deepcopy(teacher), None, tokenizer, splits, spec, progress=False)
+    with pytest.raises(ConfigError, match=r"recovery augment \(perturbed copies of each training text\) must be"):
+        RecoverySpec(augment=-1)

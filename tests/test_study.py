@@ -183,6 +183,7 @@ def test_ablation_variants_change_what_they_name():
     for variant, changed in (
         ("hidden-distill", {"hidden_distill": study.HIDDEN_DISTILL_WEIGHT}),
         ("recovery-4", {"epochs": 4}),
+        ("augment-2", {"augment": study.AUGMENT_COPIES}),
     ):
         assert config.recovery_spec({**run, "variant": variant}) == replace(recovery, **changed)
         assert config.prune_spec({**run, "variant": variant}) == config.prune_spec(run)  # recovery levers only

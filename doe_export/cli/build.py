@@ -66,6 +66,7 @@ FIELDS: dict[str, tuple[str | None, str]] = {
     "distill": ("recovery", "distill"),
     "temperature": ("recovery", "temperature"),
     "hidden_distill": ("recovery", "hidden_distill"),
+    "augment": ("recovery", "augment"),
     "recovery_lr": ("recovery", "lr"),
     "max_train": ("data", "max_train"),
     "max_dev": ("data", "max_dev"),
@@ -232,6 +233,15 @@ def _add_training_options(b: argparse.ArgumentParser) -> None:
         default=_default("hidden_distill"),
         help="weight of hidden-state distillation in recovery: each layer's output pulled towards the dense "
         "model's (relative squared error over real tokens, added to the loss; 0: off)",
+    )
+    b.add_argument(
+        "--augment",
+        type=int,
+        default=_default("augment"),
+        metavar="COPIES",
+        help="recovery also distills on this many perturbed copies of each training text (about 15 %% of the "
+        "words deleted, swapped or replaced), labelled by the dense model; 0: off. Each copy adds one training "
+        "split's worth of recovery time",
     )
     b.add_argument(
         "--recovery-lr",
@@ -443,6 +453,7 @@ def config_from_args(args: argparse.Namespace) -> BuildConfig:
             distill=args.distill,
             temperature=args.temperature,
             hidden_distill=args.hidden_distill,
+            augment=args.augment,
             lr=args.recovery_lr,
             batch_size=batch,
             seed=seed + 1,

@@ -29,6 +29,7 @@ FIELDS: dict[str, tuple[str | None, str]] = {
     "recovery_params": ("recovery", "params"),
     "distill": ("recovery", "distill"),
     "hidden_distill": ("recovery", "hidden_distill"),
+    "augment": ("recovery", "augment"),
     "recovery_epochs": ("recovery", "epochs"),
     "recovery_examples": ("recovery", "max_examples"),
 }
@@ -70,6 +71,14 @@ def _add_flow_options(st: argparse.ArgumentParser) -> None:
         type=float,
         default=_default("hidden_distill"),
         help="hidden-state distillation weight in recovery (each layer's output against the dense model's; 0: off)",
+    )
+    st.add_argument(
+        "--augment",
+        type=int,
+        default=_default("augment"),
+        metavar="COPIES",
+        help="perturbed copies of each training text that recovery also distills on, labelled by the dense model "
+        "(0: off)",
     )
     st.add_argument("--recovery-epochs", type=int, default=_default("recovery_epochs"))
     st.add_argument(
@@ -205,6 +214,7 @@ def study_config(args: argparse.Namespace) -> StudyConfig:
             params=args.recovery_params,
             distill=args.distill,
             hidden_distill=args.hidden_distill,
+            augment=args.augment,
             epochs=args.recovery_epochs,
             max_examples=args.recovery_examples,
         ),
