@@ -15,7 +15,7 @@ With ``hidden_distill`` > 0 each transformer layer's output is also pulled towar
 
 over the real (unpadded) positions; the teacher runs beside the student on every batch (eval mode,
 no gradients). The teacher's logits are computed once for the whole training split (they do not
-change between epochs). After each epoch the dev metric is measured and the best epoch's weights are kept.
+change between epochs), or passed in by a caller that has them already (``teacher_logits``). After each epoch the dev metric is measured and the best epoch's weights are kept.
 """
 
 from __future__ import annotations
@@ -144,10 +144,20 @@ def train(
     desc: str = "train",
     progress: bool = True,
     teacher=None,
+    teacher_logits: np.ndarray | None = None,
 ) -> dict:
-    """Train in place; return a record (losses, dev metric per epoch, best epoch, seconds)."""
+    """Train in place; return a record (losses, dev metric per epoch, best epoch, seconds).
+
+    ``teacher_logits``: the teacher's logits on ``train_split``'s inputs, row for row ([N, labels]), for a
+    caller that computed them already; without them the teacher runs over the split once here."""
     if config.distill > 0 and teacher is None:
         raise ConfigError(f"{desc}: distillation weight {config.distill} needs a teacher model")
+    if teacher_logits is not None and teacher_logits.shape != (len(train_split), model.num_labels):
+        raise ConfigError(
+            f"{desc}: the teacher's logits given for {train_split.name!r} must have one row per training "
+            f"example and one column per label, {(len(train_split), model.num_labels)}; got "
+            f"{tuple(teacher_logits.shape)}: compute them on the split's inputs in order"
+        )
     if config.hidden_distill > 0 and teacher is None:
         raise ConfigError(f"{desc}: hidden-state distillation weight {config.hidden_distill} needs a teacher model")
     start = time.perf_counter()
@@ -168,10 +178,12 @@ def train(
         record["seconds"] = 0.0
         return record
     set_seed(config.seed)
-    teacher_logits = None
+    distilled = None
     if teacher is not None and config.distill > 0:
-        teacher_logits = torch.from_numpy(torch_logits(teacher, tokenizer, train_split.inputs))  # [N, K], once
-    loop = _Loop(model, tokenizer, train_split, config, teacher_logits, teacher=teacher)
+        if teacher_logits is None:
+            teacher_logits = torch_logits(teacher, tokenizer, train_split.inputs)  # [N, K], once
+        distilled = torch.from_numpy(np.ascontiguousarray(teacher_logits, dtype=np.float32))
+    loop = _Loop(model, tokenizer, train_split, config, distilled, teacher=teacher)
     try:
         best = _epochs(loop, dev_split, metric, record, desc=desc, progress=progress)
     finally:

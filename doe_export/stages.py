@@ -24,6 +24,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from . import adapt as adapt_loop
 from . import attribution, evaluate, scorers
 from . import prune as surgery
@@ -254,8 +256,14 @@ def recover(
             "recovery of the prompt and head only needs a soft prompt; this model has none (use recovery params 'all')"
         )
     train = data.train.head(spec.max_examples)
+    teacher_logits = None
     if spec.augment:
-        train = augmented_split(train, teacher, tokenizer, spec.augment, spec.seed)
+        originals = len(train)
+        train, copied = augmented_split(train, teacher, tokenizer, spec.augment, spec.seed)
+        if spec.distill > 0:  # the copies' logits labelled them already: the teacher runs on the originals only
+            teacher_logits = np.concatenate(
+                [evaluate.torch_logits(teacher, tokenizer, train.inputs[:originals]), copied]
+            )
     record = adapt_loop.train(
         model,
         tokenizer,
@@ -266,25 +274,28 @@ def recover(
         desc=desc,
         progress=progress,
         teacher=teacher if spec.distill > 0 or spec.hidden_distill > 0 else None,
+        teacher_logits=teacher_logits,
     )
     return record | ({"augment": spec.augment} if spec.augment else {})
 
 
-def augmented_split(train: Split, teacher, tokenizer, copies: int, seed: int) -> Split:
+def augmented_split(train: Split, teacher, tokenizer, copies: int, seed: int) -> tuple[Split, np.ndarray]:
     """``train`` followed by ``copies`` perturbed copies of its inputs (:mod:`doe_export.augment`), each
-    labelled with ``teacher``'s answer: the recovery split of ``RecoverySpec.augment``."""
+    labelled with ``teacher``'s answer: the recovery split of ``RecoverySpec.augment``; with the teacher's
+    logits on the copies ([copies x N, labels]), which distillation reuses."""
     if teacher is None:
         raise ConfigError(
             f"recovery with {copies} augmented copies labels them with the dense model's answers, and no dense "
             "model was given: pass the teacher, or set augment to 0"
         )
     extra = augmented_inputs(train, copies, seed)
-    labels = evaluate.torch_logits(teacher, tokenizer, extra).argmax(axis=1).tolist()
-    return Split(
+    logits = evaluate.torch_logits(teacher, tokenizer, extra)
+    split = Split(
         f"{train.name} + {copies} perturbed copies labelled by the dense model",
         [*train.inputs, *extra],
-        [*train.labels, *labels],
+        [*train.labels, *logits.argmax(axis=1).tolist()],
     )
+    return split, logits
 
 
 @dataclass

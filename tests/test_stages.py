@@ -7,6 +7,7 @@ import math
 import re
 from dataclasses import replace
 
+import numpy as np
 import pytest
 import torch
 
@@ -636,10 +637,11 @@ def test_recovery_with_augmented_copies_trains_on_them_labelled_by_the_teacher(t
     tokenizer = fast_tokenizer(hf_tokenizer, 24)
     splits = stages.Splits.of(data, stages.DataSpec(max_length=24))
     train = splits.train.head(16)
-    augmented = stages.augmented_split(train, teacher, tokenizer, 2, seed=3)
-    answers = stages.evaluate.torch_logits(teacher, tokenizer, augmented.inputs[16:]).argmax(1).tolist()
+    augmented, copied = stages.augmented_split(train, teacher, tokenizer, 2, seed=3)
+    logits = stages.evaluate.torch_logits(teacher, tokenizer, augmented.inputs[16:])
     assert len(augmented) == 48 and augmented.inputs[:16] == train.inputs and augmented.labels[:16] == train.labels
-    assert augmented.labels[16:] == answers and len(answers) == 32
+    assert augmented.labels[16:] == logits.argmax(1).tolist() and copied.shape == (32, teacher.num_labels)
+    np.testing.assert_allclose(copied, logits, atol=1e-5)
     assert "2 perturbed copies labelled by the dense model" in augmented.name
     spec = RecoverySpec(epochs=1, lr=1e-3, batch_size=8, augment=2, max_examples=16, select_on_dev=False)
     record = stages.recover(copy.deepcopy(teacher), teacher, tokenizer, splits, spec, progress=False)
@@ -650,3 +652,68 @@ def test_recovery_with_augmented_copies_trains_on_them_labelled_by_the_teacher(t
         stages.recover(copy.deepcopy(teacher), None, tokenizer, splits, spec, progress=False)
     with pytest.raises(ConfigError, match=r"recovery augment \(perturbed copies of each training text\) must be"):
         RecoverySpec(augment=-1)
+
+
+def test_augmented_recovery_runs_the_teacher_once_per_text(tiny_backbone, hf_tokenizer):
+    """The copies' logits that label them are the ones distillation uses: with 16 texts and 2 copies the
+    teacher sees 48 rows in all (not 32 to label the copies, then 48 again), and training on logits passed in ends where training
+    that computes them ends."""
+    data = synthetic_task("toy", n_train=64)
+    loaded = LoadedModel(tiny_backbone("bert"), hf_tokenizer, "t", "c", None)
+    teacher = stages.new_model(loaded, data, stages.AdaptSpec()).eval()
+    tokenizer = fast_tokenizer(hf_tokenizer, 24)
+    splits = stages.Splits.of(data, stages.DataSpec(max_length=24))
+    student, rows = copy.deepcopy(teacher), []  # copied before the hook, which deepcopy would carry along
+    hook = teacher.register_forward_hook(lambda module, args, out: rows.append(args[0].shape[0]))
+    spec = RecoverySpec(epochs=1, lr=1e-3, batch_size=8, augment=2, max_examples=16, select_on_dev=False)
+    try:
+        stages.recover(student, teacher, tokenizer, splits, spec, progress=False)
+    finally:
+        hook.remove()
+    assert sum(rows) == 48, rows
+
+    train = splits.train.head(16)
+    config = adapt.TrainConfig("all", 1, 1e-3, 8, 0, distill=0.5)
+    computed, given = copy.deepcopy(teacher), copy.deepcopy(teacher)
+    adapt.train(computed, tokenizer, train, None, metric="accuracy", config=config, progress=False, teacher=teacher)
+    logits = stages.evaluate.torch_logits(teacher, tokenizer, train.inputs)
+    adapt.train(
+        given,
+        tokenizer,
+        train,
+        None,
+        metric="accuracy",
+        config=config,
+        progress=False,
+        teacher=teacher,
+        teacher_logits=logits,
+    )
+    for (name, a), b in zip(computed.state_dict().items(), given.state_dict().values()):
+        assert torch.equal(a, b), name
+    other = copy.deepcopy(teacher)  # other logits given, other weights: the ones passed in are the ones used
+    adapt.train(
+        other,
+        tokenizer,
+        train,
+        None,
+        metric="accuracy",
+        config=config,
+        progress=False,
+        teacher=teacher,
+        teacher_logits=-10 * logits,
+    )
+    assert any(not torch.equal(a, b) for a, b in zip(computed.state_dict().values(), other.state_dict().values()))
+    with pytest.raises(
+        ConfigError, match=rf"must have one row per training example .* got \(15, {teacher.num_labels}\)"
+    ):
+        adapt.train(
+            copy.deepcopy(teacher),
+            tokenizer,
+            train,
+            None,
+            metric="accuracy",
+            config=config,
+            progress=False,
+            teacher=teacher,
+            teacher_logits=logits[:15],
+        )
