@@ -15,7 +15,8 @@ With ``hidden_distill`` > 0 each transformer layer's output is also pulled towar
 
 over the real (unpadded) positions; the teacher runs beside the student on every batch (eval mode,
 no gradients). The teacher's logits are computed once for the whole training split (they do not
-change between epochs), or passed in by a caller that has them already (``teacher_logits``). After each epoch the dev metric is measured and the best epoch's weights are kept.
+change between epochs), or passed in by a caller that has them already (``teacher_logits``). After each
+epoch the dev metric is measured and the best epoch's weights are kept.
 """
 
 from __future__ import annotations
