@@ -13,17 +13,13 @@ from __future__ import annotations
 import random
 
 from .errors import ConfigError
-from .tasks import Split
+from .tasks import Split, map_texts, texts_of
 
 DEFAULT_SHARE = 0.15  # of each text's words changed per copy (at least one)
 
 
 def _words(split: Split) -> list[str]:
-    words: list[str] = []
-    for item in split.inputs:
-        for text in item if isinstance(item, (tuple, list)) else (item,):
-            words.extend(text.split())
-    return words
+    return [word for item in split.inputs for text in texts_of(item) for word in text.split()]
 
 
 def perturb(text: str, rng: random.Random, vocabulary: list[str], share: float = DEFAULT_SHARE) -> str:
@@ -52,14 +48,8 @@ def augmented_inputs(split: Split, copies: int, seed: int, share: float = DEFAUL
     if copies and not vocabulary:
         raise ConfigError(f"cannot augment {split.name!r}: its texts have no words")
     rng = random.Random(seed)
-    out: list = []
-    for _ in range(copies):
-        for item in split.inputs:
-            if isinstance(item, (tuple, list)):
-                out.append(tuple(perturb(text, rng, vocabulary, share) for text in item))
-            else:
-                out.append(perturb(item, rng, vocabulary, share))
-    return out
+    change = lambda text: perturb(text, rng, vocabulary, share)  # noqa: E731
+    return [map_texts(item, change) for _ in range(copies) for item in split.inputs]
 
 
 __all__ = ["DEFAULT_SHARE", "augmented_inputs", "perturb"]

@@ -21,6 +21,7 @@ import torch
 from doe_runtime.tokenization import encode_batch
 
 from .errors import ConfigError, ExportValidationError
+from .tasks import map_texts
 
 INPUT_NAMES = ["input_ids", "attention_mask"]
 OUTPUT_NAMES = ["logits"]
@@ -180,7 +181,7 @@ def export_validated(
 
 def _shortened(item, words: int):
     cut = lambda text: " ".join(text.split()[:words])  # noqa: E731
-    return (cut(item[0]), cut(item[1])) if isinstance(item, tuple) else cut(item)
+    return map_texts(item, cut)
 
 
 def validation_batches(tokenizer, inputs: list) -> list[tuple[np.ndarray, np.ndarray]]:

@@ -258,12 +258,10 @@ def recover(
     train = data.train.head(spec.max_examples)
     teacher_logits = None
     if spec.augment:
-        originals = len(train)
-        train, copied = augmented_split(train, teacher, tokenizer, spec.augment, spec.seed)
+        augmented, copied = augmented_split(train, teacher, tokenizer, spec.augment, spec.seed)
         if spec.distill > 0:  # the copies' logits labelled them already: the teacher runs on the originals only
-            teacher_logits = np.concatenate(
-                [evaluate.torch_logits(teacher, tokenizer, train.inputs[:originals]), copied]
-            )
+            teacher_logits = np.concatenate([evaluate.torch_logits(teacher, tokenizer, train.inputs), copied])
+        train = augmented
     record = adapt_loop.train(
         model,
         tokenizer,

@@ -16,6 +16,7 @@ import numpy as np
 
 from . import records as record_io
 from . import study_plots
+from .augment import DEFAULT_SHARE
 from .study import ABLATION_RATE, AUGMENT_COPIES, HIDDEN_DISTILL_WEIGHT, METHODS, StudyConfig
 from .uncertainty import (
     DISAGREEMENT_PRIOR,
@@ -498,8 +499,8 @@ VARIANT_LABELS = {
     "hidden-distill": f"recovery adds hidden-state distillation (weight {HIDDEN_DISTILL_WEIGHT:g}): each layer's output "
     "pulled towards the dense model's",
     "recovery-4": "4 recovery epochs instead of the flow's",
-    "augment-2": f"recovery also distills on {AUGMENT_COPIES} perturbed copies of each training text (about 15 % of "
-    "the words deleted, swapped or replaced), labelled by the dense model",
+    "augment-2": f"recovery also distills on {AUGMENT_COPIES} perturbed copies of each training text (about "
+    f"{round(DEFAULT_SHARE * 100)} % of the words deleted, swapped or replaced), labelled by the dense model",
 }
 
 

@@ -256,14 +256,19 @@ def test_hidden_distillation_loss_by_hand():
         RecoverySpec(hidden_distill=-1.0)
 
 
-def test_hidden_distillation_pulls_each_layer_towards_the_teacher(tiny_backbone, hf_tokenizer):
-    """Recovery of a perturbed copy: with the hidden-state term its layer outputs end far closer to the
-    teacher's than with logit distillation alone (which lets them drift), and no hook is left on either model."""
+def _toy_teacher(tiny_backbone, hf_tokenizer):
+    """A tiny BERT task model in eval mode (the teacher of the recovery tests), its tokenizer and the toy splits."""
     data = synthetic_task("toy", n_train=64)
     loaded = LoadedModel(tiny_backbone("bert"), hf_tokenizer, "t", "c", None)
     teacher = stages.new_model(loaded, data, stages.AdaptSpec()).eval()
-    tokenizer = fast_tokenizer(hf_tokenizer, 24)
     splits = stages.Splits.of(data, stages.DataSpec(max_length=24))
+    return teacher, fast_tokenizer(hf_tokenizer, 24), splits
+
+
+def test_hidden_distillation_pulls_each_layer_towards_the_teacher(tiny_backbone, hf_tokenizer):
+    """Recovery of a perturbed copy: with the hidden-state term its layer outputs end far closer to the
+    teacher's than with logit distillation alone (which lets them drift), and no hook is left on either model."""
+    teacher, tokenizer, splits = _toy_teacher(tiny_backbone, hf_tokenizer)
     generator = torch.Generator().manual_seed(0)
     perturbed = copy.deepcopy(teacher)
     with torch.no_grad():
@@ -631,11 +636,7 @@ def test_perturbed_copies_change_words_and_are_seeded():
 def test_recovery_with_augmented_copies_trains_on_them_labelled_by_the_teacher(tiny_backbone, hf_tokenizer):
     """``RecoverySpec.augment``: recovery trains on the split plus its copies, whose labels are the teacher's
     answers (not the gold ones), and it refuses to run without a teacher to label them."""
-    data = synthetic_task("toy", n_train=64)
-    loaded = LoadedModel(tiny_backbone("bert"), hf_tokenizer, "t", "c", None)
-    teacher = stages.new_model(loaded, data, stages.AdaptSpec()).eval()
-    tokenizer = fast_tokenizer(hf_tokenizer, 24)
-    splits = stages.Splits.of(data, stages.DataSpec(max_length=24))
+    teacher, tokenizer, splits = _toy_teacher(tiny_backbone, hf_tokenizer)
     train = splits.train.head(16)
     augmented, copied = stages.augmented_split(train, teacher, tokenizer, 2, seed=3)
     logits = stages.evaluate.torch_logits(teacher, tokenizer, augmented.inputs[16:])
@@ -656,13 +657,9 @@ def test_recovery_with_augmented_copies_trains_on_them_labelled_by_the_teacher(t
 
 def test_augmented_recovery_runs_the_teacher_once_per_text(tiny_backbone, hf_tokenizer):
     """The copies' logits that label them are the ones distillation uses: with 16 texts and 2 copies the
-    teacher sees 48 rows in all (not 32 to label the copies, then 48 again), and training on logits passed in ends where training
-    that computes them ends."""
-    data = synthetic_task("toy", n_train=64)
-    loaded = LoadedModel(tiny_backbone("bert"), hf_tokenizer, "t", "c", None)
-    teacher = stages.new_model(loaded, data, stages.AdaptSpec()).eval()
-    tokenizer = fast_tokenizer(hf_tokenizer, 24)
-    splits = stages.Splits.of(data, stages.DataSpec(max_length=24))
+    teacher sees 48 rows in all (not 32 to label the copies, then 48 again), and training on logits passed in
+    ends where training that computes them ends."""
+    teacher, tokenizer, splits = _toy_teacher(tiny_backbone, hf_tokenizer)
     student, rows = copy.deepcopy(teacher), []  # copied before the hook, which deepcopy would carry along
     hook = teacher.register_forward_hook(lambda module, args, out: rows.append(args[0].shape[0]))
     spec = RecoverySpec(epochs=1, lr=1e-3, batch_size=8, augment=2, max_examples=16, select_on_dev=False)
@@ -674,40 +671,11 @@ def test_augmented_recovery_runs_the_teacher_once_per_text(tiny_backbone, hf_tok
 
     train = splits.train.head(16)
     config = adapt.TrainConfig("all", 1, 1e-3, 8, 0, distill=0.5)
-    computed, given = copy.deepcopy(teacher), copy.deepcopy(teacher)
-    adapt.train(computed, tokenizer, train, None, metric="accuracy", config=config, progress=False, teacher=teacher)
-    logits = stages.evaluate.torch_logits(teacher, tokenizer, train.inputs)
-    adapt.train(
-        given,
-        tokenizer,
-        train,
-        None,
-        metric="accuracy",
-        config=config,
-        progress=False,
-        teacher=teacher,
-        teacher_logits=logits,
-    )
-    for (name, a), b in zip(computed.state_dict().items(), given.state_dict().values()):
-        assert torch.equal(a, b), name
-    other = copy.deepcopy(teacher)  # other logits given, other weights: the ones passed in are the ones used
-    adapt.train(
-        other,
-        tokenizer,
-        train,
-        None,
-        metric="accuracy",
-        config=config,
-        progress=False,
-        teacher=teacher,
-        teacher_logits=-10 * logits,
-    )
-    assert any(not torch.equal(a, b) for a, b in zip(computed.state_dict().values(), other.state_dict().values()))
-    with pytest.raises(
-        ConfigError, match=rf"must have one row per training example .* got \(15, {teacher.num_labels}\)"
-    ):
+
+    def fit(logits=None):
+        model = copy.deepcopy(teacher)
         adapt.train(
-            copy.deepcopy(teacher),
+            model,
             tokenizer,
             train,
             None,
@@ -715,5 +683,17 @@ def test_augmented_recovery_runs_the_teacher_once_per_text(tiny_backbone, hf_tok
             config=config,
             progress=False,
             teacher=teacher,
-            teacher_logits=logits[:15],
+            teacher_logits=logits,
         )
+        return model.state_dict()
+
+    logits = stages.evaluate.torch_logits(teacher, tokenizer, train.inputs)
+    computed, given = fit(), fit(logits)
+    for name, value in computed.items():
+        assert torch.equal(value, given[name]), name
+    other = fit(-10 * logits)  # other logits given, other weights: the ones passed in are the ones used
+    assert any(not torch.equal(value, other[name]) for name, value in computed.items())
+    with pytest.raises(
+        ConfigError, match=rf"must have one row per training example .* got \(15, {teacher.num_labels}\)"
+    ):
+        fit(logits[:15])

@@ -7,6 +7,7 @@ import json
 import os
 from pathlib import Path
 
+from ..augment import DEFAULT_SHARE
 from ..scorers import SCORERS
 from ..specs import (
     AdaptMode,
@@ -239,9 +240,9 @@ def _add_training_options(b: argparse.ArgumentParser) -> None:
         type=int,
         default=_default("augment"),
         metavar="COPIES",
-        help="recovery also distills on this many perturbed copies of each training text (about 15 %% of the "
-        "words deleted, swapped or replaced), labelled by the dense model; 0: off. Each copy adds one training "
-        "split's worth of recovery time",
+        help=f"recovery also distills on this many perturbed copies of each training text (about "
+        f"{round(DEFAULT_SHARE * 100)} %% of the words deleted, swapped or replaced), labelled by the dense model; 0: off. Each "
+        "copy adds one training split's worth of recovery time",
     )
     b.add_argument(
         "--recovery-lr",

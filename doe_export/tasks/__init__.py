@@ -21,7 +21,18 @@ import functools
 from collections.abc import Callable
 from pathlib import Path
 
-from .base import METRICS, Split, TaskData, TaskDataError, carve, default_cache_dir, shuffled, stratified_split
+from .base import (
+    METRICS,
+    Split,
+    TaskData,
+    TaskDataError,
+    carve,
+    default_cache_dir,
+    map_texts,
+    shuffled,
+    stratified_split,
+    texts_of,
+)
 from .bbc import load_bbc_news
 from .glue import GLUE, GLUE_ALIASES, load_glue, read_glue_tsv
 from .snli import SNLI_LABELS, load_snli, read_snli_jsonl, snli_archive
@@ -42,6 +53,7 @@ __all__ = [
     "default_cache_dir",
     "load_task",
     "load_user_task",
+    "map_texts",
     "parse_user_task",
     "read_glue_tsv",
     "read_snli_jsonl",
@@ -50,6 +62,7 @@ __all__ = [
     "snli_archive",
     "stratified_split",
     "synthetic_task",
+    "texts_of",
 ]
 
 

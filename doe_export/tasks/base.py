@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import random
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,10 +20,22 @@ __all__ = [
     "TaskDataError",
     "carve",
     "default_cache_dir",
+    "map_texts",
     "read_text",
     "shuffled",
     "stratified_split",
+    "texts_of",
 ]
+
+
+def texts_of(item) -> tuple[str, ...]:
+    """The texts of one input: one for a single text, both for a pair."""
+    return tuple(item) if isinstance(item, (tuple, list)) else (item,)
+
+
+def map_texts(item, change: Callable[[str], str]):
+    """``item`` with ``change`` applied to each of its texts, in order: a pair stays a (str, str) pair."""
+    return tuple(change(text) for text in item) if isinstance(item, (tuple, list)) else change(item)
 
 
 def read_text(path: Path, encoding: str = "utf-8-sig") -> str:

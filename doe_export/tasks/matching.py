@@ -20,16 +20,14 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from ..errors import TaskDataError
-from .base import Split, TaskData
+from .base import Split, TaskData, texts_of
 
 BINS = 10  # quantile bins of the test split's word counts
 
 
 def words(item: str | tuple[str, str]) -> int:
     """Whitespace-separated words of one input (both texts of a pair)."""
-    if isinstance(item, tuple):
-        return sum(len(text.split()) for text in item)
-    return len(item.split())
+    return sum(len(text.split()) for text in texts_of(item))
 
 
 @dataclass(frozen=True)
