@@ -44,6 +44,19 @@ def check_task(config: BuildConfig, loaded: LoadedModel, data: TaskData) -> None
             f"task {data.name!r}: --calib-examples {config.prune.calib_examples} exceeds the {available} training "
             f"examples available ({data.train.name}); lower --calib-examples or raise --max-train"
         )
+    wanted = config.recovery.extra_examples
+    if wanted:
+        spare = len(data.train.after(config.data.max_train))
+        if not spare:
+            raise ConfigError(
+                f"task {data.name!r}: --recovery-extra {wanted:,} asks recovery for training items past the "
+                f"adaptation's, and the adaptation takes all {available:,} ({data.train.name}); lower --max-train to "
+                "leave some, or drop --recovery-extra"
+            )
+        if spare < wanted:
+            log(
+                f"[{data.name}] --recovery-extra {wanted:,}: the training split has {spare:,} past the adaptation's; recovery takes those"
+            )
     if config.prune.layer_types is not LayerTypes.FFN and arch_for(loaded.backbone.config).heads_module is None:
         raise ConfigError(
             f"--layer-types {config.prune.layer_types}: attention heads of model type "
@@ -89,9 +102,11 @@ def _log_expert(task: str, config: BuildConfig, expert: stages.ExpertResult, pru
         f"{report['params_before']:,} -> {report['params_after']:,}; FFN widths {report['ffn_widths']}; heads "
         f"{report['head_counts']}; {metric} before recovery {expert.before.test:.4f}"
     )
+    extra = expert.recovery.get("extra_examples")
+    more = f", {extra:,} training items past the adaptation's" if extra else ""
     log(
         f"[{task}] expert after {config.recovery.epochs} recovery epoch(s) ({config.recovery.params}, distill "
-        f"{config.recovery.distill:g}): {metric} {expert.after.test:.4f}"
+        f"{config.recovery.distill:g}{more}): {metric} {expert.after.test:.4f}"
     )
 
 

@@ -259,6 +259,10 @@ class RecoverySpec:
     # perturbed copies of each training text added to recovery, labelled by the dense model (0: none;
     # doe_export.augment)
     augment: int = 0
+    # training items past the adaptation's (the task's train split beyond DataSpec.max_train) that recovery
+    # also trains on, with their labels and the dense model's logits: more data for the distillation without
+    # retraining the dense model (0: none; fewer where the split has fewer left)
+    extra_examples: int = 0
     lr: float | None = None  # None: DEFAULT_LR of what trains
     batch_size: int = 16
     max_examples: int | None = None  # cap on the training examples used (None: the stage's whole train split)
@@ -278,6 +282,7 @@ class RecoverySpec:
         )
         _positive_or_none("recovery max_examples", self.max_examples)
         _int("recovery augment (perturbed copies of each training text)", self.augment, 0)
+        _int("recovery extra_examples (training items past the adaptation's)", self.extra_examples, 0)
         _int("seed", self.seed, 0)
 
 

@@ -55,6 +55,8 @@ class Splits:
     dev: Split
     test: Split
     metric: str
+    # the training items past ``train`` (past DataSpec.max_train): what RecoverySpec.extra_examples draws on
+    spare: Split = field(default_factory=lambda: Split("no spare training items", [], []))
 
     @classmethod
     def of(cls, data: TaskData, spec: DataSpec) -> Splits:
@@ -65,6 +67,7 @@ class Splits:
             data.dev.head(spec.max_dev),
             data.test.sample(spec.max_eval, spec.seed),
             data.metric,
+            data.train.after(spec.max_train),
         )
 
 
@@ -256,6 +259,13 @@ def recover(
             "recovery of the prompt and head only needs a soft prompt; this model has none (use recovery params 'all')"
         )
     train = data.train.head(spec.max_examples)
+    notes: dict[str, int] = {}
+    if spec.extra_examples:
+        extended = with_extra(train, data.spare, spec.extra_examples)
+        notes["extra_examples"] = len(extended) - len(train)  # fewer than asked where the split has fewer left
+        train = extended
+    if spec.augment:
+        notes["augment"] = spec.augment
     teacher_logits = None
     if spec.augment:
         augmented, copied = augmented_split(train, teacher, tokenizer, spec.augment, spec.seed)
@@ -274,7 +284,24 @@ def recover(
         teacher=teacher if spec.distill > 0 or spec.hidden_distill > 0 else None,
         teacher_logits=teacher_logits,
     )
-    return record | ({"augment": spec.augment} if spec.augment else {})
+    return record | notes
+
+
+def with_extra(train: Split, spare: Split, wanted: int) -> Split:
+    """``train`` followed by the first ``wanted`` items of ``spare`` (fewer where it has fewer): the recovery
+    split of ``RecoverySpec.extra_examples``. None left is an error: the option would change nothing."""
+    extra = spare.head(wanted)
+    if not len(extra):
+        raise ConfigError(
+            f"recovery asks for {wanted:,} training items past the adaptation's, and the training split has none "
+            f"left: the adaptation takes all {len(train):,} ({train.name}). Lower --max-train to leave some, or "
+            "drop --recovery-extra"
+        )
+    return Split(
+        f"{train.name} + {len(extra):,} more ({extra.name})",
+        [*train.inputs, *extra.inputs],
+        [*train.labels, *extra.labels],
+    )
 
 
 def augmented_split(train: Split, teacher, tokenizer, copies: int, seed: int) -> tuple[Split, np.ndarray]:

@@ -52,7 +52,8 @@ ABLATION_RATE = 0.65
 # over all layers, bias folding, attribution on the un-adapted backbone, ranking by mean |h*g| instead of
 # |mean h*g| (no cancellation between items), the rate reached in two steps with recovery after each; and three
 # recovery levers on DoE's expert: hidden-state distillation (HIDDEN_DISTILL_WEIGHT), 4 recovery epochs, and
-# distillation on AUGMENT_COPIES perturbed copies of each training text besides the texts themselves
+# distillation on AUGMENT_COPIES perturbed copies of each training text besides the texts themselves, and
+# recovery on up to MORE_DATA training items past the adaptation's (only where the split has them)
 ABLATIONS = (
     "max-tokens",
     "global-budget",
@@ -63,9 +64,11 @@ ABLATIONS = (
     "hidden-distill",
     "recovery-4",
     "augment-2",
+    "more-data",
 )
 HIDDEN_DISTILL_WEIGHT = 1.0  # the "hidden-distill" variant's weight: the term starts near the logit loss's size
 AUGMENT_COPIES = 2  # the "augment-2" variant's perturbed copies per training text: three times the recovery time
+MORE_DATA = 8000  # the "more-data" variant's training items past the adaptation's: five times SST-2's 2,000
 ALL_ABLATIONS = (*ABLATIONS, "calib")  # what StudyConfig.ablations may name; "calib": the calibration sizes
 
 
@@ -183,6 +186,8 @@ class StudyConfig:
             return replace(spec, epochs=4)
         if run.get("variant") == "augment-2":
             return replace(spec, augment=AUGMENT_COPIES)
+        if run.get("variant") == "more-data":
+            return replace(spec, extra_examples=MORE_DATA)
         return spec
 
     def prune_spec(self, run: dict) -> PruneSpec:
@@ -350,6 +355,7 @@ def run_record(runner: Any, config: StudyConfig, spec: dict) -> dict:
         "split": runner.test.name,
         "split_size": len(runner.test),
         "calibration_examples": result.attribution.scores.examples,
+        "recovery_examples": result.recovery["examples"],  # more than the flow's with more-data or augment-2
         "ffn_widths": result.report["ffn_widths"],
         "params_after": result.report["params_after"],
         "seconds": round(time.perf_counter() - start, 1),
@@ -482,6 +488,10 @@ def run_study(
                 record["majority"] = majority_baseline(data, config.flow_for(data.name))
                 record_io.write_jsonl(records_path, records)
         specs = [s for s in run_specs(config) if record_key({"task": data.name, **s}) not in done]
+        if not len(data.train.after(config.flow_for(data.name).data.max_train)):
+            if any(s["variant"] == "more-data" for s in specs):
+                log(f"[{data.name}] more-data not run: the adaptation trains on the whole training split")
+            specs = [s for s in specs if s["variant"] != "more-data"]
         dense_key = (data.name, "dense", "default", 0.0, config.seed)
         if not specs and dense_key in done:
             continue
@@ -519,6 +529,7 @@ __all__ = [
     "AUGMENT_COPIES",
     "HIDDEN_DISTILL_WEIGHT",
     "METHODS",
+    "MORE_DATA",
     "QUICK",
     "TRAIN_SIZES",
     "StudyConfig",

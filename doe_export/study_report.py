@@ -17,7 +17,7 @@ import numpy as np
 from . import records as record_io
 from . import study_plots
 from .augment import DEFAULT_SHARE
-from .study import ABLATION_RATE, AUGMENT_COPIES, HIDDEN_DISTILL_WEIGHT, METHODS, StudyConfig
+from .study import ABLATION_RATE, AUGMENT_COPIES, HIDDEN_DISTILL_WEIGHT, METHODS, MORE_DATA, StudyConfig
 from .uncertainty import (
     DISAGREEMENT_PRIOR,
     Interval,
@@ -501,6 +501,8 @@ VARIANT_LABELS = {
     "recovery-4": "4 recovery epochs instead of the flow's",
     "augment-2": f"recovery also distills on {AUGMENT_COPIES} perturbed copies of each training text (about "
     f"{round(DEFAULT_SHARE * 100)} % of the words deleted, swapped or replaced), labelled by the dense model",
+    "more-data": f"recovery also trains on up to {MORE_DATA:,} training items past the adaptation's (run only where "
+    "the split has them)",
 }
 
 

@@ -38,6 +38,7 @@ def test_help_documents_every_flag(capsys):
         "--temperature",
         "--hidden-distill",
         "--augment",
+        "--recovery-extra",
         "--recovery-params",
         "--exporter",
         "--attention",
@@ -106,6 +107,14 @@ def test_a_scorer_option_the_scorer_does_not_take_is_refused(capsys):
         (
             ["--augment", "-1"],
             "recovery augment (perturbed copies of each training text) must be an integer >= 0, got -1",
+        ),
+        (
+            ["--recovery-extra", "-5"],
+            "recovery extra_examples (training items past the adaptation's) must be an integer >= 0, got -5",
+        ),
+        (
+            ["--tasks", "bbc-news", "--max-train", "none", "--recovery-extra", "100"],
+            "task 'bbc-news': --recovery-extra 100 asks recovery for training items past the adaptation's",
         ),
         (["--adapt", "prompt", "--prompt-length", "0"], "prompt tuning needs a prompt length >= 1"),
         (["--search-rates", "0.5,x"], "expected comma-separated floats"),

@@ -655,6 +655,43 @@ def test_recovery_with_augmented_copies_trains_on_them_labelled_by_the_teacher(t
         RecoverySpec(augment=-1)
 
 
+def test_recovery_with_extra_examples_trains_on_the_items_past_the_adaptations(tiny_backbone, hf_tokenizer):
+    """``RecoverySpec.extra_examples``: the training items ``max_train`` leaves out (``Splits.spare``) join
+    recovery with their gold labels, fewer where fewer are left; with none left the option is refused."""
+    data = synthetic_task("toy", n_train=64)
+    splits = stages.Splits.of(data, stages.DataSpec(max_train=40, max_length=24))
+    assert (len(splits.train), len(splits.spare)) == (40, 24)
+    assert [*splits.train.inputs, *splits.spare.inputs] == data.train.inputs  # the rest of train, nothing twice
+    assert len(stages.Splits.of(data, stages.DataSpec(max_train=None)).spare) == 0
+
+    extended = stages.with_extra(splits.train.head(16), splits.spare, 10)
+    assert extended.inputs == [*data.train.inputs[:16], *data.train.inputs[40:50]]
+    assert extended.labels == [*data.train.labels[:16], *data.train.labels[40:50]]
+    assert "+ 10 more" in extended.name
+
+    teacher, tokenizer, _ = _toy_teacher(tiny_backbone, hf_tokenizer)
+    spec = RecoverySpec(epochs=1, lr=1e-3, batch_size=8, extra_examples=10, max_examples=16, select_on_dev=False)
+    record = stages.recover(copy.deepcopy(teacher), teacher, tokenizer, splits, spec, progress=False)
+    assert record["examples"] == 26 and record["extra_examples"] == 10
+    more = stages.recover(
+        copy.deepcopy(teacher), teacher, tokenizer, splits, replace(spec, extra_examples=100), progress=False
+    )
+    assert more["examples"] == 40 and more["extra_examples"] == 24  # all 24 left, not 100
+    plain = stages.recover(
+        copy.deepcopy(teacher), teacher, tokenizer, splits, replace(spec, extra_examples=0), progress=False
+    )
+    assert plain["examples"] == 16 and "extra_examples" not in plain
+    both = stages.recover(copy.deepcopy(teacher), teacher, tokenizer, splits, replace(spec, augment=1), progress=False)
+    assert both["examples"] == 52 and both["extra_examples"] == 10  # the extra items get copies too
+    whole = stages.Splits.of(data, stages.DataSpec(max_train=None, max_length=24))
+    with pytest.raises(
+        ConfigError, match=r"training items past the adaptation's, and the training split has none left"
+    ):
+        stages.recover(copy.deepcopy(teacher), teacher, tokenizer, whole, spec, progress=False)
+    with pytest.raises(ConfigError, match=r"recovery extra_examples \(training items past the adaptation's\) must be"):
+        RecoverySpec(extra_examples=-1)
+
+
 def test_augmented_recovery_runs_the_teacher_once_per_text(tiny_backbone, hf_tokenizer):
     """The copies' logits that label them are the ones distillation uses: with 16 texts and 2 copies the
     teacher sees 48 rows in all (not 32 to label the copies, then 48 again), and training on logits passed in

@@ -68,6 +68,7 @@ FIELDS: dict[str, tuple[str | None, str]] = {
     "temperature": ("recovery", "temperature"),
     "hidden_distill": ("recovery", "hidden_distill"),
     "augment": ("recovery", "augment"),
+    "recovery_extra": ("recovery", "extra_examples"),
     "recovery_lr": ("recovery", "lr"),
     "max_train": ("data", "max_train"),
     "max_dev": ("data", "max_dev"),
@@ -243,6 +244,15 @@ def _add_training_options(b: argparse.ArgumentParser) -> None:
         help=f"recovery also distills on this many perturbed copies of each training text (about "
         f"{round(DEFAULT_SHARE * 100)} %% of the words deleted, swapped or replaced), labelled by the dense model; 0: off. Each "
         "copy adds one training split's worth of recovery time",
+    )
+    b.add_argument(
+        "--recovery-extra",
+        type=int,
+        default=_default("recovery_extra"),
+        metavar="N",
+        help="recovery also trains on up to N training items past --max-train (their labels, and the dense "
+        "model's logits for distillation): more data without retraining the dense model; 0: off. Recovery time "
+        "grows with the items",
     )
     b.add_argument(
         "--recovery-lr",
@@ -455,6 +465,7 @@ def config_from_args(args: argparse.Namespace) -> BuildConfig:
             temperature=args.temperature,
             hidden_distill=args.hidden_distill,
             augment=args.augment,
+            extra_examples=args.recovery_extra,
             lr=args.recovery_lr,
             batch_size=batch,
             seed=seed + 1,

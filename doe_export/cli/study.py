@@ -30,6 +30,7 @@ FIELDS: dict[str, tuple[str | None, str]] = {
     "distill": ("recovery", "distill"),
     "hidden_distill": ("recovery", "hidden_distill"),
     "augment": ("recovery", "augment"),
+    "recovery_extra": ("recovery", "extra_examples"),
     "recovery_epochs": ("recovery", "epochs"),
     "recovery_examples": ("recovery", "max_examples"),
 }
@@ -79,6 +80,13 @@ def _add_flow_options(st: argparse.ArgumentParser) -> None:
         metavar="COPIES",
         help="perturbed copies of each training text that recovery also distills on, labelled by the dense model "
         "(0: off)",
+    )
+    st.add_argument(
+        "--recovery-extra",
+        type=int,
+        default=_default("recovery_extra"),
+        metavar="N",
+        help="training items past --max-train that recovery also trains on (0: off)",
     )
     st.add_argument("--recovery-epochs", type=int, default=_default("recovery_epochs"))
     st.add_argument(
@@ -215,6 +223,7 @@ def study_config(args: argparse.Namespace) -> StudyConfig:
             distill=args.distill,
             hidden_distill=args.hidden_distill,
             augment=args.augment,
+            extra_examples=args.recovery_extra,
             epochs=args.recovery_epochs,
             max_examples=args.recovery_examples,
         ),

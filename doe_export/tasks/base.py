@@ -69,6 +69,13 @@ class Split:
             return self
         return Split(f"{self.name}, first {n}", self.inputs[:n], self.labels[:n])
 
+    def after(self, n: int | None) -> Split:
+        """The items past the first ``n`` (none when ``n`` is None or covers the split): what :meth:`head`
+        leaves out."""
+        if n is None or n >= len(self):
+            return Split(f"{self.name}, none past the first {len(self)}", [], [])
+        return Split(f"{self.name}, past the first {n}", self.inputs[n:], self.labels[n:])
+
     def sample(self, n: int | None, seed: int) -> Split:
         """A seeded sample of ``n`` items that keeps every label's share (largest remainders), in the
         split's own order. Capping a reporting split with :meth:`head` would drop whole classes when
