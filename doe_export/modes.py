@@ -39,6 +39,13 @@ class TrainedParams(Choice):
     PROMPT = "prompt"  # the soft prompt and the classification head (backbone frozen)
 
 
+class ExtraLabels(Choice):
+    """What the training items past the adaptation's are labelled with in recovery (RecoverySpec.extra_examples)."""
+
+    GOLD = "gold"  # the split's own labels
+    DENSE = "dense"  # the dense model's answers: the split's labels are not read (unlabelled text would do)
+
+
 class AdaptMode(Choice):
     """How the dense model learns a task before attribution."""
 

@@ -29,6 +29,7 @@ from .modes import (
     BudgetRule,
     Choice,
     Exporter,
+    ExtraLabels,
     Fp16Form,
     LayerTypes,
     Pooling,
@@ -263,6 +264,7 @@ class RecoverySpec:
     # also trains on, with their labels and the dense model's logits: more data for the distillation without
     # retraining the dense model (0: none; fewer where the split has fewer left)
     extra_examples: int = 0
+    extra_labels: ExtraLabels = ExtraLabels.GOLD  # their labels: the split's, or the dense model's answers
     lr: float | None = None  # None: DEFAULT_LR of what trains
     batch_size: int = 16
     max_examples: int | None = None  # cap on the training examples used (None: the stage's whole train split)
@@ -271,6 +273,7 @@ class RecoverySpec:
 
     def __post_init__(self) -> None:
         _set(self, "params", TrainedParams.parse(self.params, "recovery params"))
+        _set(self, "extra_labels", ExtraLabels.parse(self.extra_labels, "recovery extra labels"))
         check_training(
             "recovery",
             epochs=self.epochs,
@@ -411,6 +414,7 @@ __all__ = [
     "DataSpec",
     "ExportSpec",
     "Exporter",
+    "ExtraLabels",
     "Flow",
     "Fp16Form",
     "LayerTypes",

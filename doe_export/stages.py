@@ -31,6 +31,7 @@ from . import attribution, evaluate, scorers
 from . import prune as surgery
 from .augment import augmented_inputs
 from .errors import ConfigError
+from .modes import ExtraLabels
 from .records import spec_key
 from .specs import (
     SEARCH_RATES,
@@ -259,19 +260,43 @@ def recover(
             "recovery of the prompt and head only needs a soft prompt; this model has none (use recovery params 'all')"
         )
     train = data.train.head(spec.max_examples)
-    notes: dict[str, int] = {}
+    notes: dict[str, Any] = {}
+    extra = 0
     if spec.extra_examples:
         extended = with_extra(train, data.spare, spec.extra_examples)
-        notes["extra_examples"] = len(extended) - len(train)  # fewer than asked where the split has fewer left
+        extra = len(extended) - len(train)  # fewer than asked where the split has fewer left
+        notes |= {"extra_examples": extra, "extra_labels": str(spec.extra_labels)}
         train = extended
+    relabel = extra and spec.extra_labels is ExtraLabels.DENSE
+    if teacher is None and (relabel or spec.augment):
+        what, fix = (
+            (f"{extra:,} extra items labelled 'dense'", "label them 'gold'")
+            if relabel
+            else (f"{spec.augment} augmented copies", "set augment to 0")
+        )
+        raise ConfigError(
+            f"recovery with {what} labels them with the dense model's answers, and no dense model was given: pass "
+            f"the teacher, or {fix}"
+        )
+    teacher_logits = None  # computed once: they label what the dense model labels, and feed distillation
+    if relabel or (spec.augment and spec.distill > 0):
+        teacher_logits = evaluate.torch_logits(teacher, tokenizer, train.inputs)
+    if relabel and teacher_logits is not None:
+        kept = len(train) - extra
+        answers = teacher_logits.argmax(axis=1).tolist()
+        train = Split(
+            f"{train.name}; the {extra:,} past the adaptation's labelled by the dense model",
+            train.inputs,
+            [*train.labels[:kept], *answers[kept:]],
+        )
     if spec.augment:
         notes["augment"] = spec.augment
-    teacher_logits = None
-    if spec.augment:
         augmented, copied = augmented_split(train, teacher, tokenizer, spec.augment, spec.seed)
-        if spec.distill > 0:  # the copies' logits labelled them already: the teacher runs on the originals only
-            teacher_logits = np.concatenate([evaluate.torch_logits(teacher, tokenizer, train.inputs), copied])
+        if teacher_logits is not None:  # the copies' logits labelled them already: no second pass
+            teacher_logits = np.concatenate([teacher_logits, copied])
         train = augmented
+    if spec.distill == 0:
+        teacher_logits = None
     record = adapt_loop.train(
         model,
         tokenizer,

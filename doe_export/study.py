@@ -36,6 +36,7 @@ from .specs import (
     AdaptSpec,
     Budget,
     DataSpec,
+    ExtraLabels,
     Flow,
     PruneSpec,
     Rank,
@@ -53,7 +54,8 @@ ABLATION_RATE = 0.65
 # |mean h*g| (no cancellation between items), the rate reached in two steps with recovery after each; and three
 # recovery levers on DoE's expert: hidden-state distillation (HIDDEN_DISTILL_WEIGHT), 4 recovery epochs, and
 # distillation on AUGMENT_COPIES perturbed copies of each training text besides the texts themselves, and
-# recovery on up to MORE_DATA training items past the adaptation's (only where the split has them)
+# recovery on up to MORE_DATA training items past the adaptation's (only where the split has them), with their
+# labels ("more-data") or labelled by the dense model ("more-texts": what unlabelled text would give)
 ABLATIONS = (
     "max-tokens",
     "global-budget",
@@ -65,10 +67,12 @@ ABLATIONS = (
     "recovery-4",
     "augment-2",
     "more-data",
+    "more-texts",
 )
 HIDDEN_DISTILL_WEIGHT = 1.0  # the "hidden-distill" variant's weight: the term starts near the logit loss's size
 AUGMENT_COPIES = 2  # the "augment-2" variant's perturbed copies per training text: three times the recovery time
 MORE_DATA = 8000  # the "more-data" variant's training items past the adaptation's: five times SST-2's 2,000
+MORE_DATA_VARIANTS = ("more-data", "more-texts")  # run only where the training split has items left over
 ALL_ABLATIONS = (*ABLATIONS, "calib")  # what StudyConfig.ablations may name; "calib": the calibration sizes
 
 
@@ -188,6 +192,8 @@ class StudyConfig:
             return replace(spec, augment=AUGMENT_COPIES)
         if run.get("variant") == "more-data":
             return replace(spec, extra_examples=MORE_DATA)
+        if run.get("variant") == "more-texts":
+            return replace(spec, extra_examples=MORE_DATA, extra_labels=ExtraLabels.DENSE)
         return spec
 
     def prune_spec(self, run: dict) -> PruneSpec:
@@ -489,9 +495,10 @@ def run_study(
                 record_io.write_jsonl(records_path, records)
         specs = [s for s in run_specs(config) if record_key({"task": data.name, **s}) not in done]
         if not len(data.train.after(config.flow_for(data.name).data.max_train)):
-            if any(s["variant"] == "more-data" for s in specs):
-                log(f"[{data.name}] more-data not run: the adaptation trains on the whole training split")
-            specs = [s for s in specs if s["variant"] != "more-data"]
+            skipped = sorted({s["variant"] for s in specs} & set(MORE_DATA_VARIANTS))
+            if skipped:
+                log(f"[{data.name}] {', '.join(skipped)} not run: the adaptation trains on the whole training split")
+            specs = [s for s in specs if s["variant"] not in MORE_DATA_VARIANTS]
         dense_key = (data.name, "dense", "default", 0.0, config.seed)
         if not specs and dense_key in done:
             continue
@@ -530,6 +537,7 @@ __all__ = [
     "HIDDEN_DISTILL_WEIGHT",
     "METHODS",
     "MORE_DATA",
+    "MORE_DATA_VARIANTS",
     "QUICK",
     "TRAIN_SIZES",
     "StudyConfig",

@@ -501,8 +501,10 @@ VARIANT_LABELS = {
     "recovery-4": "4 recovery epochs instead of the flow's",
     "augment-2": f"recovery also distills on {AUGMENT_COPIES} perturbed copies of each training text (about "
     f"{round(DEFAULT_SHARE * 100)} % of the words deleted, swapped or replaced), labelled by the dense model",
-    "more-data": f"recovery also trains on up to {MORE_DATA:,} training items past the adaptation's (run only where "
-    "the split has them)",
+    "more-data": f"recovery also trains on up to {MORE_DATA:,} training items past the adaptation's, with their labels "
+    "(run only where the split has them)",
+    "more-texts": f"recovery also trains on up to {MORE_DATA:,} training items past the adaptation's, labelled by the "
+    "dense model (their own labels not read; run only where the split has them)",
 }
 
 

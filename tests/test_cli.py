@@ -39,6 +39,7 @@ def test_help_documents_every_flag(capsys):
         "--hidden-distill",
         "--augment",
         "--recovery-extra",
+        "--recovery-extra-labels",
         "--recovery-params",
         "--exporter",
         "--attention",

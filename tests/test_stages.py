@@ -692,6 +692,51 @@ def test_recovery_with_extra_examples_trains_on_the_items_past_the_adaptations(t
         RecoverySpec(extra_examples=-1)
 
 
+def test_extra_items_labelled_dense_train_on_the_teachers_answers(tiny_backbone, hf_tokenizer, monkeypatch):
+    """``extra_labels="dense"``: the extra items train on the teacher's answers, not their own labels (which
+    are never read), the adaptation's items keep theirs, and the teacher runs once over all of them; without a
+    teacher the option is refused."""
+    teacher, tokenizer, _ = _toy_teacher(tiny_backbone, hf_tokenizer)
+    data = synthetic_task("toy", n_train=64)
+    splits = stages.Splits.of(data, stages.DataSpec(max_train=40, max_length=24))
+    trained: list = []
+    real_train = stages.adapt_loop.train
+    monkeypatch.setattr(
+        stages.adapt_loop,
+        "train",
+        lambda model, tok, train, *a, **k: trained.append((train, k)) or real_train(model, tok, train, *a, **k),
+    )
+    spec = RecoverySpec(epochs=1, lr=1e-3, batch_size=8, extra_examples=24, max_examples=16, select_on_dev=False)
+    rows: list[int] = []
+    student = copy.deepcopy(teacher)
+    hook = teacher.register_forward_hook(lambda module, args, out: rows.append(args[0].shape[0]))
+    try:
+        record = stages.recover(
+            student, teacher, tokenizer, splits, replace(spec, extra_labels="dense"), progress=False
+        )
+    finally:
+        hook.remove()
+    assert sum(rows) == 40, rows  # 16 + 24 items, once: their logits label the extra items and feed distillation
+    (split, kwargs), answers = trained[-1], stages.evaluate.torch_logits(teacher, tokenizer, splits.spare.inputs[:24])
+    assert record["extra_labels"] == "dense" and record["extra_examples"] == 24
+    assert split.labels[:16] == splits.train.labels[:16] and split.labels[16:] == answers.argmax(1).tolist()
+    assert kwargs["teacher_logits"].shape == (40, teacher.num_labels)
+    np.testing.assert_allclose(kwargs["teacher_logits"][16:], answers, atol=1e-5)
+    assert split.labels[16:] != splits.spare.labels[:24]  # the toy teacher is untrained: its answers differ
+
+    gold = stages.recover(copy.deepcopy(teacher), teacher, tokenizer, splits, spec, progress=False)
+    assert gold["extra_labels"] == "gold" and trained[-1][0].labels == [
+        *splits.train.labels[:16],
+        *splits.spare.labels[:24],
+    ]
+    with pytest.raises(ConfigError, match=r"with 24 extra items labelled 'dense' labels them with the dense model"):
+        stages.recover(
+            copy.deepcopy(teacher), None, tokenizer, splits, replace(spec, extra_labels="dense"), progress=False
+        )
+    with pytest.raises(ConfigError, match="recovery extra labels must be one of gold, dense, got 'teacher'"):
+        RecoverySpec(extra_labels="teacher")
+
+
 def test_augmented_recovery_runs_the_teacher_once_per_text(tiny_backbone, hf_tokenizer):
     """The copies' logits that label them are the ones distillation uses: with 16 texts and 2 copies the
     teacher sees 48 rows in all (not 32 to label the copies, then 48 again), and training on logits passed in

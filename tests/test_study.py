@@ -41,7 +41,7 @@ def test_quick_study_records_report_and_determinism(tmp_path):
     dense = [r for r in rows if r["kind"] == "dense"]
     config = study.StudyConfig(**{**study.QUICK, "methods": ("doe", "random", "magnitude")})
     # the toy task's adaptation takes its whole training split: nothing is left for the more-data variant
-    planned = [s for s in study.run_specs(config) if s["variant"] != "more-data"]
+    planned = [s for s in study.run_specs(config) if s["variant"] not in study.MORE_DATA_VARIANTS]
     assert len(dense) == 1 and len(runs) == len(planned) < len(study.run_specs(config))
     assert dense[0]["majority"] == {"label": "no", "value": 0.5}  # generated labels alternate: ties -> first label
     for run in runs:
@@ -175,16 +175,22 @@ def test_quick_study_resumes_and_grows(tmp_path, monkeypatch):
 def test_more_data_variant_recovers_on_the_items_past_the_adaptations(tmp_path, capsys):
     """With 40 of the toy task's 48 training items adapting, the more-data run recovers on the 24 the flow's
     recovery takes plus the 8 left over; with none left over it is not run, and the log says why."""
-    args = ("--ablations", "more-data")
+    args = ("--ablations", "more-data,more-texts")
     assert _quick(tmp_path / "a", tmp_path / "cache", "doe", "--train-sizes", "toy=40", *args) == 0
     runs = [r for r in common.read_jsonl(tmp_path / "a" / "localization.jsonl")[1:] if r["kind"] == "run"]
-    assert {(r["variant"], r["recovery_examples"]) for r in runs} == {("default", 24), ("more-data", 32)}
+    assert {(r["variant"], r["recovery_examples"]) for r in runs} == {
+        ("default", 24),
+        ("more-data", 32),
+        ("more-texts", 32),
+    }
     assert "recovery also trains on up to 8,000 training items past" in (tmp_path / "a" / "localization.md").read_text()
     capsys.readouterr()
     assert _quick(tmp_path / "b", tmp_path / "cache", "doe", *args) == 0
     runs = [r for r in common.read_jsonl(tmp_path / "b" / "localization.jsonl")[1:] if r["kind"] == "run"]
     assert {r["variant"] for r in runs} == {"default"}
-    assert "[toy] more-data not run: the adaptation trains on the whole training split" in capsys.readouterr().err
+    assert "[toy] more-data, more-texts not run: the adaptation trains on the whole training split" in (
+        capsys.readouterr().err
+    )
 
 
 def test_ablation_variants_change_what_they_name():
@@ -202,6 +208,7 @@ def test_ablation_variants_change_what_they_name():
         ("recovery-4", {"epochs": 4}),
         ("augment-2", {"augment": study.AUGMENT_COPIES}),
         ("more-data", {"extra_examples": study.MORE_DATA}),
+        ("more-texts", {"extra_examples": study.MORE_DATA, "extra_labels": "dense"}),
     ):
         assert config.recovery_spec({**run, "variant": variant}) == replace(recovery, **changed)
         assert config.prune_spec({**run, "variant": variant}) == config.prune_spec(run)  # recovery levers only

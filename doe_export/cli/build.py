@@ -19,6 +19,7 @@ from ..specs import (
     DataSpec,
     Exporter,
     ExportSpec,
+    ExtraLabels,
     Fp16Form,
     LayerTypes,
     PruneSpec,
@@ -69,6 +70,7 @@ FIELDS: dict[str, tuple[str | None, str]] = {
     "hidden_distill": ("recovery", "hidden_distill"),
     "augment": ("recovery", "augment"),
     "recovery_extra": ("recovery", "extra_examples"),
+    "recovery_extra_labels": ("recovery", "extra_labels"),
     "recovery_lr": ("recovery", "lr"),
     "max_train": ("data", "max_train"),
     "max_dev": ("data", "max_dev"),
@@ -253,6 +255,13 @@ def _add_training_options(b: argparse.ArgumentParser) -> None:
         help="recovery also trains on up to N training items past --max-train (their labels, and the dense "
         "model's logits for distillation): more data without retraining the dense model; 0: off. Recovery time "
         "grows with the items",
+    )
+    b.add_argument(
+        "--recovery-extra-labels",
+        choices=choices(ExtraLabels),
+        default=_default("recovery_extra_labels"),
+        help="labels of the --recovery-extra items: the split's own (gold), or the dense model's answers (dense: "
+        "the split's labels are not read, so unlabelled text would do)",
     )
     b.add_argument(
         "--recovery-lr",
@@ -466,6 +475,7 @@ def config_from_args(args: argparse.Namespace) -> BuildConfig:
             hidden_distill=args.hidden_distill,
             augment=args.augment,
             extra_examples=args.recovery_extra,
+            extra_labels=args.recovery_extra_labels,
             lr=args.recovery_lr,
             batch_size=batch,
             seed=seed + 1,

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from ..errors import ConfigError
 from ..recovery_study import DEFAULT_TASKS as RECOVERY_TASKS
-from ..specs import AdaptMode, TrainedParams
+from ..specs import AdaptMode, ExtraLabels, TrainedParams
 from ..study import ALL_ABLATIONS, StudyConfig
 from .options import choices, default, names, numbers, positive_or_none, render_only, report_errors
 
@@ -31,6 +31,7 @@ FIELDS: dict[str, tuple[str | None, str]] = {
     "hidden_distill": ("recovery", "hidden_distill"),
     "augment": ("recovery", "augment"),
     "recovery_extra": ("recovery", "extra_examples"),
+    "recovery_extra_labels": ("recovery", "extra_labels"),
     "recovery_epochs": ("recovery", "epochs"),
     "recovery_examples": ("recovery", "max_examples"),
 }
@@ -87,6 +88,13 @@ def _add_flow_options(st: argparse.ArgumentParser) -> None:
         default=_default("recovery_extra"),
         metavar="N",
         help="training items past --max-train that recovery also trains on (0: off)",
+    )
+    st.add_argument(
+        "--recovery-extra-labels",
+        choices=choices(ExtraLabels),
+        default=_default("recovery_extra_labels"),
+        help="labels of the --recovery-extra items: the split's own (gold), or the dense model's answers (dense: "
+        "the split's labels are not read, so unlabelled text would do)",
     )
     st.add_argument("--recovery-epochs", type=int, default=_default("recovery_epochs"))
     st.add_argument(
@@ -224,6 +232,7 @@ def study_config(args: argparse.Namespace) -> StudyConfig:
             hidden_distill=args.hidden_distill,
             augment=args.augment,
             extra_examples=args.recovery_extra,
+            extra_labels=args.recovery_extra_labels,
             epochs=args.recovery_epochs,
             max_examples=args.recovery_examples,
         ),
