@@ -73,6 +73,7 @@ def test_quick_study_records_report_and_determinism(tmp_path):
         and "task × rate × baseline comparisons on learned tasks: DoE wins" in report
     )
     assert "| DoE − dense, 95% CI |" in report
+    assert "### The variants against the dense model" not in report  # toy is not learned: nothing to hold
     assert "majority label 'no': 50.0" in report
     assert (tmp_path / "a" / "localization.png").read_bytes()[:4] == b"\x89PNG"
 
@@ -153,6 +154,14 @@ def test_quick_study_resumes_and_grows(tmp_path, monkeypatch):
     )
     task_cell, average_cell = row.strip("| ").split(" | ")[1:]
     assert average_cell.endswith((", a win", ", a tie", ", a loss")) and task_cell.endswith(average_cell)
+    # ... and each variant against the dense model, with the 1-point verdict (dense is right on every item)
+    against = text.split("### The variants against the dense model at p=0.65")[1].split("\n\n")[1].splitlines()
+    ranked = [r["value"] for r in grown if r.get("variant") == "mean-abs"]
+    row = next(line for line in against if line.startswith("| ranked by the mean of the absolute"))
+    assert against[2].startswith("| default | ") and len(against) == 2 + len({r["variant"] for r in learned[1:]})
+    assert re.fullmatch(
+        rf"\| .* \| {100 * (sum(ranked) / len(ranked) - 1):+.1f} \[[+-][\d.]+, [+-][\d.]+\], missed \|", row
+    )
 
     # a second learned task the variant did not run on: the average is the first task's, and says so
     other = [{**r, "task": "toy2"} for r in learned[1:] if r.get("kind") == "dense" or r.get("variant") == "default"]
