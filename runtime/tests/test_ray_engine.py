@@ -2,6 +2,7 @@
 equal Router.predict, a task goes back to the replica that holds it, bad input gets the FastAPI
 server's 4xx, and a replica killed under load loses no request silently."""
 
+import os
 import shutil
 import socket
 import threading
@@ -36,6 +37,12 @@ def cluster(tmp_path_factory):
     manifest = root / "toy-twin" / "manifest.json"
     manifest.write_text(manifest.read_text().replace('"name": "toy-single"', '"name": "toy-twin"'))
     port = free_port()
+    # Serve kills an HTTP proxy not ready within 5 s (RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S), and serve.start then
+    # fails with ActorDiedError: on 2 cores busy with another job the proxy's imports alone took longer. The
+    # cluster's workers inherit this process's environment.
+    ready_check = "RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S"
+    previous = os.environ.get(ready_check)
+    os.environ[ready_check] = "60"
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(
@@ -64,6 +71,10 @@ def cluster(tmp_path_factory):
     yield root, base
     serve.shutdown()
     ray.shutdown()
+    if previous is None:
+        del os.environ[ready_check]
+    else:
+        os.environ[ready_check] = previous
 
 
 def test_answers_routing_and_errors(cluster):
