@@ -22,8 +22,11 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import logging
+import os
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +50,26 @@ log = logging.getLogger("doe_runtime.ray")
 APP_NAME = "doe"
 REPLICA_HEADER = "X-Doe-Replica"
 SERVE_ONGOING = 5  # Serve's default max_ongoing_requests: a replica's requests at once without batching
+# Serve kills an HTTP proxy that is not ready within RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S (5 s by default), and
+# serve.start then fails with ActorDiedError: on 2 cores busy with another job the proxy's imports alone took
+# longer. A local cluster's workers inherit the environment ray.init starts them with.
+PROXY_READY_CHECK = "RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S"
+PROXY_READY_TIMEOUT_S = 60
+
+
+@contextlib.contextmanager
+def patient_proxy() -> Iterator[None]:
+    """Within it, Serve waits PROXY_READY_TIMEOUT_S for its HTTP proxy, unless the environment already sets
+    PROXY_READY_CHECK (that value is kept); the environment is put back after. It reaches a cluster that
+    ``ray.init`` starts inside it; a cluster joined by address keeps the setting it was started with."""
+    previous = os.environ.get(PROXY_READY_CHECK)
+    if previous is None:
+        os.environ[PROXY_READY_CHECK] = str(PROXY_READY_TIMEOUT_S)
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop(PROXY_READY_CHECK, None)
 
 
 def _merge_calls(router: Router, calls: list[tuple[str, list]]) -> list[tuple[bool, Any]]:
@@ -265,10 +288,11 @@ def serve_ray(
     import threading
 
     app = build_app(root, **options)  # bad settings fail here, before Ray starts
-    ray.init(address=address, include_dashboard=False, ignore_reinit_error=True)
     # no access log line per request on every hop (proxy, ingress, replica): on 2 cores it cost measurable CPU
     quiet = {"log_level": "WARNING", "enable_access_log": False}
-    serve.start(http_options={"host": host, "port": port}, logging_config=quiet)
+    with patient_proxy():
+        ray.init(address=address, include_dashboard=False, ignore_reinit_error=True)
+        serve.start(http_options={"host": host, "port": port}, logging_config=quiet)
     serve.run(app, name=APP_NAME, route_prefix="/", logging_config=quiet)
     log.info("doe-runtime (Ray engine) serving %s on http://%s:%s", root, host, port)
     stop = threading.Event()
@@ -279,4 +303,15 @@ def serve_ray(
     ray.shutdown()
 
 
-__all__ = ["APP_NAME", "REPLICA_HEADER", "DoeIngress", "build_app", "check_scaling", "replica_resources", "serve_ray"]
+__all__ = [
+    "APP_NAME",
+    "PROXY_READY_CHECK",
+    "PROXY_READY_TIMEOUT_S",
+    "REPLICA_HEADER",
+    "DoeIngress",
+    "build_app",
+    "check_scaling",
+    "patient_proxy",
+    "replica_resources",
+    "serve_ray",
+]

@@ -18,13 +18,34 @@ from ray import serve  # noqa: E402
 from doe_runtime import Router  # noqa: E402
 from doe_runtime.cli import main  # noqa: E402
 from doe_runtime.errors import ConfigError  # noqa: E402
-from doe_runtime.ray_engine import REPLICA_HEADER, build_app, check_scaling, replica_resources  # noqa: E402
+from doe_runtime.ray_engine import (  # noqa: E402
+    PROXY_READY_CHECK,
+    REPLICA_HEADER,
+    build_app,
+    check_scaling,
+    patient_proxy,
+    replica_resources,
+)
 
 
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def test_patient_proxy_sets_the_ready_check_only_where_unset(monkeypatch):
+    """Serve's HTTP proxy gets 60 s inside ``patient_proxy`` (its own 5 s failed serve.start on a busy machine);
+    a value the environment already sets is kept; either way the environment is as before afterwards."""
+    monkeypatch.delenv(PROXY_READY_CHECK, raising=False)
+    with patient_proxy():
+        assert os.environ[PROXY_READY_CHECK] == "60"
+    assert PROXY_READY_CHECK not in os.environ
+    monkeypatch.setenv(PROXY_READY_CHECK, "7")
+    with pytest.raises(RuntimeError, match="inside"), patient_proxy():
+        assert os.environ[PROXY_READY_CHECK] == "7"
+        raise RuntimeError("inside")
+    assert os.environ[PROXY_READY_CHECK] == "7"
 
 
 @pytest.fixture(scope="module")
@@ -37,44 +58,35 @@ def cluster(tmp_path_factory):
     manifest = root / "toy-twin" / "manifest.json"
     manifest.write_text(manifest.read_text().replace('"name": "toy-single"', '"name": "toy-twin"'))
     port = free_port()
-    # Serve kills an HTTP proxy not ready within 5 s (RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S), and serve.start then
-    # fails with ActorDiedError: on 2 cores busy with another job the proxy's imports alone took longer. The
-    # cluster's workers inherit this process's environment.
-    ready_check = "RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S"
-    previous = os.environ.get(ready_check)
-    os.environ[ready_check] = "60"
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(
-        build_app(
-            root,
-            replicas=2,
-            max_experts_per_replica=2,
-            replica_cpus=0.5,
-            router_options={"device": "cpu"},
-            max_items=16,
-            batch_wait_ms=50,  # the toy model runs in well under a millisecond: a wide window to merge in
-        ),
-        name="doe",
-        route_prefix="/",
-    )
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            if httpx.get(base + "/readyz", timeout=2).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        assert time.monotonic() < deadline, "the Ray app did not become ready"
-        time.sleep(0.5)
-    yield root, base
-    serve.shutdown()
-    ray.shutdown()
-    if previous is None:
-        del os.environ[ready_check]
-    else:
-        os.environ[ready_check] = previous
+    with patient_proxy():  # as serve_ray: a busy machine's HTTP proxy gets 60 s to start, not Serve's 5
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        serve.run(
+            build_app(
+                root,
+                replicas=2,
+                max_experts_per_replica=2,
+                replica_cpus=0.5,
+                router_options={"device": "cpu"},
+                max_items=16,
+                batch_wait_ms=50,  # the toy model runs in well under a millisecond: a wide window to merge in
+            ),
+            name="doe",
+            route_prefix="/",
+        )
+        base = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if httpx.get(base + "/readyz", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline, "the Ray app did not become ready"
+            time.sleep(0.5)
+        yield root, base
+        serve.shutdown()
+        ray.shutdown()
 
 
 def test_answers_routing_and_errors(cluster):
