@@ -21,7 +21,7 @@ from .loading import LoadedModel, fast_tokenizer, load_model
 from .rate_search import search_rate
 from .specs import DEFAULT_TASKS, BuildConfig, LayerTypes, PruneSpec
 from .summary import BuiltTask, TaskResult, build_manifest, results_as_dicts, summary_table
-from .tasks import TaskData, UserTask, load_task
+from .tasks import Split, TaskData, UserTask, load_task
 from .uncertainty import Figures, build_figures
 
 __all__ = [
@@ -45,7 +45,7 @@ def check_task(config: BuildConfig, loaded: LoadedModel, data: TaskData) -> None
             f"examples available ({data.train.name}); lower --calib-examples or raise --max-train"
         )
     wanted = config.recovery.extra_examples
-    if wanted:
+    if wanted and config.recovery.extra_from is None:  # another task's texts are checked where they load
         spare = len(data.train.after(config.data.max_train))
         if not spare:
             raise ConfigError(
@@ -103,21 +103,44 @@ def _log_expert(task: str, config: BuildConfig, expert: stages.ExpertResult, pru
         f"{report['head_counts']}; {metric} before recovery {expert.before.test:.4f}"
     )
     extra = expert.recovery.get("extra_examples")
-    more = f", {extra:,} training items past the adaptation's" if extra else ""
+    source = expert.recovery.get("extra_from")
+    more = ""
+    if extra:
+        more = (
+            f", {extra:,} texts of {source} labelled by the dense model"
+            if source
+            else f", {extra:,} training items past the adaptation's"
+        )
     log(
         f"[{task}] expert after {config.recovery.epochs} recovery epoch(s) ({config.recovery.params}, distill "
         f"{config.recovery.distill:g}{more}): {metric} {expert.after.test:.4f}"
     )
 
 
-def build_task(config: BuildConfig, loaded: LoadedModel, data: TaskData, *, return_models: bool = False):
+def build_task(
+    config: BuildConfig, loaded: LoadedModel, data: TaskData, *, return_models: bool = False, extra: Split | None = None
+):
     """Build one task's bundle; return its TaskResult, or with ``return_models`` (result, the dense
-    adapted TaskModel, the expert TaskModel) — the benchmarks compare against that dense model."""
+    adapted TaskModel, the expert TaskModel) — the benchmarks compare against that dense model. ``extra``: the
+    texts of ``config.recovery.extra_from`` (:func:`stages.extra_texts`; loaded here when not given)."""
     timer = Timer()
     task = data.name
     check_task(config, loaded, data)
     tokenizer = fast_tokenizer(loaded.hf_tokenizer, config.data.max_length)
     splits = stages.Splits.of(data, config.data)
+    if config.recovery.extra_from is not None:
+        splits.spare = (
+            extra
+            if extra is not None
+            else stages.texts_from(
+                config.recovery.extra_from, data, config.data.seed, config.data_dir, config.cache_dir
+            )
+        )
+        wanted = config.recovery.extra_examples
+        if len(splits.spare) < wanted:
+            log(
+                f"[{task}] --recovery-extra {wanted:,}: {splits.spare.name} are {len(splits.spare):,}; recovery takes those"
+            )
     log(
         f"[{task}] train {len(splits.train)} / dev {len(splits.dev)} / test {len(splits.test)} ({splits.test.name}); "
         f"labels {data.labels}; metric {data.metric}"
@@ -351,11 +374,16 @@ def build(config: BuildConfig, user_tasks: dict[str, UserTask] | None = None) ->
     ]
     planned = [plan_dev(config, data) for data in datasets]  # accuracy budgets checked before the model loads
     datasets = [data for _, data in planned]
+    source = config.recovery.extra_from
+    other = (
+        None if source is None else load_task(source, config.data.seed, config.data_dir, config.cache_dir, user_tasks)
+    )
+    extras = [None if other is None else stages.extra_texts(other, data) for data in datasets]
     log(f"loading model {config.model}")
     loaded = load_model(config.model)
     plans = [plan_training(plan, loaded, data) for plan, data in planned]  # time budgets checked before training
     for plan, data in zip(plans, datasets):
         check_task(plan, loaded, data)
-    results = [build_task(plan, loaded, data) for plan, data in zip(plans, datasets)]
+    results = [build_task(plan, loaded, data, extra=extra) for plan, data, extra in zip(plans, datasets, extras)]
     log(f"built {len(results)} expert(s) in {time.perf_counter() - start:.0f}s")
     return results

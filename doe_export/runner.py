@@ -13,7 +13,7 @@ from . import attribution, evaluate, stages
 from .cache import adapted_path, cached_adapted, cached_stats, stats_path
 from .loading import fast_tokenizer
 from .specs import Flow, PruneSpec, RecoverySpec
-from .tasks import TaskData
+from .tasks import Split, TaskData
 
 
 def metrics_of(data: TaskData, labels: list[int], logits: np.ndarray) -> dict:
@@ -34,6 +34,8 @@ class TaskRunner:
         self, flow: Flow, data: TaskData, loaded, cache: Path, *, progress: bool = True, data_dir: str | None = None
     ):
         self.flow, self.data, self.loaded, self.cache, self.progress = flow, data, loaded, Path(cache), progress
+        self.data_dir = data_dir
+        self._texts: dict[str, Split] = {}  # other tasks' texts for recovery (RecoverySpec.extra_from)
         self.tokenizer = fast_tokenizer(loaded.hf_tokenizer, flow.data.max_length)
         self.splits = stages.Splits.of(data, flow.data)
         self.train, self.dev, self.test = self.splits.train, self.splits.dev, self.splits.test
@@ -61,6 +63,12 @@ class TaskRunner:
             self._stats[key] = cached_stats(path, model, self.tokenizer, self.train, spec, progress=self.progress)
         return self._stats[key]
 
+    def texts(self, task: str) -> Split:
+        """``task``'s training texts as this task's recovery extra items (:func:`stages.texts_from`; loaded once)."""
+        if task not in self._texts:
+            self._texts[task] = stages.texts_from(task, self.data, self.flow.data.seed, self.data_dir)
+        return self._texts[task]
+
     def metrics(self, model) -> dict:
         """:func:`metrics_of` the model on the reporting split."""
         return self.score(model).details
@@ -83,12 +91,16 @@ class TaskRunner:
         """A pruned, recovered expert of the adapted model (the stage API, as ``doe build`` makes it)."""
         if stats is None and prune_spec.needs():
             stats = self.stats(prune_spec.calib_examples)
+        recovery_spec = recovery_spec or self.flow.recovery
+        splits = self.splits
+        if recovery_spec.extra_from is not None:
+            splits = replace(splits, spare=self.texts(recovery_spec.extra_from))
         return stages.make_expert(
             self.adapted,
             self.tokenizer,
-            self.splits,
+            splits,
             prune_spec,
-            recovery_spec or self.flow.recovery,
+            recovery_spec,
             progress=self.progress,
             desc=f"[{self.data.name}] {desc}",
             stats=stats,

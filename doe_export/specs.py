@@ -265,6 +265,9 @@ class RecoverySpec:
     # retraining the dense model (0: none; fewer where the split has fewer left)
     extra_examples: int = 0
     extra_labels: ExtraLabels = ExtraLabels.GOLD  # their labels: the split's, or the dense model's answers
+    # the task whose training texts the extra items are instead (None: the task's own split past the
+    # adaptation's), e.g. "snli" for RTE: texts alone, labelled by the dense model (extra_labels "dense")
+    extra_from: str | None = None
     lr: float | None = None  # None: DEFAULT_LR of what trains
     batch_size: int = 16
     max_examples: int | None = None  # cap on the training examples used (None: the stage's whole train split)
@@ -286,6 +289,19 @@ class RecoverySpec:
         _positive_or_none("recovery max_examples", self.max_examples)
         _int("recovery augment (perturbed copies of each training text)", self.augment, 0)
         _int("recovery extra_examples (training items past the adaptation's)", self.extra_examples, 0)
+        if self.extra_from is not None:
+            check_task_name(self.extra_from)
+            if not self.extra_examples:
+                raise ConfigError(
+                    f"--recovery-extra-from {self.extra_from} names where recovery's extra items come from, and "
+                    "--recovery-extra asks for none: set --recovery-extra N (how many of its texts)"
+                )
+            if self.extra_labels is not ExtraLabels.DENSE:
+                raise ConfigError(
+                    f"--recovery-extra-from {self.extra_from}: that task's labels are not this task's, so its texts "
+                    f"are labelled by the dense model; --recovery-extra-labels {self.extra_labels} cannot be kept: "
+                    "use --recovery-extra-labels dense (the default with --recovery-extra-from)"
+                )
         _int("seed", self.seed, 0)
 
 

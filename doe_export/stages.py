@@ -266,6 +266,8 @@ def recover(
         extended = with_extra(train, data.spare, spec.extra_examples)
         extra = len(extended) - len(train)  # fewer than asked where the split has fewer left
         notes |= {"extra_examples": extra, "extra_labels": str(spec.extra_labels)}
+        if spec.extra_from is not None:
+            notes["extra_from"] = spec.extra_from
         train = extended
     relabel = extra and spec.extra_labels is ExtraLabels.DENSE
     if teacher is None and (relabel or spec.augment):
@@ -285,7 +287,7 @@ def recover(
         kept = len(train) - extra
         answers = teacher_logits.argmax(axis=1).tolist()
         train = Split(
-            f"{train.name}; the {extra:,} past the adaptation's labelled by the dense model",
+            f"{train.name}; the {extra:,} extra labelled by the dense model",
             train.inputs,
             [*train.labels[:kept], *answers[kept:]],
         )
@@ -327,6 +329,32 @@ def with_extra(train: Split, spare: Split, wanted: int) -> Split:
         [*train.inputs, *extra.inputs],
         [*train.labels, *extra.labels],
     )
+
+
+def texts_from(
+    name: str, task: TaskData, seed: int, data_dir: str | None = None, cache_dir: str | None = None
+) -> Split:
+    """Task ``name``'s training split (loaded) as ``task``'s recovery extra items: :func:`extra_texts`."""
+    from .tasks import load_task
+
+    return extra_texts(load_task(name, seed, data_dir, cache_dir), task)
+
+
+def extra_texts(other: TaskData, task: TaskData) -> Split:
+    """``other``'s training split as ``task``'s recovery extra items (``RecoverySpec.extra_from``): its texts,
+    which the dense model labels (its own labels name other classes). Refused where they are not shaped like
+    ``task``'s inputs (one text or a pair), or where ``other`` is ``task`` itself."""
+    if other.name == task.name:
+        raise ConfigError(
+            f"task {task.name!r}: --recovery-extra-from {other.name} names the task itself; its own items past the "
+            "adaptation's are what --recovery-extra takes without --recovery-extra-from"
+        )
+    if other.input != task.input:
+        raise ConfigError(
+            f"task {task.name!r} reads {task.input} inputs and --recovery-extra-from {other.name} gives {other.input} "
+            f"ones: the dense model cannot label them; name a task whose inputs are {task.input} texts"
+        )
+    return Split(f"{other.name}'s training texts", other.train.inputs, other.train.labels)
 
 
 def augmented_split(train: Split, teacher, tokenizer, copies: int, seed: int) -> tuple[Split, np.ndarray]:

@@ -55,7 +55,9 @@ ABLATION_RATE = 0.65
 # recovery levers on DoE's expert: hidden-state distillation (HIDDEN_DISTILL_WEIGHT), 4 recovery epochs, and
 # distillation on AUGMENT_COPIES perturbed copies of each training text besides the texts themselves, and
 # recovery on up to MORE_DATA training items past the adaptation's (only where the split has them), with their
-# labels ("more-data") or labelled by the dense model ("more-texts": what unlabelled text would give)
+# labels ("more-data") or labelled by the dense model ("more-texts": what unlabelled text would give), and on
+# up to MORE_DATA texts of another task, labelled by the dense model ("other-texts", OTHER_TEXTS: for the tasks
+# whose own split the adaptation uses up)
 ABLATIONS = (
     "max-tokens",
     "global-budget",
@@ -68,11 +70,15 @@ ABLATIONS = (
     "augment-2",
     "more-data",
     "more-texts",
+    "other-texts",
 )
 HIDDEN_DISTILL_WEIGHT = 1.0  # the "hidden-distill" variant's weight: the term starts near the logit loss's size
 AUGMENT_COPIES = 2  # the "augment-2" variant's perturbed copies per training text: three times the recovery time
 MORE_DATA = 8000  # the "more-data" variant's training items past the adaptation's: five times SST-2's 2,000
 MORE_DATA_VARIANTS = ("more-data", "more-texts")  # run only where the training split has items left over
+# the task whose training texts the "other-texts" variant distills on, for the tasks it runs on: SNLI's pairs
+# for the pair tasks (RTE's dense model also trains on them first), SST-2's sentences for CoLA
+OTHER_TEXTS = {"rte": "snli", "mrpc": "snli", "qnli": "snli", "cola": "sst2"}
 ALL_ABLATIONS = (*ABLATIONS, "calib")  # what StudyConfig.ablations may name; "calib": the calibration sizes
 
 
@@ -194,6 +200,9 @@ class StudyConfig:
             return replace(spec, extra_examples=MORE_DATA)
         if run.get("variant") == "more-texts":
             return replace(spec, extra_examples=MORE_DATA, extra_labels=ExtraLabels.DENSE)
+        if run.get("variant") == "other-texts":
+            source = OTHER_TEXTS[run["task"]]
+            return replace(spec, extra_examples=MORE_DATA, extra_labels=ExtraLabels.DENSE, extra_from=source)
         return spec
 
     def prune_spec(self, run: dict) -> PruneSpec:
@@ -338,10 +347,11 @@ def run_record(runner: Any, config: StudyConfig, spec: dict) -> dict:
     """One run of the study (``spec`` from :func:`run_specs`) on a task's runner, as its record."""
     start = time.perf_counter()
     prune_spec = config.prune_spec(spec)
+    recovery_spec = config.recovery_spec({"task": runner.data.name, **spec})
     stats = runner.stats(prune_spec.calib_examples, adapted=spec["variant"] != "no-prompt-tuning")
     result = runner.expert(
         prune_spec,
-        config.recovery_spec(spec),
+        recovery_spec,
         stats=stats if prune_spec.needs() else None,
         desc=f"{spec['method']}/{spec['variant']} p={spec['rate']:g}",
     )
@@ -355,7 +365,7 @@ def run_record(runner: Any, config: StudyConfig, spec: dict) -> dict:
         "after_recovery": result.after.details,
         "value": result.after.test,
         "value_before_recovery": result.before.test,
-        "recovery_seed": config.recovery_spec(spec).seed,
+        "recovery_seed": recovery_spec.seed,
         "preds": list(result.after.test_preds or ()),  # test predictions: runs pair item by item in the report
         "preds_before_recovery": list(result.before.test_preds or ()),
         "split": runner.test.name,
@@ -499,6 +509,9 @@ def run_study(
             if skipped:
                 log(f"[{data.name}] {', '.join(skipped)} not run: the adaptation trains on the whole training split")
             specs = [s for s in specs if s["variant"] not in MORE_DATA_VARIANTS]
+        if data.name not in OTHER_TEXTS and any(s["variant"] == "other-texts" for s in specs):
+            log(f"[{data.name}] other-texts not run: no other task's texts are set for it (study.OTHER_TEXTS)")
+            specs = [s for s in specs if s["variant"] != "other-texts"]
         dense_key = (data.name, "dense", "default", 0.0, config.seed)
         if not specs and dense_key in done:
             continue
@@ -538,6 +551,7 @@ __all__ = [
     "METHODS",
     "MORE_DATA",
     "MORE_DATA_VARIANTS",
+    "OTHER_TEXTS",
     "QUICK",
     "TRAIN_SIZES",
     "StudyConfig",

@@ -547,6 +547,8 @@ VARIANT_LABELS = {
     "(run only where the split has them)",
     "more-texts": f"recovery also trains on up to {MORE_DATA:,} training items past the adaptation's, labelled by the "
     "dense model (their own labels not read; run only where the split has them)",
+    "other-texts": f"recovery also trains on up to {MORE_DATA:,} training texts of another task (SNLI's pairs; SST-2's "
+    "sentences for CoLA), labelled by the dense model",
 }
 
 

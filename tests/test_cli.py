@@ -40,6 +40,7 @@ def test_help_documents_every_flag(capsys):
         "--augment",
         "--recovery-extra",
         "--recovery-extra-labels",
+        "--recovery-extra-from",
         "--recovery-params",
         "--exporter",
         "--attention",
@@ -117,6 +118,15 @@ def test_a_scorer_option_the_scorer_does_not_take_is_refused(capsys):
             ["--tasks", "bbc-news", "--max-train", "none", "--recovery-extra", "100"],
             "task 'bbc-news': --recovery-extra 100 asks recovery for training items past the adaptation's",
         ),
+        (["--recovery-extra-from", "snli"], "--recovery-extra asks for none: set --recovery-extra N"),
+        (
+            ["--recovery-extra", "10", "--recovery-extra-from", "snli", "--recovery-extra-labels", "gold"],
+            "--recovery-extra-from snli: that task's labels are not this task's",
+        ),
+        (
+            ["--tasks", "bbc-news", "--recovery-extra", "10", "--recovery-extra-from", "nope"],
+            "unknown task 'nope'",
+        ),
         (["--adapt", "prompt", "--prompt-length", "0"], "prompt tuning needs a prompt length >= 1"),
         (["--search-rates", "0.5,x"], "expected comma-separated floats"),
         (["--tasks", "sst2", "--data-dir", "/nonexistent/glue"], "/nonexistent/glue/SST-2: no such folder"),
@@ -193,6 +203,76 @@ def test_build_user_task_with_local_model_folder(tmp_path, tiny_backbone, hf_tok
     assert manifest["onnx"]["rewrites"]["ort_fusions"]  # --fuse applied, and the build's validation passed
     assert manifest["validation"]["max_abs_diff"] <= 1e-4
     assert not (out / "reviews" / "unfused.onnx").exists()
+
+
+def _user_csv(path, data) -> str:
+    path.write_text("t,y\n" + "".join(f"{text},{y}\n" for text, y in zip(data.train.inputs, data.train.labels)))
+    return str(path)
+
+
+def test_recovery_extra_from_another_task_reaches_recovery_and_the_manifest(tmp_path, tiny_backbone, hf_tokenizer):
+    """``--recovery-extra N --recovery-extra-from TASK``: recovery trains on N of TASK's texts, labelled by the
+    dense model (the default labels with the flag), and the manifest says so."""
+    model_dir = tmp_path / "tiny-model"
+    tiny_backbone("bert").save_pretrained(model_dir)
+    hf_tokenizer.save_pretrained(model_dir)
+    reviews = _user_csv(tmp_path / "reviews.csv", synthetic_task(n_train=60))
+    more = _user_csv(tmp_path / "more.csv", synthetic_task("more", n_train=30, seed=4))
+    out = tmp_path / "artifacts"
+    code = main(
+        [
+            "build",
+            "--model",
+            str(model_dir),
+            "--tasks",
+            "reviews",
+            "--out",
+            str(out),
+            "--no-progress",
+            "--user-task",
+            f"name=reviews,train={reviews},text=t,label=y",
+            "--user-task",
+            f"name=more,train={more},text=t,label=y",
+            "--recovery-extra",
+            "20",
+            "--recovery-extra-from",
+            "more",
+            *("--epochs", "1", "--recovery-epochs", "1", "--calib-examples", "8", "--max-length", "24"),
+            *("--rate", "0.5", "--round-to", "4", "--no-fp16", "--no-int8"),
+        ]
+    )
+    assert code == 0
+    recovery = json.loads((out / "reviews" / "manifest.json").read_text())["adaptation"]["recovery"]
+    assert (recovery["extra_examples"], recovery["extra_labels"], recovery["extra_from"]) == (20, "dense", "more")
+
+
+def test_recovery_extra_from_a_task_of_other_inputs_stops_before_the_model_loads(tmp_path, capsys, monkeypatch):
+    from doe_export import pipeline
+
+    reviews = _user_csv(tmp_path / "reviews.csv", synthetic_task(n_train=60))
+    pairs = tmp_path / "pairs.csv"
+    pairs.write_text("a,b,y\n" + "".join(f"text {i},other {i},{i % 2}\n" for i in range(40)))
+    monkeypatch.setattr(pipeline, "load_model", lambda *a, **k: pytest.fail("nothing may load"))
+    code = main(
+        [
+            "build",
+            "--tasks",
+            "reviews",
+            "--no-progress",
+            "--user-task",
+            f"name=reviews,train={reviews},text=t,label=y",
+            "--user-task",
+            f"name=pairs,train={pairs},text=a,text_b=b,label=y",
+            "--recovery-extra",
+            "20",
+            "--recovery-extra-from",
+            "pairs",
+        ]
+    )
+    assert code == 2
+    assert "task 'reviews' reads single inputs and --recovery-extra-from pairs gives pair ones" in (
+        capsys.readouterr().err
+    )
 
 
 def test_second_task_errors_stop_before_the_first_trains(tmp_path, tiny_backbone, hf_tokenizer, capsys, monkeypatch):

@@ -18,6 +18,7 @@ from doe_export.records import to_json
 from doe_export.specs import AdaptMode, BuildConfig, LayerTypes, TrainedParams
 from doe_export.stages import AdaptSpec, DataSpec, ExportSpec, PruneSpec, RecoverySpec
 from doe_export.tasks import synthetic_task
+from doe_runtime.errors import TaskNameError
 
 
 def test_study_path_and_build_make_identical_experts(tiny_backbone, hf_tokenizer, tmp_path):
@@ -735,6 +736,51 @@ def test_extra_items_labelled_dense_train_on_the_teachers_answers(tiny_backbone,
         )
     with pytest.raises(ConfigError, match="recovery extra labels must be one of gold, dense, got 'teacher'"):
         RecoverySpec(extra_labels="teacher")
+
+
+def test_extra_texts_of_another_task_train_on_the_teachers_answers(tiny_backbone, hf_tokenizer, monkeypatch):
+    """``extra_from``: another task's training texts, shaped like this task's inputs, join recovery labelled
+    by the teacher (the other task's labels name other classes and are never read); the record names the
+    source. A task with other-shaped inputs, the task itself, or the gold labels are refused."""
+    teacher, tokenizer, _ = _toy_teacher(tiny_backbone, hf_tokenizer)
+    data = synthetic_task("toy", n_train=64)
+    other = synthetic_task("other", n_train=30, seed=5)
+    extra = stages.extra_texts(other, data)
+    assert extra.inputs == other.train.inputs and extra.name == "other's training texts"
+    splits = replace(stages.Splits.of(data, stages.DataSpec(max_train=40, max_length=24)), spare=extra)
+    trained: list = []
+    real_train = stages.adapt_loop.train
+    monkeypatch.setattr(
+        stages.adapt_loop,
+        "train",
+        lambda model, tok, train, *a, **k: trained.append(train) or real_train(model, tok, train, *a, **k),
+    )
+    spec = RecoverySpec(
+        epochs=1,
+        lr=1e-3,
+        batch_size=8,
+        extra_examples=100,
+        extra_labels="dense",
+        extra_from="other",
+        max_examples=16,
+        select_on_dev=False,
+    )
+    record = stages.recover(copy.deepcopy(teacher), teacher, tokenizer, splits, spec, progress=False)
+    answers = stages.evaluate.torch_logits(teacher, tokenizer, other.train.inputs).argmax(1).tolist()
+    assert (record["examples"], record["extra_examples"], record["extra_from"]) == (46, 30, "other")
+    assert trained[-1].inputs[16:] == other.train.inputs and trained[-1].labels[16:] == answers
+    assert trained[-1].labels[:16] == splits.train.labels[:16]
+
+    with pytest.raises(ConfigError, match=r"task 'toy' reads single inputs and --recovery-extra-from pairs gives pair"):
+        stages.extra_texts(synthetic_task("pairs", kind="pair"), data)
+    with pytest.raises(ConfigError, match=r"--recovery-extra-from toy names the task itself"):
+        stages.extra_texts(synthetic_task("toy", seed=2), data)
+    with pytest.raises(ConfigError, match=r"that task's labels are not this task's.*use --recovery-extra-labels dense"):
+        RecoverySpec(extra_examples=10, extra_from="snli")
+    with pytest.raises(ConfigError, match=r"--recovery-extra asks for none: set --recovery-extra N"):
+        RecoverySpec(extra_labels="dense", extra_from="snli")
+    with pytest.raises(TaskNameError, match=r"invalid task name 'Bad Name'"):
+        RecoverySpec(extra_examples=10, extra_labels="dense", extra_from="Bad Name")
 
 
 def test_augmented_recovery_runs_the_teacher_once_per_text(tiny_backbone, hf_tokenizer):

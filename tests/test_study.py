@@ -40,8 +40,10 @@ def test_quick_study_records_report_and_determinism(tmp_path):
     runs = [r for r in rows if r["kind"] == "run"]
     dense = [r for r in rows if r["kind"] == "dense"]
     config = study.StudyConfig(**{**study.QUICK, "methods": ("doe", "random", "magnitude")})
-    # the toy task's adaptation takes its whole training split: nothing is left for the more-data variant
-    planned = [s for s in study.run_specs(config) if s["variant"] not in study.MORE_DATA_VARIANTS]
+    # the toy task's adaptation takes its whole training split: nothing is left for the more-data variants, and
+    # no other task's texts are set for it
+    skipped = (*study.MORE_DATA_VARIANTS, "other-texts")
+    planned = [s for s in study.run_specs(config) if s["variant"] not in skipped]
     assert len(dense) == 1 and len(runs) == len(planned) < len(study.run_specs(config))
     assert dense[0]["majority"] == {"label": "no", "value": 0.5}  # generated labels alternate: ties -> first label
     for run in runs:
@@ -202,6 +204,26 @@ def test_more_data_variant_recovers_on_the_items_past_the_adaptations(tmp_path, 
     )
 
 
+def test_other_texts_variant_recovers_on_another_tasks_texts(tmp_path, capsys, monkeypatch):
+    """The other-texts run recovers on the flow's 24 items plus the 20 texts of the task OTHER_TEXTS names for
+    it, and its record says how many; a task with none named is not run, and the log says why."""
+    from doe_export import tasks
+
+    other = synthetic_task("other", n_train=20, seed=3)
+    monkeypatch.setattr(tasks, "load_task", lambda name, *a, **k: other if name == "other" else pytest.fail(name))
+    monkeypatch.setattr(study, "OTHER_TEXTS", {"toy": "other"})
+    assert _quick(tmp_path / "a", tmp_path / "cache", "doe", "--ablations", "other-texts") == 0
+    runs = [r for r in common.read_jsonl(tmp_path / "a" / "localization.jsonl")[1:] if r["kind"] == "run"]
+    assert {(r["variant"], r["recovery_examples"]) for r in runs} == {("default", 24), ("other-texts", 44)}
+    assert "training texts of another task" in (tmp_path / "a" / "localization.md").read_text()
+    monkeypatch.setattr(study, "OTHER_TEXTS", {})
+    capsys.readouterr()
+    assert _quick(tmp_path / "b", tmp_path / "cache", "doe", "--ablations", "other-texts") == 0
+    runs = [r for r in common.read_jsonl(tmp_path / "b" / "localization.jsonl")[1:] if r["kind"] == "run"]
+    assert {r["variant"] for r in runs} == {"default"}
+    assert "[toy] other-texts not run: no other task's texts are set for it" in capsys.readouterr().err
+
+
 def test_ablation_variants_change_what_they_name():
     config = study.StudyConfig(**study.QUICK)
     default = config.prune_spec({"method": "doe", "variant": "default", "rate": 0.65, "seed": 0})
@@ -221,6 +243,8 @@ def test_ablation_variants_change_what_they_name():
     ):
         assert config.recovery_spec({**run, "variant": variant}) == replace(recovery, **changed)
         assert config.prune_spec({**run, "variant": variant}) == config.prune_spec(run)  # recovery levers only
+    texts = {"extra_examples": study.MORE_DATA, "extra_labels": "dense", "extra_from": "snli"}
+    assert config.recovery_spec({**run, "task": "rte", "variant": "other-texts"}) == replace(recovery, **texts)
     # a chosen subset, with DoE's own run at 0.65 to compare them with; older headers said True / False
     chosen = study.StudyConfig(**{**study.QUICK, "methods": ("random",), "ablations": ("mean-abs", "calib")})
     assert [(s["method"], s["variant"], s["rate"]) for s in study.run_specs(chosen) if s["method"] == "doe"] == [

@@ -70,7 +70,7 @@ FIELDS: dict[str, tuple[str | None, str]] = {
     "hidden_distill": ("recovery", "hidden_distill"),
     "augment": ("recovery", "augment"),
     "recovery_extra": ("recovery", "extra_examples"),
-    "recovery_extra_labels": ("recovery", "extra_labels"),
+    "recovery_extra_from": ("recovery", "extra_from"),
     "recovery_lr": ("recovery", "lr"),
     "max_train": ("data", "max_train"),
     "max_dev": ("data", "max_dev"),
@@ -83,7 +83,10 @@ FIELDS: dict[str, tuple[str | None, str]] = {
     "fuse": ("export", "fuse"),
 }
 INVERTED = {"no_fp16": ("export", "fp16"), "no_int8": ("export", "int8")}  # store_true flags that turn a field off
-DERIVED = {"recovery_params": "what the adaptation trained (prompt + head after --adapt prompt, else all)"}
+DERIVED = {
+    "recovery_params": "what the adaptation trained (prompt + head after --adapt prompt, else all)",
+    "recovery_extra_labels": "gold; dense with --recovery-extra-from",
+}
 
 
 def _alignment(text: str) -> int | None:
@@ -259,9 +262,17 @@ def _add_training_options(b: argparse.ArgumentParser) -> None:
     b.add_argument(
         "--recovery-extra-labels",
         choices=choices(ExtraLabels),
-        default=_default("recovery_extra_labels"),
+        default=None,
         help="labels of the --recovery-extra items: the split's own (gold), or the dense model's answers (dense: "
-        "the split's labels are not read, so unlabelled text would do)",
+        f"the split's labels are not read, so unlabelled text would do); default: {DERIVED['recovery_extra_labels']}",
+    )
+    b.add_argument(
+        "--recovery-extra-from",
+        default=_default("recovery_extra_from"),
+        metavar="TASK",
+        help="take the --recovery-extra items from TASK's training texts instead (any task of `doe tasks` or "
+        "--user-task with inputs shaped like this task's: one text, or a pair), labelled by the dense model: "
+        "more data for tasks whose own split the adaptation uses up, e.g. snli for rte",
     )
     b.add_argument(
         "--recovery-lr",
@@ -475,7 +486,9 @@ def config_from_args(args: argparse.Namespace) -> BuildConfig:
             hidden_distill=args.hidden_distill,
             augment=args.augment,
             extra_examples=args.recovery_extra,
-            extra_labels=args.recovery_extra_labels,
+            extra_labels=args.recovery_extra_labels
+            or (ExtraLabels.GOLD if args.recovery_extra_from is None else ExtraLabels.DENSE),
+            extra_from=args.recovery_extra_from,
             lr=args.recovery_lr,
             batch_size=batch,
             seed=seed + 1,
