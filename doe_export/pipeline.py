@@ -230,6 +230,8 @@ def build_task(
         figures.to_json(),
         figures.cell("int8" if "int8" in exported.preds else "fp32"),
         figures.learned,
+        len(data.train.after(config.data.max_train))
+        - (0 if config.recovery.extra_from else expert.recovery.get("extra_examples", 0)),
     )
     return (result, dense_model, expert.model) if return_models else result
 

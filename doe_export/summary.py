@@ -38,6 +38,7 @@ class TaskResult:
     uncertainty: dict = field(default_factory=dict)  # uncertainty.Figures.to_json(): intervals against dense
     served_vs_dense: str = ""  # the CPU-served form against dense, with its interval and verdict (a table cell)
     dense_learned: bool = True  # the dense model beats the majority answer beyond its interval
+    unused_train: int = 0  # training items neither the adaptation nor recovery trained on (--recovery-extra's)
 
 
 @dataclass(frozen=True)
@@ -204,18 +205,25 @@ def summary_table(results: list[TaskResult]) -> str:
     return "\n".join(lines)
 
 
+def served_verdict(result: TaskResult) -> str | None:
+    """The served form's verdict against the tolerance (met, not resolved, missed); None where the dense model
+    is not shown to have learned the task."""
+    forms = result.uncertainty.get("expert_minus_dense", {})
+    within = forms.get("int8" if "int8" in result.precisions else "fp32", {}).get("within")
+    return None if not result.dense_learned or within is None else within["verdict"]
+
+
 def verdict_line(results: list[TaskResult], tolerance_points: float) -> str:
     """How many served experts hold the tolerance on test (the --max-loss budget, else 1 point), read from each
     build's paired interval: met (the interval rules out a larger loss), not resolved, missed, or no verdict
     where the dense model is not shown to have learned the task."""
     groups: dict[str, list[str]] = {"met": [], "not resolved": [], "missed": [], "no verdict (dense not learned)": []}
     for r in results:
-        forms = r.uncertainty.get("expert_minus_dense", {})
-        within = forms.get("int8" if "int8" in r.precisions else "fp32", {}).get("within")
-        if not r.dense_learned or within is None:
+        verdict = served_verdict(r)
+        if verdict is None:
             groups["no verdict (dense not learned)"].append(r.task)
         else:
-            groups[within["verdict"]].append(f"{r.task} p={r.rate:g}")
+            groups[verdict].append(f"{r.task} p={r.rate:g}")
     return (
         f"Served expert within {tolerance_points:g} point(s) of the dense model on test (95% interval): "
         + "; ".join(f"{verdict} {len(tasks)} ({', '.join(tasks)})" for verdict, tasks in groups.items() if tasks)
@@ -233,6 +241,20 @@ def rate_line(results: list[TaskResult], default_rate: float) -> str | None:
     )
 
 
+def unused_line(results: list[TaskResult]) -> str | None:
+    """The tasks not shown within the tolerance (missed or not resolved) whose training split has items the build
+    did not train on, with the flag that trains recovery on them; None when there are none."""
+    shown = [
+        f"{r.task} {r.unused_train:,}" for r in results if served_verdict(r) not in (None, "met") and r.unused_train
+    ]
+    if not shown:
+        return None
+    return (
+        f"Training items left unused where the tolerance is not shown: {', '.join(shown)}. --recovery-extra N "
+        "trains recovery on N of them too (SST-2, 8,000: within 1 point of its dense model; docs/export.md)"
+    )
+
+
 def results_as_dicts(results: list[TaskResult]) -> list[dict]:
     return [asdict(r) for r in results]
 
@@ -243,6 +265,8 @@ __all__ = [
     "build_manifest",
     "rate_line",
     "results_as_dicts",
+    "served_verdict",
     "summary_table",
+    "unused_line",
     "verdict_line",
 ]

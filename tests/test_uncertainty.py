@@ -131,6 +131,22 @@ def test_build_verdict_line_counts_every_task_once():
         "Pruned less than the default p=0.65 to hold the budget or as asked: e p=0.2, FLOP bound x1.15 at 128 tokens"
     )
     assert rate_line([result("a", "met")], 0.65) is None
+    from doe_export.summary import unused_line
+
+    left = [
+        result("a", "met"),
+        result("b", "not resolved"),
+        result("c", "missed", learned=False),
+        result("d", "missed"),
+    ]
+    for r in left:
+        r.unused_train = 65_349
+    left[3].unused_train = 0  # recovery took them all (--recovery-extra), or the adaptation did
+    assert unused_line(left) == (
+        "Training items left unused where the tolerance is not shown: b 65,349. --recovery-extra N trains recovery "
+        "on N of them too (SST-2, 8,000: within 1 point of its dense model; docs/export.md)"
+    )
+    assert unused_line(left[:1] + left[2:]) is None
 
 
 def test_dev_sizing_counts_how_far_one_answer_moves_the_metric():

@@ -513,7 +513,7 @@ def run(args: argparse.Namespace) -> int:
     from ..errors import ConfigError
     from ..pipeline import build, results_as_dicts, summary_table
     from ..specs import PruneSpec
-    from ..summary import rate_line, verdict_line
+    from ..summary import rate_line, unused_line, verdict_line
     from ..tasks import parse_user_task
 
     def go() -> int:
@@ -524,9 +524,9 @@ def run(args: argparse.Namespace) -> int:
         results = build(config, user_tasks)
         print(summary_table(results))
         print("\n" + verdict_line(results, 1.0 if config.max_loss is None else config.max_loss))
-        lowered = rate_line(results, PruneSpec().rate)
-        if lowered:
-            print(lowered)
+        for line in (rate_line(results, PruneSpec().rate), unused_line(results)):
+            if line:
+                print(line)
         first = results[0]
         print(
             f"\nNext: doe-runtime inspect {first.bundle}\n      doe-runtime predict {args.out} --task {first.task} ..."
