@@ -144,9 +144,7 @@ def test_build_user_task_with_local_model_folder(tmp_path, tiny_backbone, hf_tok
     from transformers.utils import logging as hf_logging
 
     bars_before = hf_logging.is_progress_bar_enabled()
-    model_dir = tmp_path / "tiny-model"
-    tiny_backbone("bert").save_pretrained(model_dir)
-    hf_tokenizer.save_pretrained(model_dir)
+    model_dir = _model_folder(tmp_path, tiny_backbone, hf_tokenizer)
     data = synthetic_task(n_train=60)
     csv_path = tmp_path / "reviews.csv"
     rows = ["review,verdict"] + [
@@ -205,6 +203,14 @@ def test_build_user_task_with_local_model_folder(tmp_path, tiny_backbone, hf_tok
     assert not (out / "reviews" / "unfused.onnx").exists()
 
 
+def _model_folder(tmp_path, tiny_backbone, hf_tokenizer):
+    """A tiny BERT and its tokenizer saved as a local --model folder."""
+    model_dir = tmp_path / "tiny-model"
+    tiny_backbone("bert").save_pretrained(model_dir)
+    hf_tokenizer.save_pretrained(model_dir)
+    return model_dir
+
+
 def _user_csv(path, data) -> str:
     path.write_text("t,y\n" + "".join(f"{text},{y}\n" for text, y in zip(data.train.inputs, data.train.labels)))
     return str(path)
@@ -213,9 +219,7 @@ def _user_csv(path, data) -> str:
 def test_recovery_extra_from_another_task_reaches_recovery_and_the_manifest(tmp_path, tiny_backbone, hf_tokenizer):
     """``--recovery-extra N --recovery-extra-from TASK``: recovery trains on N of TASK's texts, labelled by the
     dense model (the default labels with the flag), and the manifest says so."""
-    model_dir = tmp_path / "tiny-model"
-    tiny_backbone("bert").save_pretrained(model_dir)
-    hf_tokenizer.save_pretrained(model_dir)
+    model_dir = _model_folder(tmp_path, tiny_backbone, hf_tokenizer)
     reviews = _user_csv(tmp_path / "reviews.csv", synthetic_task(n_train=60))
     more = _user_csv(tmp_path / "more.csv", synthetic_task("more", n_train=30, seed=4))
     out = tmp_path / "artifacts"
@@ -278,9 +282,7 @@ def test_recovery_extra_from_a_task_of_other_inputs_stops_before_the_model_loads
 def test_second_task_errors_stop_before_the_first_trains(tmp_path, tiny_backbone, hf_tokenizer, capsys, monkeypatch):
     from doe_export import adapt
 
-    model_dir = tmp_path / "tiny-model"
-    tiny_backbone("bert").save_pretrained(model_dir)
-    hf_tokenizer.save_pretrained(model_dir)
+    model_dir = _model_folder(tmp_path, tiny_backbone, hf_tokenizer)
     small, big = tmp_path / "small.csv", tmp_path / "big.csv"
     big.write_text("t,y\n" + "".join(f"text {i},{i % 2}\n" for i in range(400)))
     small.write_text("t,y\n" + "".join(f"text {i},{i % 2}\n" for i in range(20)))
@@ -335,9 +337,7 @@ def test_sigterm_runs_cleanup_like_ctrl_c():
 def test_build_with_intermediate_training_records_it_in_the_manifest(tmp_path, tiny_backbone, hf_tokenizer, capsys):
     """`--intermediate rte` (GLUE layout under --data-dir) before a user task: the backbone trains on RTE
     first, and the bundle's manifest says on what, how many examples and how it went."""
-    model_dir = tmp_path / "tiny-model"
-    tiny_backbone("bert").save_pretrained(model_dir)
-    hf_tokenizer.save_pretrained(model_dir)
+    model_dir = _model_folder(tmp_path, tiny_backbone, hf_tokenizer)
     rte = tmp_path / "glue" / "RTE"
     rte.mkdir(parents=True)
     for split, n in (("train", 40), ("dev", 10)):
